@@ -1,0 +1,1 @@
+//! Metadata consistency check (placeholder: being written).

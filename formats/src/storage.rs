@@ -1,0 +1,79 @@
+//! The positioned-read trait every format reads through.
+
+use std::io;
+
+/// A byte store an image lives in: a file, a block device, or a buffer.
+///
+/// Implementations must be usable from several threads at once (positioned
+/// reads, no shared cursor).
+pub trait Storage: Send + Sync {
+    /// Fills `buf` from `offset`; reading past the end is an
+    /// `io::ErrorKind::UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Size in bytes (a file's length, a block device's size).
+    fn size(&self) -> io::Result<u64>;
+
+    /// The first data region starting at or after `offset`, as `(start, end)`,
+    /// or `None` when only holes remain. Stores that cannot tell holes from
+    /// data report everything as data (the default).
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let size = self.size()?;
+        Ok((offset < size).then_some((offset, size)))
+    }
+}
+
+impl Storage for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl Storage for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).ok();
+        let src = start
+            .and_then(|s| s.checked_add(buf.len()).map(|e| (s, e)))
+            .and_then(|(s, e)| self.get(s..e));
+        match src {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the image",
+            )),
+        }
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).next_data(offset)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for Box<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).next_data(offset)
+    }
+}
