@@ -1,0 +1,164 @@
+//! `imgsync info`: what qemu-img info prints, with the same JSON key names.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use imgsync_formats::{Format, Image};
+use serde_json::{json, Map, Value};
+
+use super::output::human_size;
+use super::{exit, OutputFormat};
+use crate::io::{open_image, OpenOptions};
+
+pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let image = open_image(
+        path,
+        OpenOptions {
+            format,
+            allow_corrupt: true,
+        },
+    )?;
+    let actual_size = std::fs::metadata(path)
+        .with_context(|| path.display().to_string())?
+        .blocks()
+        * 512;
+    let info = describe(path, &image, actual_size)?;
+    let mut out = std::io::stdout().lock();
+    match output {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut out, &info)?;
+            writeln!(out)?;
+        }
+        OutputFormat::Human => print_human(&mut out, &info)?,
+    }
+    Ok(exit::OK)
+}
+
+/// The info object, keyed as `qemu-img info --output=json`.
+pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
+    let mut o = Map::new();
+    o.insert("filename".into(), json!(path.display().to_string()));
+    o.insert("format".into(), json!(image.format().name()));
+    o.insert("virtual-size".into(), json!(image.virtual_size()));
+    o.insert("actual-size".into(), json!(actual_size));
+    let mut dirty = false;
+    if let Some(q) = image.qcow2() {
+        let h = q.header();
+        dirty = h.dirty();
+        o.insert("cluster-size".into(), json!(h.cluster_size()));
+        if let Some(b) = &h.backing_file {
+            o.insert("backing-filename".into(), json!(b));
+            let dir = path.parent().unwrap_or(Path::new("."));
+            if let Ok(full) = crate::io::open::resolve_name(dir, b) {
+                o.insert(
+                    "full-backing-filename".into(),
+                    json!(full.display().to_string()),
+                );
+            }
+        }
+        if let Some(f) = &h.backing_format {
+            o.insert("backing-filename-format".into(), json!(f));
+        }
+        let mut data = Map::new();
+        data.insert("compat".into(), json!(h.compat()));
+        if h.version >= 3 {
+            data.insert("compression-type".into(), json!(h.compression_type.name()));
+            data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        }
+        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        data.insert("corrupt".into(), json!(h.corrupt()));
+        if h.version >= 3 {
+            data.insert("extended-l2".into(), json!(h.extended_l2()));
+        }
+        if let Some(df) = &h.data_file {
+            data.insert("data-file".into(), json!(df));
+            data.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
+        if let Some(b) = &h.bitmaps {
+            data.insert("bitmaps-count".into(), json!(b.nb_bitmaps));
+        }
+        o.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": Value::Object(data)}),
+        );
+        let snaps = q.snapshots().with_context(|| path.display().to_string())?;
+        if !snaps.is_empty() {
+            let list: Vec<Value> = snaps
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.id,
+                        "name": s.name,
+                        "vm-state-size": s.vm_state_size,
+                        "date-sec": s.date_sec,
+                        "date-nsec": s.date_nsec,
+                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    })
+                })
+                .collect();
+            o.insert("snapshots".into(), Value::Array(list));
+        }
+    }
+    o.insert("dirty-flag".into(), json!(dirty));
+    Ok(Value::Object(o))
+}
+
+fn print_human(out: &mut impl Write, info: &Value) -> Result<()> {
+    let get = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
+    let u = |k: &str| get(k).as_u64().unwrap_or(0);
+    writeln!(out, "image: {}", get("filename").as_str().unwrap_or(""))?;
+    writeln!(out, "file format: {}", get("format").as_str().unwrap_or(""))?;
+    let vs = u("virtual-size");
+    writeln!(out, "virtual size: {} ({vs} bytes)", human_size(vs))?;
+    writeln!(out, "disk size: {}", human_size(u("actual-size")))?;
+    if let Some(cs) = get("cluster-size").as_u64() {
+        writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some(b) = get("backing-filename").as_str() {
+        match get("full-backing-filename").as_str() {
+            Some(full) if full != b => writeln!(out, "backing file: {b} (actual path: {full})")?,
+            _ => writeln!(out, "backing file: {b}")?,
+        }
+    }
+    if let Some(f) = get("backing-filename-format").as_str() {
+        writeln!(out, "backing file format: {f}")?;
+    }
+    if let Some(Value::Array(snaps)) = info.get("snapshots") {
+        writeln!(out, "Snapshot list:")?;
+        writeln!(
+            out,
+            "ID        TAG               VM SIZE                DATE     VM CLOCK"
+        )?;
+        for s in snaps {
+            writeln!(
+                out,
+                "{:<9} {:<17} {:>7} {:>20} {:>12}",
+                s["id"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or(""),
+                human_size(s["vm-state-size"].as_u64().unwrap_or(0)),
+                s["date-sec"].as_u64().unwrap_or(0),
+                s["vm-clock-sec"].as_u64().unwrap_or(0),
+            )?;
+        }
+    }
+    if let Some(data) = info
+        .pointer("/format-specific/data")
+        .and_then(Value::as_object)
+    {
+        writeln!(out, "Format specific information:")?;
+        for (k, v) in data {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            writeln!(out, "    {}: {v}", k.replace('-', " "))?;
+        }
+    }
+    if get("dirty-flag").as_bool() == Some(true) {
+        writeln!(out, "dirty flag: true")?;
+    }
+    Ok(())
+}

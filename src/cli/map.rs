@@ -1,0 +1,76 @@
+//! `imgsync map`: the guest's extents after resolving the backing chain, as
+//! `qemu-img map` reports them. No data cluster is read.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use imgsync_formats::{Extent, ExtentKind, Format};
+
+use super::{exit, OutputFormat};
+use crate::io::{open_image, OpenOptions};
+
+pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let image = open_image(
+        path,
+        OpenOptions {
+            format,
+            allow_corrupt: false,
+        },
+    )?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    match output {
+        OutputFormat::Json => write!(out, "[")?,
+        OutputFormat::Human => {
+            writeln!(out, "{:<20}{:<20}{:<14}Depth", "Offset", "Length", "Kind")?
+        }
+    }
+    let mut first = true;
+    for extent in image.all_extents() {
+        let e = extent.with_context(|| path.display().to_string())?;
+        match output {
+            OutputFormat::Json => {
+                if !first {
+                    write!(out, ",\n")?;
+                }
+                write!(out, "{}", json_extent(&e))?;
+            }
+            OutputFormat::Human => writeln!(
+                out,
+                "{:<20}{:<20}{:<14}{}",
+                format!("{:#x}", e.start),
+                format!("{:#x}", e.length),
+                kind_name(e.kind),
+                e.depth
+            )?,
+        }
+        first = false;
+    }
+    if output == OutputFormat::Json {
+        writeln!(out, "]")?;
+    }
+    out.flush()?;
+    Ok(exit::OK)
+}
+
+fn kind_name(k: ExtentKind) -> &'static str {
+    match k {
+        ExtentKind::Data => "data",
+        ExtentKind::Zero => "zero",
+        ExtentKind::Unallocated => "unallocated",
+    }
+}
+
+/// One extent with qemu-img's keys and meanings: `data` must be read, `zero`
+/// reads as zeros, `present` is allocated in some layer of the chain.
+pub fn json_extent(e: &Extent) -> String {
+    format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}}}",
+        e.start,
+        e.length,
+        e.depth,
+        e.kind != ExtentKind::Unallocated,
+        e.kind != ExtentKind::Data,
+        e.kind == ExtentKind::Data
+    )
+}

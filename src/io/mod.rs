@@ -1,0 +1,8 @@
+//! Local I/O: files and block devices as [`formats::Storage`], allocation from
+//! SEEK_DATA/SEEK_HOLE, and opening images with their backing chains.
+
+pub mod file;
+pub mod open;
+
+pub use file::LocalFile;
+pub use open::{open_image, OpenError, OpenOptions};
