@@ -1,13 +1,22 @@
 //! Raw images: guest offset = file offset; allocation from the store's
 //! SEEK_DATA/SEEK_HOLE view (everything is data where holes are unknown).
+//! Like qemu, the virtual size is the file size rounded up to whole 512-byte
+//! sectors (`bdrv_co_getlength` counts sectors); the tail past the end of
+//! the file is a hole that reads as zeros.
 
 use std::sync::Arc;
 
 use crate::error::{read_exact_at, Error, Result};
 use crate::Storage;
 
+/// qemu's BDRV_SECTOR_SIZE: raw virtual sizes are whole sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
 pub struct Raw {
     file: Arc<dyn Storage>,
+    /// The store's length in bytes.
+    file_size: u64,
+    /// `file_size` rounded up to SECTOR_SIZE.
     size: u64,
 }
 
@@ -20,12 +29,19 @@ pub struct RawRun {
 
 impl Raw {
     pub fn open(file: Arc<dyn Storage>) -> Result<Raw> {
-        let size = file.size().map_err(|source| Error::Io {
+        let file_size = file.size().map_err(|source| Error::Io {
             offset: 0,
             len: 0,
             source,
         })?;
-        Ok(Raw { file, size })
+        let size = file_size
+            .checked_next_multiple_of(SECTOR_SIZE)
+            .ok_or_else(|| Error::invalid(format!("raw file size {file_size:#x} is too large")))?;
+        Ok(Raw {
+            file,
+            file_size,
+            size,
+        })
     }
 
     pub fn virtual_size(&self) -> u64 {
@@ -69,7 +85,52 @@ impl Raw {
         })
     }
 
+    /// Reads guest bytes; past the end of the file (inside the last sector)
+    /// reads zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        read_exact_at(&*self.file, buf, offset, "raw image data")
+        let avail = self.file_size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        if !head.is_empty() {
+            read_exact_at(&*self.file, head, offset, "raw image data")?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_sized_file_rounds_up_to_a_sector_of_zeros() {
+        // 1000 bytes of 0xaa: the guest sees 1024 bytes, the last 24 zero.
+        let raw = Raw::open(Arc::new(vec![0xaau8; 1000])).unwrap();
+        assert_eq!(raw.virtual_size(), 1024);
+        let mut buf = [0x55u8; 48];
+        raw.read_at(&mut buf, 976).unwrap();
+        assert_eq!(buf[..24], [0xaa; 24]);
+        assert_eq!(buf[24..], [0; 24]);
+        assert_eq!(
+            raw.lookup(0, 1024).unwrap(),
+            RawRun {
+                data: true,
+                len: 1000
+            }
+        );
+        assert_eq!(
+            raw.lookup(1000, 1024).unwrap(),
+            RawRun {
+                data: false,
+                len: 24
+            }
+        );
+        assert!(raw.read_at(&mut buf, 1000).is_ok());
+    }
+
+    #[test]
+    fn sector_multiple_keeps_its_size() {
+        let raw = Raw::open(Arc::new(vec![1u8; 4096])).unwrap();
+        assert_eq!(raw.virtual_size(), 4096);
     }
 }
