@@ -61,15 +61,17 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
         if let Some(f) = &h.backing_format {
             o.insert("backing-filename-format".into(), json!(f));
         }
+        // As qemu's qcow2_get_specific_info: compression-type for every
+        // version; lazy-refcounts, corrupt and extended-l2 only for version 3.
         let mut data = Map::new();
         data.insert("compat".into(), json!(h.compat()));
+        data.insert("compression-type".into(), json!(h.compression_type.name()));
         if h.version >= 3 {
-            data.insert("compression-type".into(), json!(h.compression_type.name()));
             data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
         }
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
-        data.insert("corrupt".into(), json!(h.corrupt()));
         if h.version >= 3 {
+            data.insert("corrupt".into(), json!(h.corrupt()));
             data.insert("extended-l2".into(), json!(h.extended_l2()));
         }
         if let Some(df) = &h.data_file {
