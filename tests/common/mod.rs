@@ -1,0 +1,570 @@
+//! Shared helpers for the integration tests: a temp dir to build images in
+//! with qemu-img/qemu-io, the imgsync binary, and the three oracles every
+//! image case is held to (info keys, map ranges, guest bytes).
+
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use imgsync::formats::Format;
+use imgsync::io::{open_image, OpenOptions};
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+
+/// A temp dir with qemu-img available. `None` (after a visible SKIP line) when
+/// qemu-img is missing, unless `IMGSYNC_REQUIRE_QEMU=1` (CI), which panics.
+pub fn setup() -> Option<Env> {
+    // libtest names each test's thread after the test.
+    let test = std::thread::current().name().unwrap_or("test").to_string();
+    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        if std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("{test}: qemu-img/qemu-io not found and IMGSYNC_REQUIRE_QEMU=1");
+        }
+        eprintln!(
+            "SKIP {test}: qemu-img/qemu-io not found (set IMGSYNC_REQUIRE_QEMU=1 to fail instead)"
+        );
+        return None;
+    }
+    Some(temp_env())
+}
+
+/// A temp dir for tests that need no qemu-img.
+pub fn temp_env() -> Env {
+    let dir = tempfile::Builder::new()
+        .prefix("imgsync-formats-")
+        .tempdir()
+        .expect("temp dir");
+    Env {
+        dir,
+        writes: 0.into(),
+    }
+}
+
+/// One write or discard through qemu-io.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// Pseudo-random bytes, different for every write (so misplaced reads show).
+    Data(u64, u64),
+    /// `write -P byte`.
+    Pattern(u8, u64, u64),
+    /// `write -z` (zero clusters kept allocated where the format can).
+    Zero(u64, u64),
+    /// `write -z -u` (zeroes, unmapping allowed).
+    ZeroUnmap(u64, u64),
+    /// `discard`.
+    Discard(u64, u64),
+    /// `write -c` of pseudo-random-but-compressible bytes (whole clusters).
+    Compressed(u64, u64),
+}
+
+pub struct Env {
+    pub dir: TempDir,
+    writes: std::cell::Cell<u64>,
+}
+
+impl Drop for Env {
+    /// `IMGSYNC_KEEP_TMP=1` keeps each test's images for a look afterwards.
+    fn drop(&mut self) {
+        if std::env::var("IMGSYNC_KEEP_TMP").as_deref() == Ok("1") {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.dir.path().display());
+        }
+    }
+}
+
+impl Env {
+    /// Asserts that qemu-img's map of `img` has an extent matching `pred`:
+    /// the case really holds the feature it is meant to test.
+    pub fn assert_qemu_map_has(
+        &self,
+        fmt: &str,
+        img: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) {
+        let map = self.qemu_json(&["map", "--output=json", "-f", fmt, img]);
+        assert!(
+            map.as_array().expect("map array").iter().any(pred),
+            "{img}: the case is meant to have {what}, but qemu-img map shows none: {map}"
+        );
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        Command::new(program)
+            .args(args)
+            .current_dir(self.root())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// Runs `qemu-img ARGS` in the temp dir; panics unless it succeeds.
+    pub fn qemu_img(&self, args: &[&str]) -> String {
+        let out = self.run("qemu-img", args);
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("qemu-img output is utf-8")
+    }
+
+    /// Applies `ops` to `img` (format `fmt`) in one qemu-io run.
+    pub fn qemu_io(&self, fmt: &str, img: &str, ops: &[Op]) {
+        let mut cmds = Vec::new();
+        for op in ops {
+            cmds.push(match *op {
+                Op::Data(off, len) => {
+                    let src = self.random_file(len, false);
+                    format!("write -q -s {src} {off} {len}")
+                }
+                Op::Compressed(off, len) => {
+                    let src = self.random_file(len, true);
+                    format!("write -q -c -s {src} {off} {len}")
+                }
+                Op::Pattern(b, off, len) => format!("write -q -P {b:#x} {off} {len}"),
+                Op::Zero(off, len) => format!("write -q -z {off} {len}"),
+                Op::ZeroUnmap(off, len) => format!("write -q -z -u {off} {len}"),
+                Op::Discard(off, len) => format!("discard -q {off} {len}"),
+            });
+        }
+        let mut args = vec!["-f", fmt];
+        for c in &cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(img);
+        let out = self.run("qemu-io", &args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // qemu-io exits 0 even when a command fails; it says so on stdout.
+        assert!(
+            out.status.success() && !stdout.contains("failed") && !stdout.contains("error"),
+            "qemu-io {args:?} failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A fresh source file of `len` pseudo-random bytes for `write -s`;
+    /// `compressible` keeps bytes in a small alphabet so deflate/zstd win.
+    fn random_file(&self, len: u64, compressible: bool) -> String {
+        let n = self.writes.get() + 1;
+        self.writes.set(n);
+        let name = format!("src-{n}.bin");
+        std::fs::write(
+            self.path(&name),
+            random_bytes(len as usize, n, compressible),
+        )
+        .expect("write source file");
+        name
+    }
+
+    /// Runs the imgsync binary in the temp dir.
+    pub fn imgsync(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_imgsync"))
+            .args(args)
+            .current_dir(self.root())
+            .output()
+            .expect("run imgsync")
+    }
+
+    /// Runs imgsync and returns its stdout as JSON; panics unless it succeeds.
+    pub fn imgsync_json(&self, args: &[&str]) -> Value {
+        let out = self.imgsync(args);
+        assert!(
+            out.status.success(),
+            "imgsync {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "imgsync {args:?}: bad JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn qemu_json(&self, args: &[&str]) -> Value {
+        let s = self.qemu_img(args);
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("qemu-img {args:?}: bad JSON ({e}): {s}"))
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), seeded.
+pub fn random_bytes(len: usize, seed: u64, compressible: bool) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        for b in v {
+            out.push(if compressible {
+                b"ab"[(b & 1) as usize]
+            } else {
+                b
+            });
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// How an image case is opened: its real format, and whether imgsync is told
+/// it (`-f`, `OpenOptions::format`) or probes it. qemu-img is always told.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub img: &'a str,
+    pub format: Format,
+    pub explicit: bool,
+}
+
+pub fn probed(img: &str, format: Format) -> Subject<'_> {
+    Subject {
+        img,
+        format,
+        explicit: false,
+    }
+}
+
+/// For images naming a backing or data file: imgsync refuses to follow names
+/// in a probed image, so the format is given.
+pub fn explicit(img: &str, format: Format) -> Subject<'_> {
+    Subject {
+        img,
+        format,
+        explicit: true,
+    }
+}
+
+impl Subject<'_> {
+    fn imgsync_args<'a>(&'a self, cmd: &'a str) -> Vec<&'a str> {
+        let mut v = vec![cmd];
+        if self.explicit {
+            v.push("-f");
+            v.push(self.format.name());
+        }
+        v.extend(["--output", "json", self.img]);
+        v
+    }
+}
+
+/// Holds `s` to all three oracles: info keys, map ranges, guest bytes.
+pub fn check_against_qemu(env: &Env, s: Subject<'_>) {
+    let vsize = check_info(env, s);
+    check_map(env, s, vsize);
+    check_guest_bytes(env, s, vsize);
+}
+
+/// Keys at the top of the info object that must agree (present in both with
+/// equal values, or absent from both).
+const INFO_KEYS: &[&str] = &[
+    "format",
+    "virtual-size",
+    "cluster-size",
+    "backing-filename",
+    "backing-filename-format",
+    "full-backing-filename",
+    "dirty-flag",
+];
+
+/// Keys of `format-specific.data` that must agree wherever qemu prints them
+/// (and imgsync must not invent them where qemu does not).
+const FORMAT_DATA_KEYS: &[&str] = &[
+    "compat",
+    "compression-type",
+    "lazy-refcounts",
+    "refcount-bits",
+    "corrupt",
+    "extended-l2",
+    "data-file",
+    "data-file-raw",
+];
+
+/// Snapshot fields imgsync prints with qemu's names.
+const SNAPSHOT_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "vm-state-size",
+    "date-sec",
+    "date-nsec",
+    "vm-clock-sec",
+    "vm-clock-nsec",
+];
+
+/// Oracle (a): `imgsync info --output json` against `qemu-img info`.
+/// Returns the virtual size.
+pub fn check_info(env: &Env, s: Subject<'_>) -> u64 {
+    let q = env.qemu_json(&["info", "--output=json", "-f", s.format.name(), s.img]);
+    let ours = env.imgsync_json(&s.imgsync_args("info"));
+    let mut diffs = String::new();
+    for k in INFO_KEYS {
+        if q.get(k) != ours.get(k) {
+            let _ = writeln!(
+                diffs,
+                "  {k}: qemu {:?}, imgsync {:?}",
+                q.get(k),
+                ours.get(k)
+            );
+        }
+    }
+    let qtype = q.pointer("/format-specific/type");
+    if qtype.is_some() && qtype != ours.pointer("/format-specific/type") {
+        let _ = writeln!(
+            diffs,
+            "  format-specific.type: qemu {qtype:?}, imgsync {:?}",
+            ours.pointer("/format-specific/type")
+        );
+    }
+    for k in FORMAT_DATA_KEYS {
+        let p = format!("/format-specific/data/{k}");
+        let (qv, ov) = (q.pointer(&p), ours.pointer(&p));
+        if qv != ov {
+            let _ = writeln!(
+                diffs,
+                "  format-specific.data.{k}: qemu {qv:?}, imgsync {ov:?}"
+            );
+        }
+    }
+    let snaps = |v: &Value| -> Vec<Vec<Option<Value>>> {
+        v.get("snapshots")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|s| SNAPSHOT_KEYS.iter().map(|k| s.get(k).cloned()).collect())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if snaps(&q) != snaps(&ours) {
+        let _ = writeln!(
+            diffs,
+            "  snapshots: qemu {:?}, imgsync {:?}",
+            snaps(&q),
+            snaps(&ours)
+        );
+    }
+    assert!(
+        diffs.is_empty(),
+        "{}: info differs from qemu-img info:\n{diffs}qemu: {q:#}\nimgsync: {ours:#}",
+        s.img
+    );
+    q["virtual-size"].as_u64().expect("qemu virtual-size")
+}
+
+/// Byte ranges `[start, end)`, sorted and merged.
+pub type Ranges = Vec<(u64, u64)>;
+
+fn merge(mut v: Ranges) -> Ranges {
+    v.sort_unstable();
+    let mut out: Ranges = Vec::new();
+    for (s, e) in v {
+        if s == e {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The ranges of a `map --output=json` array that hold data, read as zeros
+/// without data, and are present (allocated somewhere in the chain).
+#[derive(Debug, PartialEq, Eq)]
+pub struct MapRanges {
+    pub data: Ranges,
+    pub zero: Ranges,
+    pub present: Ranges,
+}
+
+pub fn map_ranges(map: &Value) -> MapRanges {
+    let (mut data, mut zero, mut present) = (Vec::new(), Vec::new(), Vec::new());
+    for e in map.as_array().expect("map is a JSON array") {
+        let start = e["start"].as_u64().expect("start");
+        let end = start + e["length"].as_u64().expect("length");
+        let flag = |k: &str| {
+            e[k].as_bool()
+                .unwrap_or_else(|| panic!("map extent without {k}: {e}"))
+        };
+        if flag("data") {
+            data.push((start, end));
+        } else if flag("zero") {
+            zero.push((start, end));
+        }
+        if flag("present") {
+            present.push((start, end));
+        }
+    }
+    MapRanges {
+        data: merge(data),
+        zero: merge(zero),
+        present: merge(present),
+    }
+}
+
+/// Oracle (b): `imgsync map --output json` against `qemu-img map`, as sets
+/// of byte ranges (offsets, depth and extent boundaries ignored).
+pub fn check_map(env: &Env, s: Subject<'_>, vsize: u64) -> MapRanges {
+    let q = env.qemu_json(&["map", "--output=json", "-f", s.format.name(), s.img]);
+    let ours = env.imgsync_json(&s.imgsync_args("map"));
+
+    // The contract: extents cover the virtual size, in order, without gaps.
+    let mut pos = 0;
+    for e in ours.as_array().expect("imgsync map is an array") {
+        assert_eq!(
+            e["start"].as_u64(),
+            Some(pos),
+            "{}: map extent out of order: {e}",
+            s.img
+        );
+        let len = e["length"].as_u64().expect("length");
+        assert!(len > 0, "{}: empty map extent {e}", s.img);
+        assert_ne!(
+            e["data"], e["zero"],
+            "{}: extent both/neither data and zero: {e}",
+            s.img
+        );
+        pos += len;
+    }
+    assert_eq!(
+        pos, vsize,
+        "{}: imgsync map does not cover the virtual size",
+        s.img
+    );
+
+    let (qr, or) = (map_ranges(&q), map_ranges(&ours));
+    assert_eq!(
+        (&qr.data, &qr.zero),
+        (&or.data, &or.zero),
+        "{}: map (data, zero) ranges differ (left qemu-img, right imgsync)\nqemu: {q}\nimgsync: {ours}",
+        s.img
+    );
+    assert_eq!(
+        qr.present, or.present,
+        "{}: map present ranges differ (left qemu-img, right imgsync)\nqemu: {q}\nimgsync: {ours}",
+        s.img
+    );
+    or
+}
+
+/// Oracle (c): the guest view read through the library API, 1 MiB at a time,
+/// against `qemu-img convert -O raw`. Also checks that every range the map
+/// calls zero reads as zeros.
+pub fn check_guest_bytes(env: &Env, s: Subject<'_>, vsize: u64) {
+    let out = format!("{}.guest.raw", s.img.replace('/', "_"));
+    env.qemu_img(&["convert", "-f", s.format.name(), "-O", "raw", s.img, &out]);
+    let expected = std::fs::read(env.path(&out)).expect("read converted image");
+    std::fs::remove_file(env.path(&out)).ok();
+    assert_eq!(
+        expected.len() as u64,
+        vsize,
+        "{}: qemu-img convert size",
+        s.img
+    );
+
+    let image = open_image(
+        &env.path(s.img),
+        OpenOptions {
+            format: s.explicit.then_some(s.format),
+            allow_corrupt: false,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: open_image: {e:#}", s.img));
+    assert_eq!(image.virtual_size(), vsize, "{}: API virtual size", s.img);
+    assert_eq!(image.format(), s.format, "{}: API format", s.img);
+
+    const CHUNK: u64 = MIB;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0u64;
+    while pos < vsize {
+        let n = CHUNK.min(vsize - pos) as usize;
+        image
+            .read_at(&mut buf[..n], pos)
+            .unwrap_or_else(|e| panic!("{}: read_at({pos:#x}, {n:#x}): {e}", s.img));
+        let want = &expected[pos as usize..pos as usize + n];
+        if buf[..n] != *want {
+            let i = buf[..n]
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "{}: guest bytes differ from qemu-img convert at offset {:#x}: imgsync {:#04x}, qemu {:#04x}",
+                s.img,
+                pos + i as u64,
+                buf[i],
+                want[i]
+            );
+        }
+        pos += n as u64;
+    }
+
+    // Whatever the API's map calls zero must read as zeros.
+    for e in image.all_extents() {
+        let e = e.unwrap_or_else(|err| panic!("{}: all_extents: {err}", s.img));
+        if e.is_zero() {
+            let r = &expected[e.start as usize..e.end() as usize];
+            if let Some(i) = r.iter().position(|&b| b != 0) {
+                panic!(
+                    "{}: extent {e:?} is mapped as zero but guest offset {:#x} is {:#04x}",
+                    s.img,
+                    e.start + i as u64,
+                    r[i]
+                );
+            }
+        }
+    }
+}
+
+/// Asserts the process failed the way every imgsync error must: exit status
+/// 2, nothing on stdout, exactly one line on stderr starting `imgsync: `.
+/// Returns that line.
+pub fn assert_one_line_error(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: exit status (stderr: {stderr})"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{what}: stdout not empty: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.ends_with('\n'),
+        "{what}: stderr does not end with a newline: {stderr:?}"
+    );
+    let line = stderr.trim_end_matches('\n');
+    assert!(
+        !line.contains('\n'),
+        "{what}: error is more than one line: {stderr:?}"
+    );
+    assert!(
+        line.starts_with("imgsync: "),
+        "{what}: error does not start with 'imgsync: ': {line:?}"
+    );
+    line.to_string()
+}
