@@ -684,6 +684,49 @@ fn persistent_dirty_bitmap() {
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
+/// A crash with lazy refcounts on leaves the dirty bit set and refcounts
+/// behind the L2 tables: reading must work all the same.
+#[test]
+fn dirty_image_with_lazy_refcounts_reads_fine() {
+    let env = qemu_env!();
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        "img.qcow2",
+        "16M",
+    ]);
+    // qemu-io's `abort` kills the process after the writes: no clean close.
+    let status = std::process::Command::new("qemu-io")
+        .current_dir(env.root())
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 7 0 1M",
+            "-c",
+            "write -P 8 4M 64k",
+            "-c",
+            "abort",
+            "img.qcow2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run qemu-io");
+    assert!(!status.success(), "qemu-io abort should not exit cleanly");
+    let info = env.qemu_json(&["info", "--output=json", "img.qcow2"]);
+    assert_eq!(
+        info["dirty-flag"],
+        serde_json::json!(true),
+        "image is not dirty: {info}"
+    );
+    check_against_qemu(&env, probed("img.qcow2", QCOW2));
+}
+
 #[test]
 fn preallocation_metadata() {
     let env = qemu_env!();
