@@ -7,6 +7,8 @@ pub mod check;
 pub mod compress;
 pub mod header;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -206,17 +208,19 @@ impl Qcow2 {
     /// header cluster and inside the file.
     fn check_metadata_offset(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
         let cs = self.header.cluster_size();
+        // The header first: an offset inside it is also misaligned, but
+        // "points into the image header" says more.
+        if offset < cs {
+            return Err(Error::invalid(format!(
+                "{what} at offset {offset:#x} points into the image header"
+            )));
+        }
         if offset % cs != 0 {
             return Err(Error::Misaligned {
                 what,
                 offset,
                 align: cs,
             });
-        }
-        if offset < cs {
-            return Err(Error::invalid(format!(
-                "{what} at offset {offset:#x} points into the image header"
-            )));
         }
         check_in_file(what, offset, len, self.file_size)
     }
@@ -360,7 +364,19 @@ impl Qcow2 {
 
         let offset = entry & L2E_OFFSET_MASK;
         let external = h.has_data_file();
-        let allocated = offset != 0 || (external && entry & OFLAG_COPIED != 0);
+        let copied = entry & OFLAG_COPIED != 0;
+        let allocated = offset != 0 || (external && copied);
+        // Host offset 0 with bit 63 set is only valid with an external data
+        // file (spec, "Standard Cluster Descriptor"); without one it names the
+        // header. qemu's qcow2_get_cluster_type reads it as unallocated, which
+        // would silently show the backing file; refuse it instead. A version 3
+        // zero cluster reads as zeros whatever its offset (ZERO_PLAIN).
+        let zero_flag = !ext && h.version >= 3 && entry & OFLAG_ZERO != 0;
+        if !external && offset < cs && (offset != 0 || (copied && !zero_flag)) {
+            return Err(Error::invalid(format!(
+                "data cluster for guest offset {guest_offset:#x} at host offset {offset:#x} points into the image header"
+            )));
+        }
         if allocated {
             if offset % cs != 0 {
                 return Err(Error::Misaligned {
@@ -369,20 +385,13 @@ impl Qcow2 {
                     align: cs,
                 });
             }
-            if !external {
-                if offset < cs {
-                    return Err(Error::invalid(format!(
-                        "data cluster for guest offset {guest_offset:#x} points into the image header"
-                    )));
-                }
-                if offset >= self.file_size {
-                    return Err(Error::BeyondEof {
-                        what: "data cluster",
-                        offset,
-                        len: cs,
-                        file_size: self.file_size,
-                    });
-                }
+            if !external && offset >= self.file_size {
+                return Err(Error::BeyondEof {
+                    what: "data cluster",
+                    offset,
+                    len: cs,
+                    file_size: self.file_size,
+                });
             }
         }
 
