@@ -834,7 +834,7 @@ fn raw_fully_allocated() {
 /// Runs `info` and `map` (with `args` before the image) and checks both fail
 /// with one line containing every one of `needles`.
 fn assert_refused(env: &Env, args: &[&str], img: &str, needles: &[&str]) {
-    for cmd in ["info", "map"] {
+    for cmd in ["info", "map", "check"] {
         let mut a = vec![cmd];
         a.extend_from_slice(args);
         a.push(img);
@@ -1031,7 +1031,78 @@ fn nonexistent_image_is_named() {
 }
 
 // ---------------------------------------------------------------------------
-// TODO(check): `imgsync check` is being written elsewhere and does not work
-// yet. Its integration tests belong here: every image case above, once built,
-// must give `imgsync check` exit 0 wherever `qemu-img check` reports no
-// errors, and images damaged on purpose exit 3.
+// `imgsync check`: every image case above is also held to `qemu-img check`
+// (oracle (d) in `check_against_qemu`). Here: images damaged on purpose.
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A 64 KiB-cluster qcow2 with data in its first two clusters; returns the
+/// image bytes and the file offset of its first L2 table.
+fn damaged_base(env: &Env) -> (Vec<u8>, usize) {
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
+    env.qemu_io("qcow2", "img.qcow2", &[Data(0, 128 * KIB)]);
+    let b = std::fs::read(env.path("img.qcow2")).expect("read image");
+    let l1 = be64(&b, 40) as usize; // l1_table_offset
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_ne!(l2, 0, "L1 entry 0 is allocated");
+    (b, l2)
+}
+
+/// Runs `imgsync check` (human) and asserts exit 3 and that the report
+/// carries `needle`; then holds the image to `qemu-img check`'s counts.
+fn assert_check_finds(env: &Env, needle: &str) {
+    let out = env.imgsync(&["check", "img.qcow2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "imgsync check: {text}");
+    assert!(
+        text.contains(needle),
+        "imgsync check: no {needle:?} in {text}"
+    );
+    common::check_check(env, probed("img.qcow2", QCOW2), false);
+}
+
+#[test]
+fn check_finds_leaked_cluster() {
+    let env = qemu_env!();
+    let (mut b, l2) = damaged_base(&env);
+    // Drop the second data cluster from its L2 table: its refcount stays 1.
+    let entry = be64(&b, l2 + 8) & 0x00ff_ffff_ffff_fe00;
+    b[l2 + 8..l2 + 16].fill(0);
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    assert_check_finds(&env, &format!("{entry:#x}"));
+    assert_check_finds(&env, "leaked clusters were found");
+}
+
+#[test]
+fn check_finds_data_cluster_over_l1_table() {
+    let env = qemu_env!();
+    let (mut b, l2) = damaged_base(&env);
+    // Point the first data cluster at the L1 table: metadata and data overlap.
+    let l1 = be64(&b, 40);
+    b[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    assert_check_finds(&env, "errors were found on the image");
+    assert_check_finds(&env, &format!("{l1:#x}"));
+}
+
+#[test]
+fn check_finds_l2_table_beyond_end_of_file() {
+    let env = qemu_env!();
+    let (mut b, _) = damaged_base(&env);
+    let l1 = be64(&b, 40) as usize;
+    let far: u64 = 1 << 40;
+    b[l1..l1 + 8].copy_from_slice(&(far | 1 << 63).to_be_bytes());
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    assert_check_finds(&env, &format!("{far:#x}"));
+}
+
+#[test]
+fn check_refuses_what_it_cannot_open() {
+    let env = common::temp_env(); // needs no qemu-img
+    std::fs::write(env.path("short.qcow2"), b"QFI\xfb\0\0\0\x03").expect("write");
+    let out = env.imgsync(&["check", "-f", "qcow2", "short.qcow2"]);
+    let line = assert_one_line_error(&out, "imgsync check short.qcow2");
+    assert!(line.contains("short.qcow2"), "{line}");
+}

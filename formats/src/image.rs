@@ -13,6 +13,9 @@ use crate::{Format, Storage};
 /// opener's checks, or an absurd chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
+// One Layer per image in a chain (at most MAX_CHAIN_DEPTH): boxing the larger
+// variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Layer {
     Raw(Raw),
     Qcow2(Qcow2),
@@ -194,7 +197,7 @@ impl Image {
         let size = self.virtual_size();
         if offset
             .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > size)
+            .map_or(true, |e| e > size)
         {
             return Err(Error::invalid(format!(
                 "read of {:#x} bytes at guest offset {offset:#x} is beyond the virtual size {size:#x}",

@@ -1,20 +1,138 @@
-//! `imgsync check`: metadata consistency (exit 0 clean, 3 corruption, 2 error).
+//! `imgsync check`: metadata consistency (exit 0 clean, 3 corruption or
+//! leaks found, 2 error), reported like `qemu-img check`.
 
+use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use imgsync_formats::qcow2::check::{check, CheckReport, Problem};
 use imgsync_formats::Format;
+use serde_json::json;
 
 use super::{exit, OutputFormat};
 use crate::io::{open_image, OpenOptions};
 
-pub fn run(path: &Path, format: Option<Format>, _output: OutputFormat) -> Result<u8> {
-    let _image = open_image(
+pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let image = open_image(
         path,
         OpenOptions {
             format,
             allow_corrupt: true,
         },
     )?;
-    anyhow::bail!("check is being written")
+    let mut out = std::io::stdout().lock();
+    let Some(q) = image.qcow2() else {
+        // A raw image has no metadata that could be inconsistent.
+        match output {
+            OutputFormat::Json => writeln!(
+                out,
+                "{}",
+                json!({"filename": path.display().to_string(), "format": "raw", "check-errors": 0, "corruptions": 0, "leaks": 0})
+            )?,
+            OutputFormat::Human => writeln!(
+                out,
+                "No errors were found on the image (raw: no metadata to check)."
+            )?,
+        }
+        return Ok(exit::OK);
+    };
+    let report = check(q).with_context(|| path.display().to_string())?;
+    match output {
+        OutputFormat::Json => print_json(&mut out, path, &report)?,
+        OutputFormat::Human => print_human(&mut out, &report)?,
+    }
+    Ok(if report.is_clean() {
+        exit::OK
+    } else {
+        exit::CORRUPT
+    })
+}
+
+fn problems_json(list: &[Problem]) -> serde_json::Value {
+    list.iter()
+        .map(|p| json!({"offset": p.offset, "message": p.message}))
+        .collect()
+}
+
+fn print_json(out: &mut impl Write, path: &Path, r: &CheckReport) -> Result<()> {
+    let v = json!({
+        "filename": path.display().to_string(),
+        "format": "qcow2",
+        "check-errors": 0,
+        "corruptions": r.corruption_count(),
+        "leaks": r.leak_count(),
+        "warnings": r.warning_count(),
+        "image-end-offset": r.stats.image_end_offset,
+        "total-clusters": r.stats.total_clusters,
+        "allocated-clusters": r.stats.allocated_clusters,
+        "compressed-clusters": r.stats.compressed_clusters,
+        "fragmented-clusters": r.stats.fragmented_clusters,
+        "corruption-list": problems_json(&r.corruptions),
+        "leak-list": problems_json(&r.leaks),
+        "warning-list": problems_json(&r.warnings),
+    });
+    serde_json::to_writer_pretty(&mut *out, &v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_human(out: &mut impl Write, r: &CheckReport) -> Result<()> {
+    for p in &r.warnings {
+        writeln!(out, "Warning: {}", p.message)?;
+    }
+    for p in &r.corruptions {
+        writeln!(out, "ERROR {}", p.message)?;
+    }
+    for p in &r.leaks {
+        writeln!(out, "Leaked cluster: {}", p.message)?;
+    }
+    let omitted = r.omitted_corruptions + r.omitted_leaks + r.omitted_warnings;
+    if omitted > 0 {
+        writeln!(out, "({omitted} more problems not listed)")?;
+    }
+    if r.corruption_count() > 0 {
+        writeln!(
+            out,
+            "\n{} errors were found on the image.",
+            r.corruption_count()
+        )?;
+        writeln!(
+            out,
+            "Data may be corrupted, or further writes to the image may corrupt it."
+        )?;
+    }
+    if r.leak_count() > 0 {
+        writeln!(
+            out,
+            "\n{} leaked clusters were found on the image.",
+            r.leak_count()
+        )?;
+        writeln!(out, "This means waste of disk space, but no harm to data.")?;
+    }
+    if r.is_clean() {
+        writeln!(out, "No errors were found on the image.")?;
+    }
+    let s = &r.stats;
+    if s.total_clusters > 0 {
+        let pct = |n: u64| n as f64 * 100.0 / s.total_clusters as f64;
+        writeln!(
+            out,
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            s.allocated_clusters,
+            s.total_clusters,
+            pct(s.allocated_clusters),
+            if s.allocated_clusters > 0 {
+                s.fragmented_clusters as f64 * 100.0 / s.allocated_clusters as f64
+            } else {
+                0.0
+            },
+            if s.allocated_clusters > 0 {
+                s.compressed_clusters as f64 * 100.0 / s.allocated_clusters as f64
+            } else {
+                0.0
+            },
+        )?;
+    }
+    writeln!(out, "Image end offset: {}", s.image_end_offset)?;
+    Ok(())
 }

@@ -31,7 +31,7 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
         match output {
             OutputFormat::Json => {
                 if !first {
-                    write!(out, ",\n")?;
+                    writeln!(out, ",")?;
                 }
                 write!(out, "{}", json_extent(&e))?;
             }

@@ -269,11 +269,96 @@ impl Subject<'_> {
     }
 }
 
-/// Holds `s` to all three oracles: info keys, map ranges, guest bytes.
+/// Holds `s` to all four oracles: info keys, map ranges, guest bytes, and
+/// the metadata check.
 pub fn check_against_qemu(env: &Env, s: Subject<'_>) {
     let vsize = check_info(env, s);
     check_map(env, s, vsize);
     check_guest_bytes(env, s, vsize);
+    check_check(env, s, true);
+}
+
+/// Statistics `imgsync check --output json` shares with `qemu-img check
+/// --output=json` for qcow2.
+const CHECK_KEYS: &[&str] = &[
+    "image-end-offset",
+    "total-clusters",
+    "allocated-clusters",
+    "compressed-clusters",
+    "fragmented-clusters",
+];
+
+/// Oracle (d): `imgsync check` exits 0 exactly when `qemu-img check` finds
+/// nothing (3 when it finds corruptions or leaks), finds corruptions and
+/// leaks where qemu does, and agrees on the cluster statistics. With
+/// `exact`, the counts of corruptions and leaks must be equal too (on a
+/// damaged image, qemu's counting of one fault as one or two errors is its
+/// own). Raw images have no metadata: always clean.
+pub fn check_check(env: &Env, s: Subject<'_>, exact: bool) {
+    let out = env.imgsync(&s.imgsync_args("check"));
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "imgsync check {}: bad JSON ({e}): {} {}",
+            s.img,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if s.format == Format::Raw {
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "imgsync check {}: {ours}",
+            s.img
+        );
+        return;
+    }
+    let q = env.run(
+        "qemu-img",
+        &["check", "--output=json", "-f", "qcow2", s.img],
+    );
+    let theirs: Value = serde_json::from_slice(&q.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check {}: bad JSON ({e}): {}",
+            s.img,
+            String::from_utf8_lossy(&q.stdout)
+        )
+    });
+    // qemu-img check: 0 clean, 2 corruptions, 3 leaks only.
+    let expected = match q.status.code() {
+        Some(0) => 0,
+        Some(2) | Some(3) => 3,
+        other => panic!("qemu-img check {}: exit {other:?}: {theirs}", s.img),
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(expected),
+        "imgsync check {}: {ours}\nqemu-img check: {theirs}",
+        s.img
+    );
+    for key in ["corruptions", "leaks"] {
+        let t = theirs.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let o = ours.get(key).and_then(Value::as_u64);
+        let agree = if exact {
+            o == Some(t)
+        } else {
+            o.map(|o| o > 0) == Some(t > 0)
+        };
+        assert!(
+            agree,
+            "imgsync check {}: {key} disagrees with qemu-img check\nours: {ours}\nqemu: {theirs}",
+            s.img
+        );
+    }
+    for key in CHECK_KEYS {
+        let t = theirs.get(*key).cloned().unwrap_or(Value::from(0));
+        assert_eq!(
+            ours.get(*key),
+            Some(&t),
+            "imgsync check {}: {key} differs from qemu-img check\nours: {ours}\nqemu: {theirs}",
+            s.img
+        );
+    }
 }
 
 /// Keys at the top of the info object that must agree (present in both with

@@ -113,6 +113,15 @@ pub fn check(q: &Qcow2) -> Result<CheckReport> {
             "the image is marked corrupt (incompatible feature bit 1)".to_string(),
         );
     }
+    if h.dirty() && h.lazy_refcounts() {
+        c.warning(
+            None,
+            "the image was not closed cleanly (dirty bit, lazy refcounts): its refcounts \
+             may be stale; opening it read-write in qemu, or `qemu-img check -r all`, \
+             repairs them"
+                .to_string(),
+        );
+    }
     c.reference(Use::Header, 0, c.cs, 1, || "header".to_string());
     c.read_refcounts()?;
     let snapshots = c.snapshot_table()?;
@@ -271,17 +280,17 @@ impl<'a> Checker<'a> {
             message,
         );
     }
-    /// Refcount and OFLAG_COPIED inconsistencies: corruption, except in a
-    /// dirty image with lazy refcounts, where qemu repairs them on open.
+    /// Refcount and OFLAG_COPIED inconsistencies: corruption, as `qemu-img
+    /// check` counts them, even in a dirty image with lazy refcounts, where
+    /// they are the expected state after a crash (qemu repairs them when it
+    /// opens the image read-write); the message says so.
     fn refcount_problem(&mut self, offset: Option<u64>, message: String) {
-        if self.lazy_dirty {
-            self.warning(
-                offset,
-                format!("{message} (expected: dirty image with lazy refcounts)"),
-            );
+        let message = if self.lazy_dirty {
+            format!("{message} (expected: dirty image with lazy refcounts)")
         } else {
-            self.corruption(offset, message);
-        }
+            message
+        };
+        self.corruption(offset, message);
     }
 
     /// Turns a failed read into a reported corruption, passing I/O errors up.
@@ -1076,14 +1085,12 @@ impl<'a> Checker<'a> {
                     let use_ = self.uses.get(i).copied().unwrap_or(Use::Free).name();
                     format!("refcount for cluster at {offset:#x} ({use_}) is {stored} but only {c} references exist")
                 };
-                if self.lazy_dirty {
-                    self.warning(
-                        Some(offset),
-                        format!("{msg} (expected: dirty image with lazy refcounts)"),
-                    );
+                let msg = if self.lazy_dirty {
+                    format!("{msg} (expected: dirty image with lazy refcounts)")
                 } else {
-                    self.leak(Some(offset), msg);
-                }
+                    msg
+                };
+                self.leak(Some(offset), msg);
             }
         }
         self.report.stats.image_end_offset = highest.map_or(0, |k| (k + 1) << self.cluster_bits);
@@ -1520,7 +1527,7 @@ mod tests {
     }
 
     #[test]
-    fn dirty_image_with_lazy_refcounts_has_no_corruptions() {
+    fn dirty_image_with_lazy_refcounts_reports_what_qemu_img_check_does() {
         require_qemu!();
         let dir = temp_dir();
         let d = &dir.0;
@@ -1557,9 +1564,28 @@ mod tests {
             .status()
             .unwrap();
         assert!(!st.success());
+        // qemu-img check (read-only, no repair) counts the stale refcounts
+        // of the crashed image as corruptions; so do we, and say why.
+        let out = Command::new("qemu-img")
+            .current_dir(d)
+            .args(["check", "--output=json", "img.qcow2"])
+            .output()
+            .unwrap();
+        let qemu = String::from_utf8_lossy(&out.stdout).to_string();
+        let qemu_corruptions: u64 = qemu
+            .split("\"corruptions\":")
+            .nth(1)
+            .and_then(|t| t.trim().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no corruption count in qemu-img check output: {qemu}"));
+        assert!(qemu_corruptions > 0, "{qemu}");
         let b = std::fs::read(d.join("img.qcow2")).unwrap();
         let r = check_bytes(b);
-        assert!(r.corruptions.is_empty() && r.leaks.is_empty(), "{r:#?}");
+        assert_eq!(r.corruption_count(), qemu_corruptions, "{r:#?}");
+        assert!(r.corruptions.iter().all(|p| p
+            .message
+            .ends_with("(expected: dirty image with lazy refcounts)")));
+        assert_has(&r.warnings, "not closed cleanly");
     }
 
     // ---- corruptions ----
@@ -1750,7 +1776,7 @@ mod tests {
     }
 
     #[test]
-    fn refcount_mismatch_in_dirty_lazy_image_is_warning() {
+    fn refcount_mismatch_in_dirty_lazy_image_is_corruption_with_a_hint() {
         require_qemu!();
         let mut b = data_image();
         let (_, data) = first_l2_and_data(&b);
@@ -1762,13 +1788,15 @@ mod tests {
         let at = refcount16_at(&b, data);
         put16(&mut b, at, 0);
         let r = check_bytes(b);
-        assert!(r.is_clean(), "{r:#?}");
+        assert!(!r.is_clean(), "{r:#?}");
         assert_has(
-            &r.warnings,
+            &r.corruptions,
             &format!(
-                "refcount for cluster at {data:#x} (data cluster) is 0 but 1 references exist"
+                "refcount for cluster at {data:#x} (data cluster) is 0 but 1 references exist \
+                 (expected: dirty image with lazy refcounts)"
             ),
         );
+        assert_has(&r.warnings, "not closed cleanly");
     }
 
     #[test]

@@ -431,7 +431,7 @@ impl Header {
             cluster_end as usize
         };
         loop {
-            if at.checked_add(8).is_none_or(|e| e > limit) {
+            if at.checked_add(8).map_or(true, |e| e > limit) {
                 if at.checked_add(8).is_some_and(|e| e > end) && end < limit {
                     return Err(Error::BeyondEof {
                         what: "header extension",
