@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Seeds fuzz/corpus/<target>/ with small real qcow2 images made by qemu-img
+# and qemu-io: tiny virtual sizes, 512 B and 64 KiB clusters, compressed
+# (zlib and zstd) clusters, extended L2, zero clusters, a backing file name,
+# version 2. The corpus directories are not committed; rerun this instead.
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+mk() { # name opts size qemu-io-commands...
+    local name=$1 opts=$2 size=$3
+    shift 3
+    qemu-img create -q -f qcow2 -o "$opts" "$tmp/$name.qcow2" "$size"
+    local args=()
+    for c in "$@"; do args+=(-c "$c"); done
+    if [ ${#args[@]} -gt 0 ]; then
+        qemu-io -f qcow2 "${args[@]}" "$tmp/$name.qcow2" >/dev/null
+    fi
+}
+
+mk empty-64k cluster_size=64k 1M
+mk data-512 cluster_size=512 64k 'write -P 0x11 0 1k' 'write -z 4k 2k' 'write -P 0x22 60k 512'
+mk data-64k cluster_size=64k 1M 'write -P 0x11 0 64k' 'write -z 128k 64k' 'write -P 0x22 960k 4k'
+mk v2-512 compat=0.10,cluster_size=512 32k 'write -P 0x33 1k 1k'
+mk extl2-16k extended_l2=on,cluster_size=16k 256k 'write -P 0x44 0 1k' 'write -z 2k 1k' 'write -P 0x55 20k 3k'
+mk extl2-64k extended_l2=on,cluster_size=64k 1M 'write -P 0x44 4k 4k' 'write -z 64k 8k'
+mk plain-zlib cluster_size=4k 64k 'write -P 0x77 0 16k' 'write -P 0x78 32k 4k'
+mk plain-zstd cluster_size=4k,compression_type=zstd 64k 'write -P 0x79 0 16k'
+qemu-img convert -c -f qcow2 -O qcow2 -o cluster_size=4k "$tmp/plain-zlib.qcow2" "$tmp/comp-zlib.qcow2"
+qemu-img convert -c -f qcow2 -O qcow2 -o cluster_size=4k,compression_type=zstd \
+    "$tmp/plain-zstd.qcow2" "$tmp/comp-zstd.qcow2"
+qemu-img convert -c -f qcow2 -O qcow2 -o cluster_size=512 "$tmp/data-512.qcow2" "$tmp/comp-512.qcow2"
+qemu-img create -q -u -f qcow2 -o cluster_size=512 -b base.raw -F raw "$tmp/backing.qcow2" 16k
+
+for target in qcow2_header image_map_read; do
+    mkdir -p "corpus/$target"
+    cp "$tmp"/*.qcow2 "corpus/$target/"
+done
+ls -l corpus/image_map_read
