@@ -1051,15 +1051,17 @@ fn damaged_base(env: &Env) -> (Vec<u8>, usize) {
 }
 
 /// Runs `imgsync check` (human) and asserts exit 3 and that the report
-/// carries `needle`; then holds the image to `qemu-img check`'s counts.
-fn assert_check_finds(env: &Env, needle: &str) {
+/// carries every needle; then holds the image to `qemu-img check`'s verdict.
+fn assert_check_finds(env: &Env, needles: &[&str]) {
     let out = env.imgsync(&["check", "img.qcow2"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "imgsync check: {text}");
-    assert!(
-        text.contains(needle),
-        "imgsync check: no {needle:?} in {text}"
-    );
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "imgsync check: no {needle:?} in {text}"
+        );
+    }
     common::check_check(env, probed("img.qcow2", QCOW2), false);
 }
 
@@ -1071,8 +1073,10 @@ fn check_finds_leaked_cluster() {
     let entry = be64(&b, l2 + 8) & 0x00ff_ffff_ffff_fe00;
     b[l2 + 8..l2 + 16].fill(0);
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
-    assert_check_finds(&env, &format!("{entry:#x}"));
-    assert_check_finds(&env, "leaked clusters were found");
+    assert_check_finds(
+        &env,
+        &[&format!("{entry:#x}"), "leaked clusters were found"],
+    );
 }
 
 #[test]
@@ -1083,8 +1087,10 @@ fn check_finds_data_cluster_over_l1_table() {
     let l1 = be64(&b, 40);
     b[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
-    assert_check_finds(&env, "errors were found on the image");
-    assert_check_finds(&env, &format!("{l1:#x}"));
+    assert_check_finds(
+        &env,
+        &["errors were found on the image", &format!("{l1:#x}")],
+    );
 }
 
 #[test]
@@ -1095,7 +1101,49 @@ fn check_finds_l2_table_beyond_end_of_file() {
     let far: u64 = 1 << 40;
     b[l1..l1 + 8].copy_from_slice(&(far | 1 << 63).to_be_bytes());
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
-    assert_check_finds(&env, &format!("{far:#x}"));
+    assert_check_finds(&env, &[&format!("{far:#x}")]);
+}
+
+#[test]
+fn check_counts_problems_beyond_the_listed_ones() {
+    let env = qemu_env!();
+    // 512 B clusters, 1 MiB of data: 2048 data clusters and 32 L2 tables.
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "img.qcow2",
+        "2M",
+    ]);
+    env.qemu_io("qcow2", "img.qcow2", &[Data(0, MIB)]);
+    let mut b = std::fs::read(env.path("img.qcow2")).expect("read image");
+    let l1 = be64(&b, 40) as usize;
+    let l1_size = u32::from_be_bytes(b[36..40].try_into().expect("4 bytes")) as usize;
+    // Unhook every L2 table: all of them and their data clusters leak.
+    b[l1..l1 + 8 * l1_size].fill(0);
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    let json = env.imgsync(&["check", "--output", "json", "img.qcow2"]);
+    assert_eq!(json.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(v["leaks"], 2048 + 32, "{v}");
+    assert_eq!(v["leak-list"].as_array().map(Vec::len), Some(1000));
+    let human = env.imgsync(&["check", "img.qcow2"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("(1080 more problems not listed)"), "{text}");
+    assert!(text.contains("2080 leaked clusters were found"), "{text}");
+    common::check_check(&env, probed("img.qcow2", QCOW2), true);
+}
+
+#[test]
+fn check_of_a_raw_image_is_clean() {
+    let env = common::temp_env(); // needs no qemu-img
+    std::fs::write(env.path("disk.raw"), vec![7u8; 4096]).expect("write");
+    let out = env.imgsync(&["check", "disk.raw"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No errors were found"));
 }
 
 #[test]

@@ -114,25 +114,25 @@ fn print_human(out: &mut impl Write, r: &CheckReport) -> Result<()> {
     }
     let s = &r.stats;
     if s.total_clusters > 0 {
-        let pct = |n: u64| n as f64 * 100.0 / s.total_clusters as f64;
         writeln!(
             out,
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             s.allocated_clusters,
             s.total_clusters,
-            pct(s.allocated_clusters),
-            if s.allocated_clusters > 0 {
-                s.fragmented_clusters as f64 * 100.0 / s.allocated_clusters as f64
-            } else {
-                0.0
-            },
-            if s.allocated_clusters > 0 {
-                s.compressed_clusters as f64 * 100.0 / s.allocated_clusters as f64
-            } else {
-                0.0
-            },
+            percent(s.allocated_clusters, s.total_clusters),
+            percent(s.fragmented_clusters, s.allocated_clusters),
+            percent(s.compressed_clusters, s.allocated_clusters),
         )?;
     }
     writeln!(out, "Image end offset: {}", s.image_end_offset)?;
     Ok(())
+}
+
+/// `n` as a percentage of `of` (0 when `of` is 0).
+fn percent(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / of as f64
+    }
 }

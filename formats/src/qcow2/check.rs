@@ -285,12 +285,17 @@ impl<'a> Checker<'a> {
     /// they are the expected state after a crash (qemu repairs them when it
     /// opens the image read-write); the message says so.
     fn refcount_problem(&mut self, offset: Option<u64>, message: String) {
-        let message = if self.lazy_dirty {
+        let message = self.lazy_hint(message);
+        self.corruption(offset, message);
+    }
+    /// Says, in a dirty image with lazy refcounts, that a refcount problem
+    /// is the expected state after a crash.
+    fn lazy_hint(&self, message: String) -> String {
+        if self.lazy_dirty {
             format!("{message} (expected: dirty image with lazy refcounts)")
         } else {
             message
-        };
-        self.corruption(offset, message);
+        }
     }
 
     /// Turns a failed read into a reported corruption, passing I/O errors up.
@@ -1085,11 +1090,7 @@ impl<'a> Checker<'a> {
                     let use_ = self.uses.get(i).copied().unwrap_or(Use::Free).name();
                     format!("refcount for cluster at {offset:#x} ({use_}) is {stored} but only {c} references exist")
                 };
-                let msg = if self.lazy_dirty {
-                    format!("{msg} (expected: dirty image with lazy refcounts)")
-                } else {
-                    msg
-                };
+                let msg = self.lazy_hint(msg);
                 self.leak(Some(offset), msg);
             }
         }
@@ -1145,6 +1146,7 @@ mod tests {
     //! agree they are clean), then corrupted byte by byte in memory.
 
     use super::*;
+    use crate::qcow2::test_bytes::{get64, put16, put64};
     use crate::qcow2::OpenOptions;
     use std::path::{Path, PathBuf};
     use std::process::{Command, Stdio};
@@ -1266,16 +1268,6 @@ mod tests {
             has(list, needle),
             "no problem containing {needle:?} in {list:#?}"
         );
-    }
-
-    fn get64(b: &[u8], at: u64) -> u64 {
-        u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
-    }
-    fn put64(b: &mut [u8], at: u64, v: u64) {
-        b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
-    }
-    fn put16(b: &mut [u8], at: u64, v: u16) {
-        b[at as usize..at as usize + 2].copy_from_slice(&v.to_be_bytes());
     }
 
     /// Offsets in a test image: header fields (spec: "Header").

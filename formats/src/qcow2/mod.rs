@@ -8,6 +8,8 @@ pub mod compress;
 pub mod header;
 pub mod snapshot;
 #[cfg(test)]
+mod test_bytes;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;

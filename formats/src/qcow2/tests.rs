@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::header::{
     EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_EXTL2, MAGIC,
 };
+use super::test_bytes::{put16, put32, put64};
 use super::*;
 use crate::{ErrorKind, Extent, ExtentKind, Image, Layer};
 
@@ -83,16 +84,6 @@ fn compressed_contents(cs: u64) -> Vec<u8> {
     (0..cs)
         .map(|i| text[(i % text.len() as u64) as usize] ^ (i / 4096) as u8)
         .collect()
-}
-
-fn put16(b: &mut [u8], at: u64, v: u16) {
-    b[at as usize..at as usize + 2].copy_from_slice(&v.to_be_bytes());
-}
-fn put32(b: &mut [u8], at: u64, v: u32) {
-    b[at as usize..at as usize + 4].copy_from_slice(&v.to_be_bytes());
-}
-fn put64(b: &mut [u8], at: u64, v: u64) {
-    b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
 }
 
 /// A valid version 3 image: header, L1 table, refcount table and block, one
