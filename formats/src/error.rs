@@ -25,6 +25,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("write of {len} bytes at offset {offset:#x} failed")]
+    Write {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what} at offset {offset:#x} (length {len:#x}) lies beyond the end of the file ({file_size:#x} bytes)")]
     BeyondEof {
         what: &'static str,
@@ -54,7 +61,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Write { .. } => ErrorKind::Io,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             _ => ErrorKind::Invalid,
         }

@@ -16,4 +16,4 @@ pub mod storage;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Extent, ExtentKind, Extents, Image, Layer};
 pub use probe::{probe, Format};
-pub use storage::Storage;
+pub use storage::{Storage, WriteStorage};

@@ -23,6 +23,43 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// A byte store an image is written to: a file or block device (positioned
+/// writes, no shared cursor), or a buffer in tests.
+pub trait WriteStorage: Send + Sync {
+    /// Writes all of `buf` at `offset`, growing the store when needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+}
+
+/// An in-memory store for tests and fuzzers: grows on write.
+impl WriteStorage for std::sync::Mutex<Vec<u8>> {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut v = self
+            .lock()
+            .map_err(|_| io::Error::other("poisoned buffer lock"))?;
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| io::Error::other("write past the address space"))?;
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+impl<T: WriteStorage + ?Sized> WriteStorage for std::sync::Arc<T> {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, offset)
+    }
+}
+
+impl<T: WriteStorage + ?Sized> WriteStorage for &T {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, offset)
+    }
+}
+
 impl Storage for Vec<u8> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.as_slice().read_exact_at(buf, offset)

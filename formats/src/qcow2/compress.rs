@@ -69,3 +69,68 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
         }
     }
 }
+
+/// The deflate window qemu uses for compressed clusters (`qcow2_compress`:
+/// windowBits -12). A stream using a larger window would not inflate in qemu.
+const DEFLATE_WINDOW_BITS: u8 = 12;
+
+/// zstd level for compressed clusters: qemu's choice (`ZSTD_CLEVEL_DEFAULT`).
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+
+/// Compresses whole clusters for a QCOW2 writer, reusing one context (keep
+/// one per thread).
+pub struct ClusterCompressor {
+    ty: CompressionType,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    deflate: Option<flate2::Compress>,
+}
+
+impl ClusterCompressor {
+    pub fn new(ty: CompressionType) -> std::io::Result<ClusterCompressor> {
+        let (zstd, deflate) = match ty {
+            CompressionType::Zstd => (Some(zstd::bulk::Compressor::new(ZSTD_DEFAULT_LEVEL)?), None),
+            CompressionType::Zlib => (
+                None,
+                Some(flate2::Compress::new_with_window_bits(
+                    flate2::Compression::default(),
+                    false,
+                    DEFLATE_WINDOW_BITS,
+                )),
+            ),
+        };
+        Ok(ClusterCompressor { ty, zstd, deflate })
+    }
+
+    pub fn compression_type(&self) -> CompressionType {
+        self.ty
+    }
+
+    /// Compresses `input` (one cluster) into `out`. Returns false, with `out`
+    /// unspecified, when the result would not be smaller than the input: such
+    /// a cluster is stored uncompressed (as qemu does).
+    pub fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<bool> {
+        out.clear();
+        // Anything not strictly smaller is useless: size the buffer so
+        // that a bigger result fails instead of growing.
+        let limit = input.len().saturating_sub(1);
+        out.reserve(limit);
+        if let Some(z) = &mut self.zstd {
+            return match z.compress_to_buffer(input, out) {
+                Ok(n) => Ok(n < input.len()),
+                // "Destination buffer is too small".
+                Err(_) => Ok(false),
+            };
+        }
+        if let Some(d) = &mut self.deflate {
+            d.reset();
+            out.resize(limit, 0);
+            let status = d
+                .compress(input, out, flate2::FlushCompress::Finish)
+                .map_err(std::io::Error::other)?;
+            let n = d.total_out() as usize;
+            out.truncate(n);
+            return Ok(status == flate2::Status::StreamEnd && n < input.len());
+        }
+        Ok(false)
+    }
+}

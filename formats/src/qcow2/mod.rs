@@ -11,6 +11,7 @@ pub mod snapshot;
 mod test_bytes;
 #[cfg(test)]
 mod tests;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
