@@ -5,6 +5,7 @@
 //! their backing chains) and [`cli`] (the command line).
 
 pub mod cli;
+pub mod engine;
 pub mod io;
 
 pub use imgsync_formats as formats;

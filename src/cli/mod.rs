@@ -1,10 +1,15 @@
 //! The command line: clap → typed options, human/json output, exit codes.
 //! Errors are printed here, once, as `imgsync: <file>: <what>: <cause>`.
+#![forbid(unsafe_code)]
 
 mod check;
+mod compare;
+mod convert;
 mod info;
 mod map;
 mod output;
+mod progress;
+mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +41,12 @@ struct Cli {
 pub enum OutputFormat {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    Zstd,
+    Zlib,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -71,6 +82,71 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         image: PathBuf,
+    },
+    /// Write SRC (flattened with its backing chain) as a new sparse raw or
+    /// compact QCOW2 image at DST. Only allocated, non-zero data is read and
+    /// written; DST appears only when complete.
+    Convert {
+        /// Source format (probed from the magic when absent)
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Output format (default: the source's format)
+        #[arg(short = 'O', long = "output-format", value_enum)]
+        output_format: Option<FormatArg>,
+        /// Compress QCOW2 clusters (a cluster is stored compressed only when
+        /// that makes it smaller)
+        #[arg(short = 'c', long = "compress")]
+        compress: bool,
+        /// Compression method for -c: zstd, or zlib for old readers
+        #[arg(long, value_enum, default_value = "zstd")]
+        compression_type: CompressionArg,
+        /// Zero runs of at least SIZE bytes become holes; 0 keeps every
+        /// allocated byte
+        #[arg(short = 'S', long = "sparse-size", value_name = "SIZE", default_value = "4k", value_parser = size::parse_size)]
+        sparse_size: u64,
+        /// QCOW2 output cluster size
+        #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
+        cluster_size: u64,
+        /// A block device target already reads zeros: do not zero ranges
+        /// without data
+        #[arg(long)]
+        target_is_zero: bool,
+        /// Write even when the destination filesystem seems too small for the
+        /// source's data
+        #[arg(long)]
+        no_space_check: bool,
+        /// Worker threads (default: one per core, at most 8)
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Show a progress bar (default when stderr is a terminal)
+        #[arg(short = 'p', long)]
+        progress: bool,
+        /// Print nothing but errors
+        #[arg(short = 'q', long, conflicts_with = "progress")]
+        quiet: bool,
+        /// human: print nothing on success; json: a final report
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Compare the guest contents of two images: exit 0 identical, 1
+    /// different (first differing offset printed), 2 error
+    Compare {
+        /// Format of A
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Format of B
+        #[arg(short = 'F', long = "format-b", value_enum)]
+        format_b: Option<FormatArg>,
+        #[arg(short = 'p', long)]
+        progress: bool,
+        #[arg(short = 'q', long, conflicts_with = "progress")]
+        quiet: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        a: PathBuf,
+        b: PathBuf,
     },
     /// Validate an image's metadata: exit 0 clean, 3 corruption found, 2 error
     Check {
@@ -111,6 +187,57 @@ pub fn main() -> ExitCode {
             output,
             image,
         } => check::run(&image, format.map(Into::into), output),
+        Command::Convert {
+            format,
+            output_format,
+            compress,
+            compression_type,
+            sparse_size,
+            cluster_size,
+            target_is_zero,
+            no_space_check,
+            threads,
+            progress,
+            quiet,
+            output,
+            src,
+            dst,
+        } => convert::run(convert::Args {
+            src,
+            dst,
+            format: format.map(Into::into),
+            output_format: output_format.map(Into::into),
+            compress,
+            compression_type: match compression_type {
+                CompressionArg::Zstd => imgsync_formats::qcow2::CompressionType::Zstd,
+                CompressionArg::Zlib => imgsync_formats::qcow2::CompressionType::Zlib,
+            },
+            min_sparse: sparse_size,
+            cluster_size,
+            target_is_zero,
+            no_space_check,
+            threads,
+            progress,
+            quiet,
+            output,
+        }),
+        Command::Compare {
+            format,
+            format_b,
+            progress,
+            quiet,
+            output,
+            a,
+            b,
+        } => compare::run(compare::Args {
+            a,
+            b,
+            format_a: format.map(Into::into),
+            format_b: format_b.map(Into::into),
+            progress,
+            quiet,
+            output,
+        }),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -3,6 +3,8 @@
 
 pub mod file;
 pub mod open;
+pub mod output;
 
 pub use file::LocalFile;
-pub use open::{open_image, OpenError, OpenOptions};
+pub use open::{open_image, open_image_files, OpenError, OpenOptions};
+pub use output::Output;

@@ -54,8 +54,19 @@ impl OpenError {
 
 /// Opens `path` with its whole backing chain.
 pub fn open_image(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
+    open_image_files(path, opts).map(|(image, _)| image)
+}
+
+/// Opens `path` with its whole backing chain, and lists the files it reads
+/// (canonical paths of every image in the chain and of external data files),
+/// so a writer can refuse to overwrite any of them.
+pub fn open_image_files(
+    path: &Path,
+    opts: OpenOptions,
+) -> Result<(Image, Vec<PathBuf>), OpenError> {
     let mut seen = HashSet::new();
-    open_layer(path, opts, &mut seen, 0)
+    let image = open_layer(path, opts, &mut seen, 0)?;
+    Ok((image, seen.into_iter().collect()))
 }
 
 fn open_layer(
@@ -131,6 +142,9 @@ fn open_layer(
                     source,
                 })?;
                 q.set_data_file(Arc::new(data));
+                if let Ok(p) = std::fs::canonicalize(&data_path) {
+                    seen.insert(p);
+                }
             }
             let layer = Layer::Qcow2(q);
             let Some(name) = header.backing_file.as_deref() else {

@@ -126,9 +126,9 @@ pub struct Qcow2Writer<W: WriteStorage> {
     /// Refcounts of the host clusters in the current refcount window.
     rc_window: u64,
     rc_counts: Vec<u16>,
-    /// Refcount increments for clusters past the current window (refcount
-    /// blocks placed beyond the range they describe).
-    rc_deferred: Vec<u64>,
+    /// Finished windows whose refcount blocks still need a cluster: placed
+    /// at the next allocation, so multi-cluster structures stay contiguous.
+    rc_pending: std::collections::VecDeque<(u64, Vec<u16>)>,
     reftable: Vec<u64>,
     /// The next guest cluster index that may be written.
     next_guest_cluster: u64,
@@ -158,7 +158,7 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             next_host: 0,
             rc_window: 0,
             rc_counts: vec![0; opts.refblock_entries() as usize],
-            rc_deferred: Vec::new(),
+            rc_pending: std::collections::VecDeque::new(),
             reftable: Vec::new(),
             next_guest_cluster: 0,
             compressed_used: false,
@@ -237,7 +237,8 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         let rb = self.opts.refblock_entries();
         let mut rt_clusters = 1u64;
         loop {
-            let end_clusters = self.next_host.div_ceil(self.cs) + rt_clusters + 2;
+            let end_clusters =
+                self.next_host.div_ceil(self.cs) + rt_clusters + 2 + self.rc_pending.len() as u64;
             let need = (end_clusters.div_ceil(rb) * 8).div_ceil(self.cs);
             if need <= rt_clusters {
                 break;
@@ -252,10 +253,32 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             });
         }
         let rt_offset = self.alloc_clusters(rt_clusters)?;
-        // Flush the current window; its block may land in the next window,
-        // which then needs a block of its own.
-        while self.rc_counts.iter().any(|&c| c != 0) {
-            self.flush_refblock()?;
+        // Place every remaining refcount block; the current window's block
+        // goes inside the window when there is room.
+        loop {
+            self.place_pending()?;
+            if self.rc_counts.iter().all(|&c| c == 0) {
+                break;
+            }
+            let window = self.rc_window;
+            let host = self.alloc_raw(1)?;
+            let counts = if self.rc_window == window {
+                // Inside the window: its counts include the block itself.
+                self.rc_window += 1;
+                std::mem::replace(&mut self.rc_counts, vec![0; rb as usize])
+            } else {
+                // The block landed past the window, which is now pending.
+                let at = self
+                    .rc_pending
+                    .iter()
+                    .position(|(w, _)| *w == window)
+                    .ok_or_else(|| Error::invalid("refcount window lost"))?;
+                self.rc_pending
+                    .remove(at)
+                    .map(|(_, c)| c)
+                    .unwrap_or_default()
+            };
+            self.write_refblock(window, host, &counts)?;
         }
         let capacity = (rt_clusters * self.cs / 8) as usize;
         if self.reftable.len() > capacity {
@@ -348,8 +371,15 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         Ok(())
     }
 
-    /// Allocates `n` whole clusters at the end of the file.
+    /// Allocates `n` whole, contiguous clusters at the end of the file
+    /// (after placing pending refcount blocks).
     fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.place_pending()?;
+        self.alloc_raw(n)
+    }
+
+    /// Allocates `n` clusters without placing pending blocks.
+    fn alloc_raw(&mut self, n: u64) -> Result<u64> {
         let start = self.next_host.next_multiple_of(self.cs);
         self.next_host = start + n * self.cs;
         for c in start / self.cs..self.next_host / self.cs {
@@ -362,6 +392,7 @@ impl<W: WriteStorage> Qcow2Writer<W> {
     /// allocation; each host cluster the sectors touch gets one reference
     /// (qemu counts compressed clusters per host cluster they touch).
     fn alloc_bytes(&mut self, len: u64) -> Result<u64> {
+        self.place_pending()?;
         let start = self.next_host;
         self.next_host = start + len;
         let first = (start & !511) / self.cs;
@@ -372,19 +403,23 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         Ok(start)
     }
 
+    /// Counts one reference to host `cluster`. Allocation is monotonic, so
+    /// a cluster past the current window closes it (and any windows in
+    /// between); closed windows wait in `rc_pending` for a cluster.
     fn incref(&mut self, cluster: u64) -> Result<()> {
         let rb = self.opts.refblock_entries();
         let window = cluster / rb;
-        if window > self.rc_window {
-            // Allocation is monotonic: the current window is final. The
-            // increment is applied once the window it belongs to is current.
-            self.rc_deferred.push(cluster);
-            return self.flush_refblock();
-        }
         if window < self.rc_window {
             return Err(Error::invalid(format!(
                 "refcount for host cluster {cluster} requested after its block was written"
             )));
+        }
+        while window > self.rc_window {
+            let counts = std::mem::replace(&mut self.rc_counts, vec![0; rb as usize]);
+            if counts.iter().any(|&c| c != 0) {
+                self.rc_pending.push_back((self.rc_window, counts));
+            }
+            self.rc_window += 1;
         }
         let slot = &mut self.rc_counts[(cluster % rb) as usize];
         *slot = slot
@@ -393,38 +428,17 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         Ok(())
     }
 
-    /// Writes the current window's refcount block (when it counts anything)
-    /// and moves to the next window, applying the increments deferred to it.
-    /// The block's own cluster is allocated inside the window when there is
-    /// room (only at the end of the image), else in a later window.
-    fn flush_refblock(&mut self) -> Result<()> {
-        let rb = self.opts.refblock_entries();
-        let window = self.rc_window;
-        if self.rc_counts.iter().all(|&c| c == 0) {
-            self.rc_window += 1;
-            let deferred = std::mem::take(&mut self.rc_deferred);
-            for c in deferred {
-                self.incref(c)?;
-            }
-            return Ok(());
+    /// Gives every closed window's refcount block a cluster (which may
+    /// close further windows) and writes it.
+    fn place_pending(&mut self) -> Result<()> {
+        while let Some((window, counts)) = self.rc_pending.pop_front() {
+            let host = self.alloc_raw(1)?;
+            self.write_refblock(window, host, &counts)?;
         }
-        let next_cluster = self.next_host.next_multiple_of(self.cs) / self.cs;
-        let in_window = next_cluster / rb == window && self.rc_deferred.is_empty();
-        let early = if in_window {
-            Some(self.alloc_clusters(1)?)
-        } else {
-            None
-        };
-        let counts = std::mem::replace(&mut self.rc_counts, vec![0; rb as usize]);
-        self.rc_window += 1;
-        let deferred = std::mem::take(&mut self.rc_deferred);
-        for c in deferred {
-            self.incref(c)?;
-        }
-        let host = match early {
-            Some(h) => h,
-            None => self.alloc_clusters(1)?,
-        };
+        Ok(())
+    }
+
+    fn write_refblock(&mut self, window: u64, host: u64, counts: &[u16]) -> Result<()> {
         let mut bytes = vec![0u8; self.cs as usize];
         for (i, c) in counts.iter().enumerate() {
             bytes[i * 2..i * 2 + 2].copy_from_slice(&c.to_be_bytes());
@@ -610,6 +624,37 @@ mod tests {
             let (bytes, n) = write_image(o, &clusters, compress);
             assert_eq!(n > 0, compress);
             verify(bytes, o, &clusters);
+        }
+    }
+
+    /// 512-byte clusters and a 2 GiB guest: the L1 table alone (1024
+    /// clusters) spans four refcount windows, whose blocks must be placed
+    /// after it without breaking it up.
+    #[test]
+    fn multi_window_l1_table_stays_contiguous() {
+        let o = opts(2 << 30, 9, CompressionType::Zlib);
+        let clusters: Vec<_> = [0u64, 5, 100_000, 4_000_000]
+            .iter()
+            .map(|&i| (i, pattern(i, 512)))
+            .collect();
+        let out = Mutex::new(Vec::new());
+        let mut w = Qcow2Writer::new(&out, o).unwrap();
+        for (i, d) in &clusters {
+            w.write_cluster(*i, ClusterData::Plain(d)).unwrap();
+        }
+        w.finish().unwrap();
+        let bytes = out.into_inner().unwrap();
+        let q = Qcow2::open(Arc::new(bytes) as Arc<dyn Storage>).unwrap();
+        let report = check(&q).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        let mut buf = vec![0u8; 512];
+        for (i, d) in &clusters {
+            q.read_at(&mut buf, i * 512, &mut |o, _| {
+                o.fill(0);
+                Ok(())
+            })
+            .unwrap();
+            assert!(&buf == d);
         }
     }
 

@@ -1,0 +1,165 @@
+//! `imgsync convert`: SRC (with its backing chain, flattened) into a new
+//! raw or QCOW2 image at DST, appearing only when complete.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::Format;
+
+use super::progress::{interrupt_flag, Bar};
+use super::{exit, OutputFormat};
+use crate::engine::convert::{self, ConvertOptions};
+use crate::engine::{self, NoProgress, Progress};
+use crate::io::{open_image_files, OpenOptions, Output};
+
+/// Largest `-S` accepted (qemu-img's limit).
+const MAX_MIN_SPARSE: u64 = 16 << 20;
+
+pub struct Args {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub format: Option<Format>,
+    pub output_format: Option<Format>,
+    pub compress: bool,
+    pub compression_type: CompressionType,
+    pub min_sparse: u64,
+    pub cluster_size: u64,
+    pub target_is_zero: bool,
+    pub no_space_check: bool,
+    pub threads: Option<usize>,
+    pub progress: bool,
+    pub quiet: bool,
+    pub output: OutputFormat,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    if a.min_sparse % 512 != 0 || a.min_sparse > MAX_MIN_SPARSE {
+        bail!(
+            "-S {}: the size must be 0 or a multiple of 512 up to 16 MiB",
+            a.min_sparse
+        );
+    }
+    if !a.cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&a.cluster_size) {
+        bail!(
+            "--cluster-size {}: must be a power of two from 512 to 2M",
+            a.cluster_size
+        );
+    }
+    let (image, files) = open_image_files(
+        &a.src,
+        OpenOptions {
+            format: a.format,
+            allow_corrupt: false,
+        },
+    )?;
+    let output_format = a.output_format.unwrap_or(image.format());
+    if a.compress && output_format != Format::Qcow2 {
+        bail!("-c (compression) needs qcow2 output (-O qcow2)");
+    }
+    refuse_overwriting_source(&a.dst, &files)?;
+
+    let opts = ConvertOptions {
+        output_format,
+        min_sparse: a.min_sparse,
+        compression: a.compress.then_some(a.compression_type),
+        cluster_bits: a.cluster_size.trailing_zeros(),
+        target_is_zero: a.target_is_zero,
+        check_space: !a.no_space_check,
+        workers: a
+            .threads
+            .unwrap_or_else(crate::engine::pipeline::default_workers),
+    };
+    let cancel = interrupt_flag();
+    let out = Output::create(&a.dst).with_context(|| a.dst.display().to_string())?;
+    let bar = Bar::new(a.progress, a.quiet);
+    let progress: &dyn Progress = match &bar {
+        Some(b) => b,
+        None => &NoProgress,
+    };
+    let result = convert::convert(&image, &out, &opts, progress, &cancel);
+    drop(bar);
+    let report = match result {
+        Ok(r) => r,
+        // `out` is dropped on return: nothing appears under DST.
+        Err(e) => return Err(engine_error(e, &a.src, &a.dst, None)),
+    };
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(engine_error(
+            engine::Error::Interrupted,
+            &a.src,
+            &a.dst,
+            None,
+        ));
+    }
+    out.commit()
+        .with_context(|| format!("{}: completing the output", a.dst.display()))?;
+    if a.output == OutputFormat::Json {
+        let v = serde_json::json!({
+            "source": a.src.display().to_string(),
+            "destination": a.dst.display().to_string(),
+            "format": output_format.name(),
+            "virtual-size": report.virtual_size,
+            "bytes-read": report.bytes_read,
+            "zero-bytes": report.zero_bytes,
+            "bytes-written": report.bytes_written,
+            "compressed-clusters": report.clusters_compressed,
+            "seconds": report.elapsed.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(exit::OK)
+}
+
+/// Names the file an engine error belongs to.
+pub fn engine_error(
+    e: engine::Error,
+    src: &Path,
+    dst: &Path,
+    other: Option<&Path>,
+) -> anyhow::Error {
+    let src = src.display();
+    let dst = dst.display();
+    match e {
+        engine::Error::Source(e) => anyhow!(e).context(src.to_string()),
+        engine::Error::Other(e) => {
+            anyhow!(e).context(other.map_or(dst.to_string(), |p| p.display().to_string()))
+        }
+        engine::Error::Dest(e) => anyhow!(e).context(dst.to_string()),
+        engine::Error::DestFormat(e) => anyhow!(e).context(dst.to_string()),
+        e @ engine::Error::NoSpace { .. } => {
+            anyhow!("{dst}: {e} (nothing was written; --no-space-check skips this check)")
+        }
+        e @ engine::Error::DeviceTooSmall { .. } => anyhow!("{dst}: {e}"),
+        engine::Error::Interrupted => anyhow!("{dst}: interrupted; nothing was written"),
+        e @ engine::Error::Internal(_) => anyhow!("{src}: {e}"),
+    }
+}
+
+/// Refuses a DST that is SRC or any file SRC reads (backing files, data
+/// files), by inode, so links and other spellings are caught too.
+fn refuse_overwriting_source(dst: &Path, files: &[PathBuf]) -> Result<()> {
+    let Ok(d) = std::fs::metadata(dst) else {
+        return Ok(());
+    };
+    for f in files {
+        if let Ok(m) = std::fs::metadata(f) {
+            let same = if d.file_type().is_file() {
+                m.dev() == d.dev() && m.ino() == d.ino()
+            } else {
+                // Block devices: the same device node or device number.
+                (m.dev() == d.dev() && m.ino() == d.ino())
+                    || (m.rdev() != 0 && m.rdev() == d.rdev())
+            };
+            if same {
+                bail!(
+                    "{}: refusing to overwrite {} (the source reads it)",
+                    dst.display(),
+                    f.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}

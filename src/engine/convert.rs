@@ -1,0 +1,187 @@
+//! convert: one image into a new raw or QCOW2 image, through the pipeline.
+//! The caller opens the source (with its chain, so the output is what the
+//! guest sees) and the output; this module plans, checks space and runs.
+
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use imgsync_formats::qcow2::writer::WriterOptions;
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::{Format, Image};
+
+use super::pipeline::{self, Passthrough, PipelineOptions};
+use super::plan::{self, DataSummary};
+use super::sink::{Qcow2Encoder, Qcow2Sink, RawSink};
+use super::{Error, Progress, Result};
+use crate::io::Output;
+
+/// Jobs are cells of this size (or one cluster when clusters are larger):
+/// big enough for few, large writes, small enough that a few per thread
+/// keep memory low.
+pub const CHUNK_BYTES: u64 = 2 << 20;
+
+/// A file system allocates in blocks; a data extent can touch a partial
+/// block at each end. Used to bound a raw output's allocation.
+const FS_BLOCK: u64 = 4096;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConvertOptions {
+    pub output_format: Format,
+    /// `-S`: zero runs of at least this many bytes become holes; 0 keeps
+    /// every allocated byte.
+    pub min_sparse: u64,
+    /// `-c`: compress QCOW2 clusters with this method.
+    pub compression: Option<CompressionType>,
+    /// QCOW2 output cluster size, log2.
+    pub cluster_bits: u32,
+    /// `--target-is-zero`: a block device target already reads zeros, so
+    /// ranges without data are not zeroed.
+    pub target_is_zero: bool,
+    /// Check the destination's free space before writing.
+    pub check_space: bool,
+    pub workers: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            output_format: Format::Raw,
+            min_sparse: 4096,
+            compression: None,
+            cluster_bits: 16,
+            target_is_zero: false,
+            check_space: true,
+            workers: pipeline::default_workers(),
+        }
+    }
+}
+
+/// What a convert did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Report {
+    pub virtual_size: u64,
+    /// Source data (allocated) bytes, all read.
+    pub bytes_read: u64,
+    /// Of those, bytes that were zeros and became holes.
+    pub zero_bytes: u64,
+    /// Guest data bytes written (raw) or the QCOW2 file's length.
+    pub bytes_written: u64,
+    /// QCOW2: clusters stored compressed.
+    pub clusters_compressed: u64,
+    pub elapsed: Duration,
+}
+
+/// Space the output needs at most, for the free space check.
+pub fn space_needed(summary: &DataSummary, opts: &ConvertOptions) -> Result<u64> {
+    Ok(match opts.output_format {
+        Format::Raw => summary.data_bytes + summary.data_extents * 2 * FS_BLOCK,
+        Format::Qcow2 => {
+            writer_options(summary.virtual_size, opts)?.max_file_size(summary.data_units)
+        }
+    })
+}
+
+fn writer_options(virtual_size: u64, opts: &ConvertOptions) -> Result<WriterOptions> {
+    let w = WriterOptions {
+        virtual_size,
+        cluster_bits: opts.cluster_bits,
+        compression_type: opts.compression.unwrap_or(CompressionType::Zlib),
+    };
+    w.validate().map_err(Error::DestFormat)?;
+    Ok(w)
+}
+
+/// Converts `image` into `out` (not committed: the caller commits on
+/// success and drops on failure, which removes the output).
+pub fn convert(
+    image: &Image,
+    out: &Output,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Report> {
+    let started = Instant::now();
+    let virtual_size = image.virtual_size();
+    let cluster_size = 1u64 << opts.cluster_bits;
+    let unit = match opts.output_format {
+        Format::Raw => 1,
+        Format::Qcow2 => cluster_size,
+    };
+    let summary = plan::summarize(image, unit.max(1))?;
+    if let Format::Qcow2 = opts.output_format {
+        writer_options(virtual_size, opts)?;
+    }
+    // Room: a block device must hold the whole image; a file system must
+    // have room for the data (the virtual size does not matter).
+    let need = space_needed(&summary, opts)?;
+    if let Some(device) = out.device_size() {
+        let need = match opts.output_format {
+            Format::Raw => virtual_size,
+            Format::Qcow2 => need,
+        };
+        if need > device {
+            return Err(Error::DeviceTooSmall { need, device });
+        }
+    } else if opts.check_space {
+        let free = out.free_space().map_err(Error::Dest)?;
+        if need > free {
+            return Err(Error::NoSpace { need, free });
+        }
+    }
+
+    progress.start(summary.data_bytes);
+    let popts = PipelineOptions {
+        workers: opts.workers,
+        min_sparse: opts.min_sparse,
+    };
+    let grid = CHUNK_BYTES.max(cluster_size);
+    let jobs = plan::jobs(image, grid);
+    let mut report = Report {
+        virtual_size,
+        ..Default::default()
+    };
+    let stats = match opts.output_format {
+        Format::Raw => {
+            out.set_len(virtual_size).map_err(Error::Dest)?;
+            let zero_fill = out.is_block_device() && !opts.target_is_zero;
+            let mut sink = RawSink::new(out, virtual_size, zero_fill);
+            let stats = pipeline::run(
+                image,
+                jobs,
+                || Ok(Passthrough),
+                &mut sink,
+                popts,
+                progress,
+                cancel,
+            )?;
+            sink.finish()?;
+            report.bytes_written = sink.bytes_written;
+            stats
+        }
+        Format::Qcow2 => {
+            let wopts = writer_options(virtual_size, opts)?;
+            let mut sink = Qcow2Sink::new(out, wopts)?;
+            let stats = pipeline::run(
+                image,
+                jobs,
+                || Qcow2Encoder::new(cluster_size, opts.compression),
+                &mut sink,
+                popts,
+                progress,
+                cancel,
+            )?;
+            report.clusters_compressed = sink.clusters_compressed;
+            let len = sink.finish()?;
+            if !out.is_block_device() {
+                out.set_len(len).map_err(Error::Dest)?;
+            }
+            report.bytes_written = len;
+            stats
+        }
+    };
+    progress.finish();
+    report.bytes_read = stats.bytes_read;
+    report.zero_bytes = stats.zero_bytes;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}

@@ -1,0 +1,298 @@
+//! The pipeline: a planner thread hands out jobs, worker threads read the
+//! data ranges, detect zeros and encode (compress) them, and the calling
+//! thread puts the results into a [`Sink`] in guest order. Queues are
+//! bounded, so memory is a few chunks per thread whatever the image size,
+//! and the first error (or a cancel request) stops every stage: a lost block
+//! would be corruption, not a warning.
+//!
+//! The sink is the only stage that knows where data goes: a local raw or
+//! QCOW2 writer now, a network sender later.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use imgsync_formats::Image;
+
+use super::plan::Job;
+use super::zero::{push_segment, split_zeros, Segment};
+use super::{Error, Progress, Result};
+
+/// A job after reading and zero detection: `buf` holds the whole cell
+/// (zeros where the source has none), `segments` cover it in order.
+pub struct Chunk {
+    pub seq: u64,
+    pub start: u64,
+    pub buf: Vec<u8>,
+    pub segments: Vec<Segment>,
+    /// Source data bytes in this chunk (progress).
+    pub data_bytes: u64,
+    /// Bytes of source data found to be zeros.
+    pub zero_bytes: u64,
+}
+
+impl Chunk {
+    pub fn end(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+    /// The bytes of `seg` (which must lie inside the chunk).
+    pub fn bytes(&self, seg: &Segment) -> &[u8] {
+        let from = (seg.offset - self.start) as usize;
+        &self.buf[from..from + seg.len as usize]
+    }
+}
+
+/// Per-worker encoding (compression), run on the worker threads.
+pub trait Encoder: Send {
+    type Output: Send;
+    fn encode(&mut self, chunk: Chunk) -> Result<Self::Output>;
+}
+
+/// The in-order consumer of encoded chunks.
+pub trait Sink {
+    type Item: Send;
+    fn put(&mut self, item: Self::Item) -> Result<()>;
+}
+
+/// Chunks pass through unencoded (raw output).
+pub struct Passthrough;
+
+impl Encoder for Passthrough {
+    type Output = Chunk;
+    fn encode(&mut self, chunk: Chunk) -> Result<Chunk> {
+        Ok(chunk)
+    }
+}
+
+/// A worker's result for job `seq`: the encoded chunk, data bytes read,
+/// bytes found zero.
+type Done<T> = (u64, Result<(T, u64, u64)>);
+
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineOptions {
+    /// Worker threads (reading, zero detection, encoding).
+    pub workers: usize,
+    /// Zero runs of at least this many bytes become holes; 0 keeps data.
+    pub min_sparse: u64,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            workers: default_workers(),
+            min_sparse: 4096,
+        }
+    }
+}
+
+/// One worker per core, at most 8.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Source data bytes read.
+    pub bytes_read: u64,
+    /// Of those, bytes found to be zeros (not written).
+    pub zero_bytes: u64,
+    pub chunks: u64,
+}
+
+/// Runs the pipeline over `jobs` (in guest order, `seq` from 0).
+pub fn run<J, E, F, S>(
+    image: &Image,
+    jobs: J,
+    make_encoder: F,
+    sink: &mut S,
+    opts: PipelineOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<PipelineStats>
+where
+    J: Iterator<Item = Result<Job>> + Send,
+    E: Encoder<Output = S::Item>,
+    F: Fn() -> Result<E> + Sync,
+    S: Sink,
+{
+    let workers = opts.workers.max(1);
+    let stop = AtomicBool::new(false);
+    let stopped = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
+    let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
+    let (out_tx, out_rx) = sync_channel::<Done<E::Output>>(workers * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let mut stats = PipelineStats::default();
+
+    std::thread::scope(|scope| -> Result<PipelineStats> {
+        // Planner: a failure is sent as the result of the next sequence
+        // number, so the writer sees it in order.
+        let planner_out = out_tx.clone();
+        let planner = scope.spawn({
+            let stopped = &stopped;
+            move || {
+                let mut next_seq = 0;
+                for job in jobs {
+                    if stopped() {
+                        return;
+                    }
+                    match job {
+                        Ok(j) => {
+                            next_seq = j.seq + 1;
+                            if job_tx.send(j).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = planner_out.send((next_seq, Err(e)));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            let job_rx = Arc::clone(&job_rx);
+            let out_tx = out_tx.clone();
+            let make_encoder = &make_encoder;
+            let stopped = &stopped;
+            handles.push(scope.spawn(move || {
+                let mut encoder = match make_encoder() {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        let _ = out_tx.send((0, Err(e)));
+                        None
+                    }
+                };
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let Some(enc) = encoder.as_mut() else { return };
+                    if stopped() {
+                        return;
+                    }
+                    let seq = job.seq;
+                    let result = read_chunk(image, job, opts.min_sparse).and_then(|chunk| {
+                        let (read, zeros) = (chunk.data_bytes, chunk.zero_bytes);
+                        enc.encode(chunk).map(|o| (o, read, zeros))
+                    });
+                    if out_tx.send((seq, result)).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(job_rx);
+        drop(out_tx);
+
+        let result = write_in_order(out_rx, sink, progress, &mut stats, &stopped, cancel);
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // out_rx is dropped by now: workers blocked on sending wake up and
+        // leave; the planner's queue closes when the last worker is gone.
+        let _ = planner.join();
+        for h in handles {
+            let _ = h.join();
+        }
+        result.map(|()| stats)
+    })
+}
+
+fn write_in_order<S: Sink>(
+    out_rx: Receiver<Done<S::Item>>,
+    sink: &mut S,
+    progress: &dyn Progress,
+    stats: &mut PipelineStats,
+    stopped: &dyn Fn() -> bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let mut pending: BTreeMap<u64, Result<(S::Item, u64, u64)>> = BTreeMap::new();
+    let mut next = 0u64;
+    for (seq, item) in out_rx.iter() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        if let Err(e) = item {
+            // Any failure ends the run, in order or not.
+            return Err(e);
+        }
+        pending.insert(seq, item);
+        while let Some(item) = pending.remove(&next) {
+            let (item, read, zeros) = item?;
+            sink.put(item)?;
+            stats.bytes_read += read;
+            stats.zero_bytes += zeros;
+            stats.chunks += 1;
+            progress.advance(read);
+            next += 1;
+        }
+        if stopped() {
+            break;
+        }
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    if !pending.is_empty() {
+        return Err(Error::Internal(format!(
+            "pipeline ended with {} chunks out of order (next {next})",
+            pending.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a job's data ranges (only those) and splits them into data and
+/// zero segments.
+pub fn read_chunk(image: &Image, job: Job, min_sparse: u64) -> Result<Chunk> {
+    let mut buf = vec![0u8; job.len as usize];
+    let mut segments = Vec::with_capacity(job.data.len() * 2 + 1);
+    let mut pos = job.start;
+    let mut zero_bytes = 0;
+    let mut data_bytes = 0;
+    for &(off, len) in &job.data {
+        if off < pos || off + len > job.end() {
+            return Err(Error::Internal(format!(
+                "job data range {off:#x}+{len:#x} outside the cell at {:#x}",
+                job.start
+            )));
+        }
+        push_segment(
+            &mut segments,
+            Segment {
+                offset: pos,
+                len: off - pos,
+                data: false,
+            },
+        );
+        let slice = &mut buf[(off - job.start) as usize..(off + len - job.start) as usize];
+        image.read_at(slice, off).map_err(Error::Source)?;
+        zero_bytes += split_zeros(slice, off, min_sparse, &mut segments);
+        data_bytes += len;
+        pos = off + len;
+    }
+    push_segment(
+        &mut segments,
+        Segment {
+            offset: pos,
+            len: job.end() - pos,
+            data: false,
+        },
+    );
+    Ok(Chunk {
+        seq: job.seq,
+        start: job.start,
+        buf,
+        segments,
+        data_bytes,
+        zero_bytes,
+    })
+}

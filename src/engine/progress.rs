@@ -1,0 +1,16 @@
+//! Progress events the engine emits; the command line draws them.
+
+/// Receives progress from the pipeline's writer stage.
+pub trait Progress: Sync {
+    /// The total bytes of data the operation will go through.
+    fn start(&self, _total: u64) {}
+    /// `bytes` more of the total are done.
+    fn advance(&self, _bytes: u64) {}
+    /// The operation ended (successfully or not).
+    fn finish(&self) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}

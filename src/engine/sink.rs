@@ -1,0 +1,229 @@
+//! The writing ends of the pipeline: a sparse raw writer and a QCOW2 writer,
+//! both over a [`WriteStorage`] (a local [`Output`] in convert; the SSH
+//! receiver will use the same sinks).
+
+use imgsync_formats::qcow2::compress::ClusterCompressor;
+use imgsync_formats::qcow2::writer::{ClusterData, Qcow2Writer, WriterOptions};
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::WriteStorage;
+
+use super::pipeline::{Chunk, Encoder, Sink};
+use super::{Error, Result};
+
+/// Zeroing ranges of the destination (a block device must be zeroed where
+/// the image has no data; a new file needs nothing).
+pub trait ZeroRange {
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()>;
+}
+
+impl ZeroRange for crate::io::Output {
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        crate::io::Output::zero_range(self, offset, len)
+    }
+}
+
+/// Writes data segments at their guest offsets and nothing for zeros (the
+/// file was sized with ftruncate and reads zeros there). With `zero_fill`
+/// (a block device that may hold old data), zero ranges are zeroed,
+/// merged into as few calls as possible.
+pub struct RawSink<'a, W: WriteStorage + ZeroRange> {
+    out: &'a W,
+    zero_fill: bool,
+    virtual_size: u64,
+    /// Everything before this offset is handled.
+    pos: u64,
+    /// A zero range waiting to be zeroed (extended while zeros continue).
+    zero_from: Option<u64>,
+    pub bytes_written: u64,
+}
+
+impl<'a, W: WriteStorage + ZeroRange> RawSink<'a, W> {
+    pub fn new(out: &'a W, virtual_size: u64, zero_fill: bool) -> Self {
+        RawSink {
+            out,
+            zero_fill,
+            virtual_size,
+            pos: 0,
+            zero_from: None,
+            bytes_written: 0,
+        }
+    }
+
+    fn zeros_until(&mut self, end: u64) {
+        if self.zero_fill && end > self.pos && self.zero_from.is_none() {
+            self.zero_from = Some(self.pos);
+        }
+        self.pos = self.pos.max(end);
+    }
+
+    fn flush_zeros(&mut self) -> Result<()> {
+        if let Some(from) = self.zero_from.take() {
+            self.out
+                .zero_range(from, self.pos - from)
+                .map_err(Error::Dest)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the tail (block devices) after the last chunk.
+    pub fn finish(&mut self) -> Result<()> {
+        self.zeros_until(self.virtual_size);
+        self.flush_zeros()
+    }
+}
+
+impl<W: WriteStorage + ZeroRange> Sink for RawSink<'_, W> {
+    type Item = Chunk;
+
+    fn put(&mut self, chunk: Chunk) -> Result<()> {
+        self.zeros_until(chunk.start);
+        for seg in &chunk.segments {
+            if seg.data {
+                self.flush_zeros()?;
+                let bytes = chunk.bytes(seg);
+                self.out
+                    .write_all_at(bytes, seg.offset)
+                    .map_err(Error::Dest)?;
+                self.bytes_written += seg.len;
+                self.pos = seg.end();
+            } else {
+                self.zeros_until(seg.end());
+            }
+        }
+        self.zeros_until(chunk.end());
+        Ok(())
+    }
+}
+
+/// The clusters of a chunk a QCOW2 output stores: plain ranges of the
+/// chunk's buffer, or compressed bytes.
+pub struct EncodedClusters {
+    chunk: Chunk,
+    clusters: Vec<(u64, EncodedCluster)>,
+}
+
+enum EncodedCluster {
+    Plain { from: usize, len: usize },
+    Compressed(Vec<u8>),
+}
+
+/// Picks the clusters holding data and compresses them (worker side).
+pub struct Qcow2Encoder {
+    cluster_size: u64,
+    compressor: Option<ClusterCompressor>,
+    scratch: Vec<u8>,
+}
+
+impl Qcow2Encoder {
+    pub fn new(cluster_size: u64, compression: Option<CompressionType>) -> Result<Self> {
+        let compressor = match compression {
+            Some(ty) => Some(ClusterCompressor::new(ty).map_err(Error::Dest)?),
+            None => None,
+        };
+        Ok(Qcow2Encoder {
+            cluster_size,
+            compressor,
+            scratch: Vec::new(),
+        })
+    }
+}
+
+impl Encoder for Qcow2Encoder {
+    type Output = EncodedClusters;
+
+    fn encode(&mut self, chunk: Chunk) -> Result<EncodedClusters> {
+        let cs = self.cluster_size;
+        let mut clusters = Vec::new();
+        let mut last: Option<u64> = None;
+        for seg in chunk.segments.iter().filter(|s| s.data) {
+            let first = (seg.offset / cs).max(last.map_or(0, |l| l + 1));
+            let end = (seg.end() - 1) / cs;
+            for idx in first..=end {
+                let from = (idx * cs).max(chunk.start);
+                let to = ((idx + 1) * cs).min(chunk.end());
+                if from != idx * cs {
+                    return Err(Error::Internal(format!(
+                        "chunk at {:#x} is not aligned to the cluster size",
+                        chunk.start
+                    )));
+                }
+                let bytes = &chunk.buf[(from - chunk.start) as usize..(to - chunk.start) as usize];
+                let encoded = match &mut self.compressor {
+                    Some(c) => {
+                        // A short last cluster is compressed zero-padded:
+                        // readers inflate whole clusters.
+                        let padded;
+                        let input = if bytes.len() as u64 == cs {
+                            bytes
+                        } else {
+                            let mut p = bytes.to_vec();
+                            p.resize(cs as usize, 0);
+                            padded = p;
+                            &padded
+                        };
+                        if c.compress(input, &mut self.scratch).map_err(Error::Dest)? {
+                            Some(EncodedCluster::Compressed(self.scratch.clone()))
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                let encoded = encoded.unwrap_or(EncodedCluster::Plain {
+                    from: (from - chunk.start) as usize,
+                    len: bytes.len(),
+                });
+                clusters.push((idx, encoded));
+                last = Some(idx);
+            }
+        }
+        Ok(EncodedClusters { chunk, clusters })
+    }
+}
+
+/// Feeds encoded clusters to a [`Qcow2Writer`] in guest order.
+pub struct Qcow2Sink<W: WriteStorage> {
+    writer: Qcow2Writer<W>,
+    pub clusters_written: u64,
+    pub clusters_compressed: u64,
+}
+
+impl<W: WriteStorage> Qcow2Sink<W> {
+    pub fn new(out: W, opts: WriterOptions) -> Result<Self> {
+        Ok(Qcow2Sink {
+            writer: Qcow2Writer::new(out, opts).map_err(Error::DestFormat)?,
+            clusters_written: 0,
+            clusters_compressed: 0,
+        })
+    }
+
+    /// Writes the metadata; returns the file length.
+    pub fn finish(self) -> Result<u64> {
+        let (_, len) = self.writer.finish().map_err(Error::DestFormat)?;
+        Ok(len)
+    }
+}
+
+impl<W: WriteStorage> Sink for Qcow2Sink<W> {
+    type Item = EncodedClusters;
+
+    fn put(&mut self, item: EncodedClusters) -> Result<()> {
+        for (idx, c) in &item.clusters {
+            let data = match c {
+                EncodedCluster::Plain { from, len } => {
+                    ClusterData::Plain(&item.chunk.buf[*from..*from + *len])
+                }
+                EncodedCluster::Compressed(bytes) => {
+                    self.clusters_compressed += 1;
+                    ClusterData::Compressed(bytes)
+                }
+            };
+            self.writer.write_cluster(*idx, data).map_err(|e| match e {
+                imgsync_formats::Error::Write { source, .. } => Error::Dest(source),
+                e => Error::DestFormat(e),
+            })?;
+            self.clusters_written += 1;
+        }
+        Ok(())
+    }
+}

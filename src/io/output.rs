@@ -1,0 +1,303 @@
+//! Where an output image is written: a new file that appears under its final
+//! name only when complete, or a block device written in place.
+//!
+//! Files: the data goes to an unnamed `O_TMPFILE` in the destination's
+//! directory, so nothing is ever left behind, even after SIGKILL or a power
+//! cut. On commit it is fsynced, linked into the directory (straight to the
+//! final name when that is free, else to a temporary name renamed over the
+//! old file) and the directory is fsynced. Fallback order when the
+//! filesystem has no `O_TMPFILE` (EOPNOTSUPP, EISDIR, EINVAL): a named
+//! temporary file `.NAME.imgsync-PID-N` in the same directory, removed when
+//! the output is dropped without commit (errors, and SIGINT/SIGTERM, which
+//! the engine turns into errors).
+//!
+//! Block devices: written in place (there is no temporary to rename); ranges
+//! that must read as zeros are zeroed with BLKZEROOUT, falling back to
+//! `fallocate(FALLOC_FL_ZERO_RANGE)` and then to writing zeros.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use imgsync_formats::WriteStorage;
+use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, CWD};
+use rustix::io::Errno;
+
+/// An output being written; see the module docs.
+pub struct Output {
+    file: File,
+    path: PathBuf,
+    kind: Kind,
+    committed: bool,
+}
+
+enum Kind {
+    /// An unnamed O_TMPFILE in `dir`.
+    Unnamed { dir: File },
+    /// A named temporary file in `dir`.
+    Named { dir: File, temp: PathBuf },
+    /// A block device written in place.
+    BlockDevice { size: u64 },
+}
+
+/// A counter making temporary names unique within the process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Output {
+    /// Prepares to write `path`. An existing regular file is replaced only
+    /// on commit (its permissions are kept); an existing block device is
+    /// opened for writing in place; anything else is refused.
+    pub fn create(path: &Path) -> io::Result<Output> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)?;
+                let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))?;
+                return Ok(Output {
+                    file,
+                    path: path.to_path_buf(),
+                    kind: Kind::BlockDevice { size },
+                    committed: false,
+                });
+            }
+            Ok(m) if m.is_dir() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "is a directory",
+                ))
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "exists and is not a regular file or block device",
+                ))
+            }
+            _ => {}
+        }
+        let existing_mode = std::fs::metadata(path).ok().map(|m| m.mode() & 0o7777);
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "names no file"))?;
+        let dir_path = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = File::open(dir_path)?;
+        let mode = Mode::from_raw_mode(existing_mode.unwrap_or(0o666));
+        let (file, kind) = match rustix::fs::openat(
+            &dir,
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            mode,
+        ) {
+            Ok(fd) => (File::from(fd), Kind::Unnamed { dir }),
+            Err(Errno::OPNOTSUPP) | Err(Errno::ISDIR) | Err(Errno::INVAL) => {
+                let temp = dir_path.join(temp_name(name));
+                let fd = rustix::fs::openat(
+                    CWD,
+                    &temp,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC,
+                    mode,
+                )?;
+                (File::from(fd), Kind::Named { dir, temp })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(m) = existing_mode {
+            // The umask may have narrowed the mode at creation; keep the old
+            // file's permissions, as an in-place rewrite would.
+            file.set_permissions(std::fs::Permissions::from_mode(m))?;
+        }
+        Ok(Output {
+            file,
+            path: path.to_path_buf(),
+            kind,
+            committed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        matches!(self.kind, Kind::BlockDevice { .. })
+    }
+
+    /// A block device's size; `None` for files.
+    pub fn device_size(&self) -> Option<u64> {
+        match self.kind {
+            Kind::BlockDevice { size } => Some(size),
+            _ => None,
+        }
+    }
+
+    /// Bytes free for an unprivileged writer on the destination filesystem
+    /// (statvfs `f_bavail`); a block device's size.
+    pub fn free_space(&self) -> io::Result<u64> {
+        if let Kind::BlockDevice { size } = self.kind {
+            return Ok(size);
+        }
+        let st = rustix::fs::fstatvfs(&self.file)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Sets a file's length (sparse: no blocks are allocated). Block devices
+    /// keep their size.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.is_block_device() {
+            return Ok(());
+        }
+        self.file.set_len(len)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros on a block device. Files
+    /// are new and read zeros wherever nothing was written, so this is a
+    /// no-op for them.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.is_block_device() || len == 0 {
+            return Ok(());
+        }
+        match blkzeroout(&self.file, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(Errno::NOTTY) | Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        write_zeros(&self.file, offset, len)
+    }
+
+    /// Makes the output durable and visible under its final name.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        match &self.kind {
+            Kind::BlockDevice { .. } => {}
+            Kind::Unnamed { dir } => {
+                let name = self.path.file_name().unwrap_or_default().to_os_string();
+                let proc_path = format!("/proc/self/fd/{}", {
+                    use std::os::fd::AsRawFd;
+                    self.file.as_raw_fd()
+                });
+                let link = |target: &Path| -> io::Result<()> {
+                    match rustix::fs::linkat(CWD, &proc_path, dir, target, AtFlags::SYMLINK_FOLLOW)
+                    {
+                        // No /proc: the same through AT_EMPTY_PATH (needs
+                        // CAP_DAC_READ_SEARCH).
+                        Err(Errno::NOENT) => rustix::fs::linkat(
+                            self.file.as_fd(),
+                            "",
+                            dir,
+                            target,
+                            AtFlags::EMPTY_PATH,
+                        )?,
+                        r => r?,
+                    }
+                    Ok(())
+                };
+                // Straight to the final name when it is free: no window in
+                // which a temporary name exists.
+                match link(Path::new(&name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        let temp = PathBuf::from(temp_name(&name));
+                        link(&temp)?;
+                        if let Err(e) = rustix::fs::renameat(dir, &temp, dir, Path::new(&name)) {
+                            let _ = rustix::fs::unlinkat(dir, &temp, AtFlags::empty());
+                            return Err(e.into());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                rustix::fs::fsync(dir)?;
+            }
+            Kind::Named { dir, temp } => {
+                std::fs::rename(temp, &self.path)?;
+                rustix::fs::fsync(dir)?;
+            }
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Kind::Named { temp, .. } = &self.kind {
+            if !self.committed {
+                let _ = std::fs::remove_file(temp);
+            }
+        }
+    }
+}
+
+impl WriteStorage for Output {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Kind::BlockDevice { size } = self.kind {
+            if offset.saturating_add(buf.len() as u64) > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "write at {offset:#x} of {} bytes is past the end of the device ({size} bytes)",
+                        buf.len()
+                    ),
+                ));
+            }
+        }
+        FileExt::write_all_at(&self.file, buf, offset)
+    }
+}
+
+fn temp_name(name: &std::ffi::OsStr) -> OsString {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut s = OsString::from(".");
+    // Keep the temporary name within NAME_MAX.
+    let bytes = name.as_bytes();
+    s.push(std::ffi::OsStr::from_bytes(&bytes[..bytes.len().min(200)]));
+    s.push(format!(".imgsync-{}-{n}", std::process::id()));
+    s
+}
+
+/// BLKZEROOUT from linux/fs.h: `_IO(0x12, 127)`, argument `uint64_t[2]`
+/// (start, length), both multiples of the logical block size.
+fn blkzeroout(file: &File, offset: u64, len: u64) -> Result<(), Errno> {
+    const BLKZEROOUT: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 127);
+    // SAFETY: BLKZEROOUT reads a `uint64_t[2]` through the pointer the Setter
+    // passes; `[u64; 2]` has that layout, and the kernel does not keep it.
+    unsafe {
+        let arg = rustix::ioctl::Setter::<BLKZEROOUT, [u64; 2]>::new([offset, len]);
+        rustix::ioctl::ioctl(file, arg)
+    }
+}
+
+/// The last fallback: write zeros, 1 MiB at a time.
+fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = ((end - pos) as usize).min(zeros.len());
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
