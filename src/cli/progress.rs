@@ -2,24 +2,47 @@
 //! Ctrl-C / SIGTERM into a clean stop.
 
 use std::io::IsTerminal;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::output::human_size;
 use crate::engine::Progress;
 
-/// A bar on stderr: bytes done of the total, rate, ETA.
-pub struct Bar(ProgressBar);
+/// Progress on stderr: an indicatif bar (bytes done of the total, rate,
+/// ETA) on a terminal; with `-p` and no terminal (a log, a pipe), a line
+/// at every further 10 %, as `qemu-img convert -p` keeps logging too.
+pub enum Bar {
+    Terminal(ProgressBar),
+    Lines(Lines),
+}
+
+pub struct Lines {
+    total: AtomicU64,
+    done: AtomicU64,
+    /// The last tenth reported.
+    reported: AtomicU64,
+    started: Instant,
+}
 
 impl Bar {
     /// A bar when `-p` was given, or by default when stderr is a terminal;
     /// never with `-q`.
     pub fn new(progress: bool, quiet: bool) -> Option<Bar> {
-        let on = !quiet && (progress || std::io::stderr().is_terminal());
-        if !on {
+        if quiet {
             return None;
+        }
+        if !std::io::stderr().is_terminal() {
+            return progress.then(|| {
+                Bar::Lines(Lines {
+                    total: AtomicU64::new(0),
+                    done: AtomicU64::new(0),
+                    reported: AtomicU64::new(0),
+                    started: Instant::now(),
+                })
+            });
         }
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
@@ -29,26 +52,70 @@ impl Bar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
-        Some(Bar(bar))
+        Some(Bar::Terminal(bar))
+    }
+}
+
+impl Lines {
+    fn line(&self, done: u64, total: u64) {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        eprintln!(
+            "{pct:>3}% {} of {}, {}/s",
+            human_size(done),
+            human_size(total),
+            human_size((done as f64 / secs) as u64)
+        );
     }
 }
 
 impl Progress for Bar {
     fn start(&self, total: u64) {
-        self.0.set_length(total);
-        self.0.set_position(0);
+        match self {
+            Bar::Terminal(b) => {
+                b.set_length(total);
+                b.set_position(0);
+            }
+            Bar::Lines(l) => {
+                l.total.store(total, Ordering::Relaxed);
+                l.done.store(0, Ordering::Relaxed);
+                l.reported.store(0, Ordering::Relaxed);
+            }
+        }
     }
     fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
+        match self {
+            Bar::Terminal(b) => b.inc(bytes),
+            Bar::Lines(l) => {
+                let done = l.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                let total = l.total.load(Ordering::Relaxed);
+                let tenth = (done * 10).checked_div(total).unwrap_or(10).min(10);
+                // One thread (the pipeline's writer) advances progress.
+                if tenth > l.reported.load(Ordering::Relaxed) && tenth < 10 {
+                    l.reported.store(tenth, Ordering::Relaxed);
+                    l.line(done, total);
+                }
+            }
+        }
     }
     fn finish(&self) {
-        self.0.finish_and_clear();
+        match self {
+            Bar::Terminal(b) => b.finish_and_clear(),
+            Bar::Lines(l) => {
+                if l.reported.swap(11, Ordering::Relaxed) <= 10 {
+                    let total = l.total.load(Ordering::Relaxed);
+                    l.line(l.done.load(Ordering::Relaxed).max(total), total);
+                }
+            }
+        }
     }
 }
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        self.0.finish_and_clear();
+        if let Bar::Terminal(b) = self {
+            b.finish_and_clear();
+        }
     }
 }
 

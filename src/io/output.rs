@@ -53,6 +53,11 @@ impl Output {
     /// on commit (its permissions are kept); an existing block device is
     /// opened for writing in place; anything else is refused.
     pub fn create(path: &Path) -> io::Result<Output> {
+        Output::create_with(path, true)
+    }
+
+    /// `create`, optionally without trying O_TMPFILE (to test the fallback).
+    fn create_with(path: &Path, try_tmpfile: bool) -> io::Result<Output> {
         match std::fs::metadata(path) {
             Ok(m) if m.file_type().is_block_device() => {
                 let file = std::fs::OpenOptions::new()
@@ -91,12 +96,17 @@ impl Output {
         };
         let dir = File::open(dir_path)?;
         let mode = Mode::from_raw_mode(existing_mode.unwrap_or(0o666));
-        let (file, kind) = match rustix::fs::openat(
-            &dir,
-            ".",
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            mode,
-        ) {
+        let unnamed = if try_tmpfile {
+            rustix::fs::openat(
+                &dir,
+                ".",
+                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                mode,
+            )
+        } else {
+            Err(Errno::OPNOTSUPP)
+        };
+        let (file, kind) = match unnamed {
             Ok(fd) => (File::from(fd), Kind::Unnamed { dir }),
             Err(Errno::OPNOTSUPP) | Err(Errno::ISDIR) | Err(Errno::INVAL) => {
                 let temp = dir_path.join(temp_name(name));
@@ -300,4 +310,81 @@ fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn output_appears_only_on_commit_for_both_kinds() {
+        for tmpfile in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out.img");
+            let out = Output::create_with(&path, tmpfile).unwrap();
+            out.write_all_at(b"hello", 4096).unwrap();
+            out.set_len(1 << 20).unwrap();
+            assert!(!path.exists(), "visible before commit (tmpfile {tmpfile})");
+            out.commit().unwrap();
+            let data = std::fs::read(&path).unwrap();
+            assert_eq!(data.len(), 1 << 20);
+            assert_eq!(&data[4096..4101], b"hello");
+            assert_eq!(names(dir.path()), ["out.img"]);
+        }
+    }
+
+    #[test]
+    fn dropped_output_leaves_nothing_and_keeps_the_old_file() {
+        for tmpfile in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out.img");
+            std::fs::write(&path, b"old").unwrap();
+            let out = Output::create_with(&path, tmpfile).unwrap();
+            out.write_all_at(b"new data", 0).unwrap();
+            drop(out);
+            assert_eq!(std::fs::read(&path).unwrap(), b"old");
+            assert_eq!(names(dir.path()), ["out.img"], "tmpfile {tmpfile}");
+        }
+    }
+
+    #[test]
+    fn replacing_keeps_the_mode_of_the_old_file() {
+        for tmpfile in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out.img");
+            std::fs::write(&path, b"old").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let out = Output::create_with(&path, tmpfile).unwrap();
+            out.write_all_at(b"new", 0).unwrap();
+            out.commit().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"new");
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o640);
+            assert_eq!(names(dir.path()), ["out.img"]);
+        }
+    }
+
+    #[test]
+    fn directories_and_missing_parents_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Output::create(dir.path()).is_err());
+        assert!(Output::create(&dir.path().join("no/such/file")).is_err());
+    }
+
+    #[test]
+    fn free_space_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Output::create(&dir.path().join("x")).unwrap();
+        assert!(out.free_space().unwrap() > 0);
+        assert_eq!(out.device_size(), None);
+    }
 }

@@ -13,14 +13,11 @@
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
 
-mod common;
-
 use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 
-use common::{
-    assert_one_line_error, check_against_qemu, explicit, probed, random_bytes, setup, Env, Op, KIB,
-    MIB,
+use crate::common::{
+    assert_one_line_error, check_against_qemu, explicit, probed, random_bytes, Env, Op, KIB, MIB,
 };
 use imgsync::formats::Format;
 use imgsync::io::{open_image, OpenOptions};
@@ -28,16 +25,6 @@ use Op::*;
 
 const QCOW2: Format = Format::Qcow2;
 const RAW: Format = Format::Raw;
-
-/// The test's temp dir, or return (after a visible SKIP) without qemu-img.
-macro_rules! qemu_env {
-    () => {
-        match setup() {
-            Some(env) => env,
-            None => return,
-        }
-    };
-}
 
 /// A layout of writes for a cluster size `cs`: aligned and unaligned data,
 /// writes crossing cluster and L2-table boundaries, zeroes and discards.
@@ -1020,7 +1007,7 @@ fn missing_data_file_is_named() {
 
 #[test]
 fn nonexistent_image_is_named() {
-    let env = common::temp_env(); // needs no qemu-img
+    let env = crate::common::temp_env(); // needs no qemu-img
     assert_refused(&env, &[], "no-such.img", &["no-such.img"]);
     assert_refused(
         &env,
@@ -1062,7 +1049,7 @@ fn assert_check_finds(env: &Env, needles: &[&str]) {
             "imgsync check: no {needle:?} in {text}"
         );
     }
-    common::check_check(env, probed("img.qcow2", QCOW2), false);
+    crate::common::check_check(env, probed("img.qcow2", QCOW2), false);
 }
 
 #[test]
@@ -1134,12 +1121,12 @@ fn check_counts_problems_beyond_the_listed_ones() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("(1080 more problems not listed)"), "{text}");
     assert!(text.contains("2080 leaked clusters were found"), "{text}");
-    common::check_check(&env, probed("img.qcow2", QCOW2), true);
+    crate::common::check_check(&env, probed("img.qcow2", QCOW2), true);
 }
 
 #[test]
 fn check_of_a_raw_image_is_clean() {
-    let env = common::temp_env(); // needs no qemu-img
+    let env = crate::common::temp_env(); // needs no qemu-img
     std::fs::write(env.path("disk.raw"), vec![7u8; 4096]).expect("write");
     let out = env.imgsync(&["check", "disk.raw"]);
     assert_eq!(out.status.code(), Some(0));
@@ -1148,7 +1135,7 @@ fn check_of_a_raw_image_is_clean() {
 
 #[test]
 fn check_refuses_what_it_cannot_open() {
-    let env = common::temp_env(); // needs no qemu-img
+    let env = crate::common::temp_env(); // needs no qemu-img
     std::fs::write(env.path("short.qcow2"), b"QFI\xfb\0\0\0\x03").expect("write");
     let out = env.imgsync(&["check", "-f", "qcow2", "short.qcow2"]);
     let line = assert_one_line_error(&out, "imgsync check short.qcow2");

@@ -13,6 +13,16 @@ use imgsync::io::{open_image, OpenOptions};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// The test's temp dir, or return (after a visible SKIP) without qemu-img.
+macro_rules! qemu_env {
+    () => {
+        match $crate::common::setup() {
+            Some(env) => env,
+            None => return,
+        }
+    };
+}
+
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
 
@@ -108,7 +118,7 @@ impl Env {
         self.dir.path().join(name)
     }
 
-    fn run(&self, program: &str, args: &[&str]) -> Output {
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
         Command::new(program)
             .args(args)
             .current_dir(self.root())
@@ -273,9 +283,136 @@ impl Subject<'_> {
 /// the metadata check.
 pub fn check_against_qemu(env: &Env, s: Subject<'_>) {
     let vsize = check_info(env, s);
-    check_map(env, s, vsize);
+    let map = check_map(env, s, vsize);
     check_guest_bytes(env, s, vsize);
     check_check(env, s, true);
+    check_convert(env, s, &map);
+}
+
+/// The output formats every case is converted to: name, imgsync arguments,
+/// output format.
+const CONVERSIONS: &[(&str, &[&str], &str)] = &[
+    ("raw", &["-O", "raw"], "raw"),
+    ("qcow2", &["-O", "qcow2"], "qcow2"),
+    ("qcow2-zstd", &["-O", "qcow2", "-c"], "qcow2"),
+    (
+        "qcow2-zlib",
+        &["-O", "qcow2", "-c", "--compression-type", "zlib"],
+        "qcow2",
+    ),
+];
+
+/// Oracle (e): `imgsync convert` of the case to raw, qcow2 and compressed
+/// qcow2 (zstd, zlib): `qemu-img compare` says identical, `qemu-img check`
+/// finds nothing, and the output holds no more data than the source: a raw
+/// output's SEEK_DATA regions fit in the source's data ranges rounded out to
+/// 4 KiB file system blocks; a qcow2 output allocates no more clusters than
+/// the source's data ranges touch.
+pub fn check_convert(env: &Env, s: Subject<'_>, src_map: &MapRanges) {
+    for (name, args, out_fmt) in CONVERSIONS {
+        let out = format!("convert-{name}.out");
+        let mut cmd = vec!["convert"];
+        if s.explicit {
+            cmd.extend(["-f", s.format.name()]);
+        }
+        cmd.extend_from_slice(args);
+        cmd.extend(["--output", "json", s.img, out.as_str()]);
+        let res = env.imgsync(&cmd);
+        assert!(
+            res.status.success() && res.stderr.is_empty(),
+            "{}: imgsync {cmd:?} failed ({}): {}",
+            s.img,
+            res.status,
+            String::from_utf8_lossy(&res.stderr)
+        );
+        // Exactly the data ranges are read: no hole, zero or unallocated
+        // cluster.
+        let report: Value = serde_json::from_slice(&res.stdout).expect("convert report");
+        let data: u64 = src_map.data.iter().map(|(a, b)| b - a).sum();
+        assert_eq!(
+            report["bytes-read"].as_u64(),
+            Some(data),
+            "{}: bytes read by the {name} conversion",
+            s.img
+        );
+        let cmp = env.run(
+            "qemu-img",
+            &["compare", "-f", s.format.name(), "-F", out_fmt, s.img, &out],
+        );
+        assert!(
+            cmp.status.success(),
+            "{}: qemu-img compare with the {name} conversion: {} {}",
+            s.img,
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+        if *out_fmt == "qcow2" {
+            let chk = env.run("qemu-img", &["check", "--output=json", "-f", "qcow2", &out]);
+            let v: Value = serde_json::from_slice(&chk.stdout).unwrap_or_default();
+            assert!(
+                chk.status.success()
+                    && v["check-errors"] == 0
+                    && v.get("corruptions").is_none()
+                    && v.get("leaks").is_none(),
+                "{}: qemu-img check of the {name} conversion: {v} {}",
+                s.img,
+                String::from_utf8_lossy(&chk.stderr)
+            );
+            let cs = env.qemu_json(&["info", "--output=json", "-f", "qcow2", &out])["cluster-size"]
+                .as_u64()
+                .expect("cluster-size");
+            let allocated = v["allocated-clusters"]
+                .as_u64()
+                .expect("allocated-clusters");
+            let bound = clusters_touched(&src_map.data, cs);
+            assert!(
+                allocated <= bound,
+                "{}: the {name} conversion allocates {allocated} clusters, the source's data touches {bound}",
+                s.img
+            );
+        } else {
+            let written = data_regions(&env.path(&out));
+            let bound: u64 = src_map
+                .data
+                .iter()
+                .map(|&(a, b)| b.next_multiple_of(4096) - a / 4096 * 4096)
+                .sum();
+            assert!(
+                written <= bound,
+                "{}: the raw conversion holds {written} bytes of data regions, the source's data (in 4 KiB blocks) {bound}",
+                s.img
+            );
+        }
+        std::fs::remove_file(env.path(&out)).expect("remove conversion");
+    }
+}
+
+/// Clusters of `cs` bytes that the (sorted, merged) ranges touch.
+fn clusters_touched(ranges: &[(u64, u64)], cs: u64) -> u64 {
+    let mut n = 0;
+    let mut last: Option<u64> = None;
+    for &(a, b) in ranges {
+        let first = (a / cs).max(last.map_or(0, |l| l + 1));
+        let end = (b - 1) / cs;
+        if end >= first {
+            n += end - first + 1;
+        }
+        last = Some(end.max(last.unwrap_or(0)));
+    }
+    n
+}
+
+/// Bytes in a file's SEEK_DATA regions.
+pub fn data_regions(path: &Path) -> u64 {
+    use imgsync::formats::Storage;
+    let f = imgsync::io::LocalFile::open(path).expect("open output");
+    let mut pos = 0;
+    let mut total = 0;
+    while let Some((a, b)) = f.next_data(pos).expect("SEEK_DATA") {
+        total += b - a;
+        pos = b;
+    }
+    total
 }
 
 /// Statistics `imgsync check --output json` shares with `qemu-img check

@@ -1,0 +1,13 @@
+//! The integration tests: one binary, with qemu-img as the oracle.
+//!   formats: reading raw and qcow2 images (info, map, guest bytes, check),
+//!            and converting every case (convert's oracle in `common`);
+//!   convert: convert and compare on their own (zero detection, atomic
+//!            output, free space, signals, block devices).
+//!
+//! Without qemu-img every test prints SKIP and passes, unless
+//! IMGSYNC_REQUIRE_QEMU=1.
+
+#[macro_use]
+mod common;
+mod convert;
+mod formats;
