@@ -210,6 +210,44 @@ impl Image {
         }
     }
 
+    /// Hints that guest `[offset, offset + len)` will be read soon: the
+    /// stores holding its data (this layer's file or data file, the backing
+    /// chain where unallocated here) start reading ahead. Metadata lookups
+    /// only; failures are ignored (it is only a hint).
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        let mut pos = offset;
+        while pos < end {
+            let step = match &self.layer {
+                Layer::Raw(r) => {
+                    r.file().will_need(pos, end - pos);
+                    end - pos
+                }
+                Layer::Qcow2(q) => {
+                    let Ok(m) = q.lookup(pos, end - pos) else { return };
+                    match m.kind {
+                        ClusterKind::Data { host_offset } => q.data_will_need(host_offset, m.len),
+                        ClusterKind::Compressed {
+                            host_offset,
+                            compressed_size,
+                        } => q.file().will_need(host_offset, compressed_size),
+                        ClusterKind::Unallocated => {
+                            if let Some(b) = &self.backing {
+                                b.will_need(pos, m.len);
+                            }
+                        }
+                        ClusterKind::Zero => {}
+                    }
+                    m.len
+                }
+            };
+            if step == 0 {
+                return;
+            }
+            pos += step;
+        }
+    }
+
     /// Reads what the backing file shows through at `pos` (zeros past its end
     /// or without one).
     fn read_backing(&self, out: &mut [u8], pos: u64) -> Result<()> {

@@ -21,6 +21,11 @@ pub trait Storage: Send + Sync {
         let size = self.size()?;
         Ok((offset < size).then_some((offset, size)))
     }
+
+    /// A hint that `[offset, offset + len)` will be read soon (a file
+    /// starts reading it ahead). Only a hint: no error, no effect on
+    /// content. The default does nothing.
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
 
 /// A byte store an image is written to: a file or block device (positioned
@@ -101,6 +106,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).next_data(offset)
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for Box<T> {
@@ -112,5 +120,8 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).next_data(offset)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
     }
 }

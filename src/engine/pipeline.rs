@@ -19,12 +19,81 @@ use super::plan::Job;
 use super::zero::{push_segment, split_zeros, Segment};
 use super::{Error, Progress, Result};
 
+/// Chunk buffers go back here when a chunk is dropped, so a run reuses a
+/// few buffers instead of mapping and faulting in fresh pages for every
+/// chunk (measured: about 0.4 s of system time per 1.5 GiB without it).
+pub struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl BufPool {
+    pub fn new(max: usize) -> Arc<BufPool> {
+        Arc::new(BufPool {
+            free: Mutex::new(Vec::new()),
+            max,
+        })
+    }
+
+    /// A buffer of `len` bytes with unspecified content.
+    pub fn get(self: &Arc<Self>, len: usize) -> PooledBuf {
+        let mut buf = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        PooledBuf {
+            buf,
+            pool: Some(Arc::clone(self)),
+        }
+    }
+}
+
+/// A buffer that returns to its pool when dropped.
+pub struct PooledBuf {
+    buf: Vec<u8>,
+    pool: Option<Arc<BufPool>>,
+}
+
+impl From<Vec<u8>> for PooledBuf {
+    fn from(buf: Vec<u8>) -> Self {
+        PooledBuf { buf, pool: None }
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            if let Ok(mut free) = pool.free.lock() {
+                if free.len() < pool.max {
+                    free.push(std::mem::take(&mut self.buf));
+                }
+            }
+        }
+    }
+}
+
 /// A job after reading and zero detection: `buf` holds the whole cell
 /// (zeros where the source has none), `segments` cover it in order.
 pub struct Chunk {
     pub seq: u64,
     pub start: u64,
-    pub buf: Vec<u8>,
+    pub buf: PooledBuf,
     pub segments: Vec<Segment>,
     /// Source data bytes in this chunk (progress).
     pub data_bytes: u64,
@@ -64,6 +133,10 @@ impl Encoder for Passthrough {
         Ok(chunk)
     }
 }
+
+/// Jobs queued ahead of the workers (and hinted for read-ahead): 16 jobs
+/// of 2 MiB cells keep up to 32 MiB of reads in flight.
+const JOB_QUEUE: usize = 16;
 
 /// A worker's result for job `seq`: the encoded chunk, data bytes read,
 /// bytes found zero.
@@ -122,9 +195,14 @@ where
     let workers = opts.workers.max(1);
     let stop = AtomicBool::new(false);
     let stopped = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
-    let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
+    // Jobs carry no data, so the queue can run well ahead: each queued job
+    // has had its data ranges hinted to the kernel (read-ahead), keeping
+    // many reads in flight for scattered extents.
+    let (job_tx, job_rx) = sync_channel::<Job>(JOB_QUEUE.max(workers * 2));
     let (out_tx, out_rx) = sync_channel::<Done<E::Output>>(workers * 2);
     let job_rx = Arc::new(Mutex::new(job_rx));
+    // Enough for every chunk that can be in flight.
+    let pool = BufPool::new(workers * 5 + 4);
     let mut stats = PipelineStats::default();
 
     std::thread::scope(|scope| -> Result<PipelineStats> {
@@ -142,6 +220,9 @@ where
                     match job {
                         Ok(j) => {
                             next_seq = j.seq + 1;
+                            for &(off, len) in &j.data {
+                                image.will_need(off, len);
+                            }
                             if job_tx.send(j).is_err() {
                                 return;
                             }
@@ -160,6 +241,7 @@ where
             let out_tx = out_tx.clone();
             let make_encoder = &make_encoder;
             let stopped = &stopped;
+            let pool = Arc::clone(&pool);
             handles.push(scope.spawn(move || {
                 let mut encoder = match make_encoder() {
                     Ok(e) => Some(e),
@@ -179,7 +261,7 @@ where
                         return;
                     }
                     let seq = job.seq;
-                    let result = read_chunk(image, job, opts.min_sparse).and_then(|chunk| {
+                    let result = read_chunk(image, job, opts.min_sparse, &pool).and_then(|chunk| {
                         let (read, zeros) = (chunk.data_bytes, chunk.zero_bytes);
                         enc.encode(chunk).map(|o| (o, read, zeros))
                     });
@@ -252,8 +334,8 @@ fn write_in_order<S: Sink>(
 
 /// Reads a job's data ranges (only those) and splits them into data and
 /// zero segments.
-pub fn read_chunk(image: &Image, job: Job, min_sparse: u64) -> Result<Chunk> {
-    let mut buf = vec![0u8; job.len as usize];
+pub fn read_chunk(image: &Image, job: Job, min_sparse: u64, pool: &Arc<BufPool>) -> Result<Chunk> {
+    let mut buf = pool.get(job.len as usize);
     let mut segments = Vec::with_capacity(job.data.len() * 2 + 1);
     let mut pos = job.start;
     let mut zero_bytes = 0;
@@ -265,6 +347,7 @@ pub fn read_chunk(image: &Image, job: Job, min_sparse: u64) -> Result<Chunk> {
                 job.start
             )));
         }
+        buf[(pos - job.start) as usize..(off - job.start) as usize].fill(0);
         push_segment(
             &mut segments,
             Segment {
@@ -279,6 +362,7 @@ pub fn read_chunk(image: &Image, job: Job, min_sparse: u64) -> Result<Chunk> {
         data_bytes += len;
         pos = off + len;
     }
+    buf[(pos - job.start) as usize..].fill(0);
     push_segment(
         &mut segments,
         Segment {

@@ -92,6 +92,16 @@ impl Storage for LocalFile {
         };
         Ok(Some((start, end.max(start + 1).min(self.size))))
     }
+
+    /// `posix_fadvise(WILLNEED)`: the kernel starts reading the range into
+    /// the page cache without waiting, so many reads are in flight at once
+    /// (data extents of a sparse image are scattered; one read at a time
+    /// waits on each).
+    fn will_need(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -519,6 +519,14 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Read-ahead hint for plain data clusters (in the image or the data
+    /// file).
+    pub fn data_will_need(&self, host_offset: u64, len: u64) {
+        if let Ok(store) = self.data_store() {
+            store.will_need(host_offset, len);
+        }
+    }
+
     /// Reads plain data clusters. An external data file may be shorter than
     /// the guest (sparse, never written at the end): past its end reads zeros,
     /// as qemu's file driver does.
