@@ -33,6 +33,11 @@ pub trait Storage: Send + Sync {
 pub trait WriteStorage: Send + Sync {
     /// Writes all of `buf` at `offset`, growing the store when needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// A hint that `[offset, offset + len)` is complete and may be written
+    /// back to disk now (a file starts writeback without waiting). Callers
+    /// give ranges in order; the default does nothing.
+    fn writeback_hint(&self, _offset: u64, _len: u64) {}
 }
 
 /// An in-memory store for tests and fuzzers: grows on write.
@@ -57,11 +62,17 @@ impl<T: WriteStorage + ?Sized> WriteStorage for std::sync::Arc<T> {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_all_at(buf, offset)
     }
+    fn writeback_hint(&self, offset: u64, len: u64) {
+        (**self).writeback_hint(offset, len)
+    }
 }
 
 impl<T: WriteStorage + ?Sized> WriteStorage for &T {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_all_at(buf, offset)
+    }
+    fn writeback_hint(&self, offset: u64, len: u64) {
+        (**self).writeback_hint(offset, len)
     }
 }
 

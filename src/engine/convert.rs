@@ -9,9 +9,9 @@ use imgsync_formats::qcow2::writer::WriterOptions;
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::{Format, Image};
 
-use super::pipeline::{self, Passthrough, PipelineOptions};
+use super::pipeline::{self, PipelineOptions};
 use super::plan::{self, DataSummary};
-use super::sink::{Qcow2Encoder, Qcow2Sink, RawSink};
+use super::sink::{Qcow2Encoder, Qcow2Sink, RawSink, RawWriter};
 use super::{Error, Progress, Result};
 use crate::io::Output;
 
@@ -148,7 +148,7 @@ pub fn convert(
             let stats = pipeline::run(
                 image,
                 jobs,
-                || Ok(Passthrough),
+                || Ok(RawWriter::new(out)),
                 &mut sink,
                 popts,
                 progress,

@@ -20,8 +20,8 @@ use super::zero::{push_segment, split_zeros, Segment};
 use super::{Error, Progress, Result};
 
 /// Chunk buffers go back here when a chunk is dropped, so a run reuses a
-/// few buffers instead of mapping and faulting in fresh pages for every
-/// chunk (measured: about 0.4 s of system time per 1.5 GiB without it).
+/// few buffers instead of allocating (and faulting in) fresh pages for
+/// every chunk.
 pub struct BufPool {
     free: Mutex<Vec<Vec<u8>>>,
     max: usize,

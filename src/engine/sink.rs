@@ -8,6 +8,7 @@ use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::WriteStorage;
 
 use super::pipeline::{Chunk, Encoder, Sink};
+use super::zero::Segment;
 use super::{Error, Result};
 
 /// Zeroing ranges of the destination (a block device must be zeroed where
@@ -22,12 +23,56 @@ impl ZeroRange for crate::io::Output {
     }
 }
 
-/// Writes data segments at their guest offsets and nothing for zeros (the
-/// file was sized with ftruncate and reads zeros there). With `zero_fill`
-/// (a block device that may hold old data), zero ranges are zeroed,
-/// merged into as few calls as possible.
-pub struct RawSink<'a, W: WriteStorage + ZeroRange> {
+/// Raw output, worker side: writes a chunk's data segments at their guest
+/// offsets. Raw writes are positioned and independent of each other, so
+/// the workers write in parallel (the page cache copy is the main cost of
+/// a raw convert) and the ordered sink only sees the layout.
+pub struct RawWriter<'a, W: WriteStorage> {
     out: &'a W,
+}
+
+impl<'a, W: WriteStorage> RawWriter<'a, W> {
+    pub fn new(out: &'a W) -> Self {
+        RawWriter { out }
+    }
+}
+
+/// What a [`RawWriter`] wrote: the chunk's range and segments.
+pub struct Written {
+    pub start: u64,
+    pub end: u64,
+    pub segments: Vec<Segment>,
+    pub bytes: u64,
+}
+
+impl<W: WriteStorage> Encoder for RawWriter<'_, W> {
+    type Output = Written;
+
+    fn encode(&mut self, chunk: Chunk) -> Result<Written> {
+        let mut bytes = 0;
+        for seg in chunk.segments.iter().filter(|s| s.data) {
+            self.out
+                .write_all_at(chunk.bytes(seg), seg.offset)
+                .map_err(Error::Dest)?;
+            bytes += seg.len;
+        }
+        Ok(Written {
+            start: chunk.start,
+            end: chunk.end(),
+            segments: chunk.segments,
+            bytes,
+        })
+    }
+}
+
+/// Raw output, in order: nothing for zeros on a new file (it was sized
+/// with ftruncate and reads zeros there); with `zero_fill` (a block device
+/// that may hold old data), zero ranges are zeroed, merged into as few
+/// calls as possible.
+pub struct RawSink<'a, W: ZeroRange + WriteStorage> {
+    out: &'a W,
+    /// Output below this offset was handed to `writeback_hint`.
+    written_back: u64,
     zero_fill: bool,
     virtual_size: u64,
     /// Everything before this offset is handled.
@@ -37,10 +82,11 @@ pub struct RawSink<'a, W: WriteStorage + ZeroRange> {
     pub bytes_written: u64,
 }
 
-impl<'a, W: WriteStorage + ZeroRange> RawSink<'a, W> {
+impl<'a, W: ZeroRange + WriteStorage> RawSink<'a, W> {
     pub fn new(out: &'a W, virtual_size: u64, zero_fill: bool) -> Self {
         RawSink {
             out,
+            written_back: 0,
             zero_fill,
             virtual_size,
             pos: 0,
@@ -72,25 +118,31 @@ impl<'a, W: WriteStorage + ZeroRange> RawSink<'a, W> {
     }
 }
 
-impl<W: WriteStorage + ZeroRange> Sink for RawSink<'_, W> {
-    type Item = Chunk;
+/// A raw output's completed prefix is handed to writeback in steps of this
+/// size (in guest order, so the file system allocates in order although the
+/// workers write out of order).
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
-    fn put(&mut self, chunk: Chunk) -> Result<()> {
-        self.zeros_until(chunk.start);
-        for seg in &chunk.segments {
+impl<W: ZeroRange + WriteStorage> Sink for RawSink<'_, W> {
+    type Item = Written;
+
+    fn put(&mut self, w: Written) -> Result<()> {
+        self.zeros_until(w.start);
+        for seg in &w.segments {
             if seg.data {
                 self.flush_zeros()?;
-                let bytes = chunk.bytes(seg);
-                self.out
-                    .write_all_at(bytes, seg.offset)
-                    .map_err(Error::Dest)?;
-                self.bytes_written += seg.len;
                 self.pos = seg.end();
             } else {
                 self.zeros_until(seg.end());
             }
         }
-        self.zeros_until(chunk.end());
+        self.zeros_until(w.end);
+        self.bytes_written += w.bytes;
+        if w.end >= self.written_back + WRITEBACK_EVERY {
+            self.out
+                .writeback_hint(self.written_back, w.end - self.written_back);
+            self.written_back = w.end;
+        }
         Ok(())
     }
 }

@@ -34,16 +34,7 @@ pub struct Output {
     path: PathBuf,
     kind: Kind,
     committed: bool,
-    /// Bytes written since writeback was last started.
-    unflushed: AtomicU64,
 }
-
-/// Writeback of the output is started (not waited for) after every this
-/// many bytes written: with the default dirty limits (10 % of RAM) the
-/// kernel would otherwise write nothing until the final fsync, which then
-/// waits for all of it after the reading is done. Measured on the 1.5 GiB
-/// qcow2 -> raw benchmark: see bench/convert.sh and the README.
-const WRITEBACK_EVERY: u64 = 32 << 20;
 
 enum Kind {
     /// An unnamed O_TMPFILE in `dir`.
@@ -79,7 +70,6 @@ impl Output {
                     path: path.to_path_buf(),
                     kind: Kind::BlockDevice { size },
                     committed: false,
-                    unflushed: AtomicU64::new(0),
                 });
             }
             Ok(m) if m.is_dir() => {
@@ -140,7 +130,6 @@ impl Output {
             path: path.to_path_buf(),
             kind,
             committed: false,
-            unflushed: AtomicU64::new(0),
         })
     }
 
@@ -284,28 +273,30 @@ impl WriteStorage for Output {
                 ));
             }
         }
-        FileExt::write_all_at(&self.file, buf, offset)?;
-        let n = self
-            .unflushed
-            .fetch_add(buf.len() as u64, Ordering::Relaxed)
-            + buf.len() as u64;
-        if n >= WRITEBACK_EVERY {
-            self.unflushed.store(0, Ordering::Relaxed);
-            start_writeback(&self.file);
-        }
-        Ok(())
+        FileExt::write_all_at(&self.file, buf, offset)
     }
-}
 
-/// Starts writeback of the file's dirty pages without waiting
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). Only a
-/// hint: durability comes from the fsync at commit, so errors are ignored.
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range takes a file descriptor and integers, and
-    // `file` keeps the descriptor open for the duration of the call.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    /// Starts writeback of a completed range without waiting
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): with the default dirty
+    /// limits (10 % of RAM) the kernel would otherwise write nothing until
+    /// the final fsync, which then waits for all of it after the reading is
+    /// done. Only a hint: durability comes from the fsync at commit, so
+    /// errors are ignored.
+    fn writeback_hint(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range takes a file descriptor and integers, and
+        // `self.file` keeps the descriptor open for the duration of the call.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 }
 

@@ -30,6 +30,9 @@ const REFCOUNT_ORDER: u32 = 4;
 /// Writes of consecutive host bytes are gathered up to this size before
 /// they reach the store (fewer, larger writes).
 const WRITE_BUFFER_BYTES: usize = 4 << 20;
+/// The store is told it may write back what precedes the allocation point
+/// after every this many bytes (data is appended in order).
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 #[derive(Clone, Copy, Debug)]
 pub struct WriterOptions {
@@ -134,6 +137,8 @@ pub struct Qcow2Writer<W: WriteStorage> {
     next_guest_cluster: u64,
     compressed_used: bool,
     buf: WriteBuffer,
+    /// Host bytes below this were handed to `writeback_hint`.
+    written_back: u64,
 }
 
 /// Gathers writes to consecutive host offsets.
@@ -162,6 +167,7 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             reftable: Vec::new(),
             next_guest_cluster: 0,
             compressed_used: false,
+            written_back: 0,
             buf: WriteBuffer {
                 offset: 0,
                 data: Vec::new(),
@@ -486,6 +492,13 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             })?;
         self.buf.offset += self.buf.data.len() as u64;
         self.buf.data.clear();
+        // Everything below the buffer's start is written (allocation is
+        // monotonic; refcount blocks placed out of order are below it too).
+        if self.buf.offset >= self.written_back + WRITEBACK_EVERY {
+            self.out
+                .writeback_hint(self.written_back, self.buf.offset - self.written_back);
+            self.written_back = self.buf.offset;
+        }
         Ok(())
     }
 }
