@@ -220,11 +220,20 @@ impl Image {
         while pos < end {
             let step = match &self.layer {
                 Layer::Raw(r) => {
-                    r.file().will_need(pos, end - pos);
-                    end - pos
+                    // Data runs only: reading ahead a hole would fill the
+                    // page cache with zeros.
+                    let Ok(run) = r.lookup(pos, end - pos) else {
+                        return;
+                    };
+                    if run.data {
+                        r.file().will_need(pos, run.len);
+                    }
+                    run.len
                 }
                 Layer::Qcow2(q) => {
-                    let Ok(m) = q.lookup(pos, end - pos) else { return };
+                    let Ok(m) = q.lookup(pos, end - pos) else {
+                        return;
+                    };
                     match m.kind {
                         ClusterKind::Data { host_offset } => q.data_will_need(host_offset, m.len),
                         ClusterKind::Compressed {

@@ -13,6 +13,10 @@ use super::{Error, Progress, Result};
 
 /// Bytes compared per read.
 const COMPARE_CHUNK: u64 = 2 << 20;
+/// Both images' data this far ahead of the comparison is hinted to the
+/// kernel for read-ahead (scattered extents are read with many requests in
+/// flight instead of one at a time).
+const READ_AHEAD: u64 = 32 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -84,9 +88,16 @@ pub fn compare(
     let mut buf_b = Vec::new();
     progress.start(end);
     let mut pos = 0u64;
+    let mut hinted = 0u64;
     while pos < end {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
+        }
+        if pos + READ_AHEAD / 2 >= hinted {
+            let from = hinted.max(pos);
+            a.will_need(from, READ_AHEAD);
+            b.will_need(from, READ_AHEAD);
+            hinted = from + READ_AHEAD;
         }
         let (data_a, end_a) = sa.at(pos)?;
         let (data_b, end_b) = sb.at(pos)?;

@@ -99,7 +99,8 @@ impl Storage for LocalFile {
     /// waits on each).
     fn will_need(&self, offset: u64, len: u64) {
         if let Some(len) = std::num::NonZeroU64::new(len) {
-            let _ = rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            let _ =
+                rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 }
