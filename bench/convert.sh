@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: `imgsync convert` vs `qemu-img convert`, side by side in one run,
-# on VM-disk-like images made by /work/shared/bench/mkimages.sh (default 16 GiB
+# on VM-disk-like images made by ../shared/bench/mkimages.sh (default 16 GiB
 # virtual, 1.5 GiB data). Rows: qcow2->raw, raw->qcow2, raw->qcow2 compressed
 # (zstd for both), raw->raw. Per row it prints the best wall time of RUNS runs
 # and the peak RSS of that run for both tools, the allocation (du -B1) of each
@@ -27,7 +27,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 IMG_DIR=${IMG_DIR:-/tmp/bench-data/images}
 OUT_DIR=${OUT_DIR:-/tmp/bench-data/convert-out}
-MKIMAGES=${MKIMAGES:-/work/shared/bench/mkimages.sh}
+MKIMAGES=${MKIMAGES:-$top/../shared/bench/mkimages.sh}
 RUNS=${RUNS:-3}
 DROP=${DROP:-1}
 ROWS=${ROWS:-"qcow2-raw raw-qcow2 raw-qcow2-c raw-raw"}

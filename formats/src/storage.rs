@@ -34,6 +34,17 @@ pub trait WriteStorage: Send + Sync {
     /// Writes all of `buf` at `offset`, growing the store when needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Writes `bufs` back to back from `offset` (a file does it in one
+    /// vectored write, without gathering the pieces first).
+    fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for b in bufs {
+            self.write_all_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
+
     /// A hint that `[offset, offset + len)` is complete and may be written
     /// back to disk now (a file starts writeback without waiting). Callers
     /// give ranges in order; the default does nothing.
@@ -62,6 +73,9 @@ impl<T: WriteStorage + ?Sized> WriteStorage for std::sync::Arc<T> {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_all_at(buf, offset)
     }
+    fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_all_at(bufs, offset)
+    }
     fn writeback_hint(&self, offset: u64, len: u64) {
         (**self).writeback_hint(offset, len)
     }
@@ -70,6 +84,9 @@ impl<T: WriteStorage + ?Sized> WriteStorage for std::sync::Arc<T> {
 impl<T: WriteStorage + ?Sized> WriteStorage for &T {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_all_at(buf, offset)
+    }
+    fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_all_at(bufs, offset)
     }
     fn writeback_hint(&self, offset: u64, len: u64) {
         (**self).writeback_hint(offset, len)

@@ -33,6 +33,17 @@ fuzz_target!(|data: &[u8]| {
     let mut comp = ClusterCompressor::new(ty).expect("compressor");
     let mut expected = vec![0u8; virtual_size as usize];
     let mut idx = 0u64;
+    // Owned cluster payloads, flushed in batches through write_clusters
+    // (a batch ends where an op says so), to exercise vectored runs.
+    let mut batch: Vec<(u64, bool, Vec<u8>)> = Vec::new();
+    let flush = |w: &mut Qcow2Writer<&Mutex<Vec<u8>>>, batch: &mut Vec<(u64, bool, Vec<u8>)>| {
+        let items: Vec<(u64, ClusterData<'_>)> = batch
+            .iter()
+            .map(|(i, c, b)| (*i, if *c { ClusterData::Compressed(b) } else { ClusterData::Plain(b) }))
+            .collect();
+        w.write_clusters(&items).expect("write clusters");
+        batch.clear();
+    };
     let mut buf = Vec::new();
     for op in rest.chunks(2).take(MAX_WRITES) {
         let (step, fill) = (op[0], *op.get(1).unwrap_or(&0));
@@ -46,19 +57,25 @@ fuzz_target!(|data: &[u8]| {
         let mut content: Vec<u8> = (0..len)
             .map(|i| if fill & 1 == 0 { fill ^ (i / 64) as u8 } else { (i as u8).wrapping_mul(fill).wrapping_add((i >> 8) as u8 ^ (i as u8 >> 3)) })
             .collect();
+        let mut compressed = false;
         if step & 0x80 != 0 {
-            content.resize(cs as usize, 0);
-            if comp.compress(&content, &mut buf).expect("compress") {
-                w.write_cluster(idx, ClusterData::Compressed(&buf)).expect("write compressed");
-            } else {
-                w.write_cluster(idx, ClusterData::Plain(&content[..len])).expect("write plain");
+            let mut padded = content.clone();
+            padded.resize(cs as usize, 0);
+            if comp.compress(&padded, &mut buf).expect("compress") {
+                compressed = true;
             }
-        } else {
-            w.write_cluster(idx, ClusterData::Plain(&content)).expect("write plain");
         }
-        expected[start..start + len].copy_from_slice(&content[..len]);
+        expected[start..start + len].copy_from_slice(&content);
+        if compressed {
+            content = buf.clone();
+        }
+        batch.push((idx, compressed, content));
+        if step & 0x40 != 0 {
+            flush(&mut w, &mut batch);
+        }
         idx += 1;
     }
+    flush(&mut w, &mut batch);
     w.finish().expect("finish");
     let bytes = out.into_inner().expect("lock");
     let q = Qcow2::open(Arc::new(bytes) as Arc<dyn Storage>).expect("written image opens");

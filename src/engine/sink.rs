@@ -260,22 +260,28 @@ impl<W: WriteStorage> Sink for Qcow2Sink<W> {
     type Item = EncodedClusters;
 
     fn put(&mut self, item: EncodedClusters) -> Result<()> {
-        for (idx, c) in &item.clusters {
-            let data = match c {
-                EncodedCluster::Plain { from, len } => {
-                    ClusterData::Plain(&item.chunk.buf[*from..*from + *len])
-                }
-                EncodedCluster::Compressed(bytes) => {
-                    self.clusters_compressed += 1;
-                    ClusterData::Compressed(bytes)
-                }
-            };
-            self.writer.write_cluster(*idx, data).map_err(|e| match e {
-                imgsync_formats::Error::Write { source, .. } => Error::Dest(source),
-                e => Error::DestFormat(e),
-            })?;
-            self.clusters_written += 1;
-        }
+        let clusters: Vec<(u64, ClusterData<'_>)> = item
+            .clusters
+            .iter()
+            .map(|(idx, c)| {
+                let data = match c {
+                    EncodedCluster::Plain { from, len } => {
+                        ClusterData::Plain(&item.chunk.buf[*from..*from + *len])
+                    }
+                    EncodedCluster::Compressed(bytes) => ClusterData::Compressed(bytes),
+                };
+                (*idx, data)
+            })
+            .collect();
+        self.writer.write_clusters(&clusters).map_err(|e| match e {
+            imgsync_formats::Error::Write { source, .. } => Error::Dest(source),
+            e => Error::DestFormat(e),
+        })?;
+        self.clusters_written += clusters.len() as u64;
+        self.clusters_compressed += clusters
+            .iter()
+            .filter(|(_, d)| matches!(d, ClusterData::Compressed(_)))
+            .count() as u64;
         Ok(())
     }
 }

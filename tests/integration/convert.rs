@@ -531,8 +531,8 @@ impl Loop {
                 Some(Loop(String::from_utf8_lossy(&o.stdout).trim().to_string()))
             }
             _ => {
-                if std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
-                    panic!("losetup failed (CI runs as root)");
+                if std::env::var("IMGSYNC_REQUIRE_LOOP").as_deref() == Ok("1") {
+                    panic!("losetup failed but IMGSYNC_REQUIRE_LOOP=1");
                 }
                 eprintln!("SKIP: losetup unavailable (not root?)");
                 None

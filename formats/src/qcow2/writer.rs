@@ -192,6 +192,46 @@ impl<W: WriteStorage> Qcow2Writer<W> {
     /// Writes guest cluster `guest_cluster` (index, not offset). Clusters
     /// must come in increasing order; clusters never written read as zeros.
     pub fn write_cluster(&mut self, guest_cluster: u64, data: ClusterData<'_>) -> Result<()> {
+        self.write_clusters(&[(guest_cluster, data)])
+    }
+
+    /// Writes several guest clusters (increasing indexes). Data that lands
+    /// back to back on the host goes out in one vectored write, straight
+    /// from the callers' buffers.
+    pub fn write_clusters(&mut self, clusters: &[(u64, ClusterData<'_>)]) -> Result<()> {
+        let mut run: Vec<&[u8]> = Vec::new();
+        let (mut run_start, mut run_end) = (0u64, 0u64);
+        for &(guest_cluster, data) in clusters {
+            let (host, bytes, entry) = match self.place_cluster(guest_cluster, data) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Keep what was placed consistent with the file.
+                    self.write_run(&run, run_start)?;
+                    return Err(e);
+                }
+            };
+            if run.is_empty() || host != run_end {
+                self.write_run(&run, run_start)?;
+                run.clear();
+                run_start = host;
+            }
+            run.push(bytes);
+            run_end = host + bytes.len() as u64;
+            let slot = (guest_cluster % self.opts.l2_entries()) as usize;
+            if let Some((_, table)) = &mut self.l2 {
+                table[slot] = entry;
+            }
+        }
+        self.write_run(&run, run_start)
+    }
+
+    /// Checks one cluster write, switches L2 tables as needed and allocates
+    /// its host space: `(host offset, bytes, L2 entry)`.
+    fn place_cluster<'d>(
+        &mut self,
+        guest_cluster: u64,
+        data: ClusterData<'d>,
+    ) -> Result<(u64, &'d [u8], u64)> {
         let cs = self.cs;
         let total = self.opts.virtual_size.div_ceil(cs);
         if guest_cluster < self.next_guest_cluster || guest_cluster >= total {
@@ -200,36 +240,52 @@ impl<W: WriteStorage> Qcow2Writer<W> {
                 self.next_guest_cluster
             )));
         }
+        match data {
+            ClusterData::Plain(bytes) if bytes.len() as u64 > cs => {
+                return Err(Error::invalid("plain cluster data longer than a cluster"))
+            }
+            ClusterData::Compressed(bytes) if bytes.is_empty() || bytes.len() as u64 >= cs => {
+                return Err(Error::invalid(
+                    "compressed cluster data must be shorter than a cluster",
+                ))
+            }
+            _ => {}
+        }
         self.next_guest_cluster = guest_cluster + 1;
         let l1_index = guest_cluster / self.opts.l2_entries();
         if self.l2.as_ref().map(|(i, _)| *i) != Some(l1_index) {
             self.flush_l2()?;
             self.l2 = Some((l1_index, vec![0; self.opts.l2_entries() as usize]));
         }
-        let entry = match data {
+        Ok(match data {
             ClusterData::Plain(bytes) => {
-                if bytes.len() as u64 > cs {
-                    return Err(Error::invalid("plain cluster data longer than a cluster"));
-                }
                 let host = self.alloc_clusters(1)?;
-                self.write(host, bytes)?;
-                host | OFLAG_COPIED
+                (host, bytes, host | OFLAG_COPIED)
             }
             ClusterData::Compressed(bytes) => {
-                if bytes.is_empty() || bytes.len() as u64 >= cs {
-                    return Err(Error::invalid(
-                        "compressed cluster data must be shorter than a cluster",
-                    ));
-                }
                 self.compressed_used = true;
                 let host = self.alloc_bytes(bytes.len() as u64)?;
-                self.write(host, bytes)?;
-                self.compressed_entry(host, bytes.len() as u64)
+                (host, bytes, self.compressed_entry(host, bytes.len() as u64))
             }
-        };
-        let slot = (guest_cluster % self.opts.l2_entries()) as usize;
-        if let Some((_, table)) = &mut self.l2 {
-            table[slot] = entry;
+        })
+    }
+
+    fn write_run(&mut self, run: &[&[u8]], offset: u64) -> Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        self.out
+            .write_vectored_all_at(run, offset)
+            .map_err(|source| Error::Write {
+                offset,
+                len: run.iter().map(|b| b.len() as u64).sum(),
+                source,
+            })?;
+        let end = offset + run.iter().map(|b| b.len() as u64).sum::<u64>();
+        if end >= self.written_back + WRITEBACK_EVERY {
+            self.out
+                .writeback_hint(self.written_back, end - self.written_back);
+            self.written_back = end;
         }
         Ok(())
     }
@@ -492,13 +548,6 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             })?;
         self.buf.offset += self.buf.data.len() as u64;
         self.buf.data.clear();
-        // Everything below the buffer's start is written (allocation is
-        // monotonic; refcount blocks placed out of order are below it too).
-        if self.buf.offset >= self.written_back + WRITEBACK_EVERY {
-            self.out
-                .writeback_hint(self.written_back, self.buf.offset - self.written_back);
-            self.written_back = self.buf.offset;
-        }
         Ok(())
     }
 }
