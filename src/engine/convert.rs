@@ -148,7 +148,7 @@ pub fn convert(
             let stats = pipeline::run(
                 image,
                 jobs,
-                || Ok(RawWriter::new(out)),
+                || Ok(RawWriter::new(out, !zero_fill)),
                 &mut sink,
                 popts,
                 progress,

@@ -27,28 +27,47 @@ impl ZeroRange for crate::io::Output {
 /// offsets. Raw writes are positioned and independent of each other, so
 /// the workers write in parallel (the page cache copy is the main cost of
 /// a raw convert) and the ordered sink only sees the layout.
+///
+/// Not when the sink zeroes ranges (a block device): zeroing a range
+/// invalidates the device's page cache around it, and a concurrent write
+/// of a page that straddles the range could bring old sectors back; there
+/// the sink writes the data itself, in order.
 pub struct RawWriter<'a, W: WriteStorage> {
     out: &'a W,
+    in_workers: bool,
 }
 
 impl<'a, W: WriteStorage> RawWriter<'a, W> {
-    pub fn new(out: &'a W) -> Self {
-        RawWriter { out }
+    /// `in_workers`: write on the worker threads (files); otherwise the
+    /// chunk is passed on for the sink to write.
+    pub fn new(out: &'a W, in_workers: bool) -> Self {
+        RawWriter { out, in_workers }
     }
 }
 
-/// What a [`RawWriter`] wrote: the chunk's range and segments.
+/// What a [`RawWriter`] wrote (the chunk's range and segments), or the
+/// chunk itself when the sink writes.
 pub struct Written {
     pub start: u64,
     pub end: u64,
     pub segments: Vec<Segment>,
     pub bytes: u64,
+    pub unwritten: Option<Chunk>,
 }
 
 impl<W: WriteStorage> Encoder for RawWriter<'_, W> {
     type Output = Written;
 
     fn encode(&mut self, chunk: Chunk) -> Result<Written> {
+        if !self.in_workers {
+            return Ok(Written {
+                start: chunk.start,
+                end: chunk.end(),
+                segments: Vec::new(),
+                bytes: 0,
+                unwritten: Some(chunk),
+            });
+        }
         let mut bytes = 0;
         for seg in chunk.segments.iter().filter(|s| s.data) {
             self.out
@@ -61,6 +80,7 @@ impl<W: WriteStorage> Encoder for RawWriter<'_, W> {
             end: chunk.end(),
             segments: chunk.segments,
             bytes,
+            unwritten: None,
         })
     }
 }
@@ -128,9 +148,19 @@ impl<W: ZeroRange + WriteStorage> Sink for RawSink<'_, W> {
 
     fn put(&mut self, w: Written) -> Result<()> {
         self.zeros_until(w.start);
-        for seg in &w.segments {
+        let segments = match &w.unwritten {
+            Some(chunk) => &chunk.segments,
+            None => &w.segments,
+        };
+        for seg in segments {
             if seg.data {
                 self.flush_zeros()?;
+                if let Some(chunk) = &w.unwritten {
+                    self.out
+                        .write_all_at(chunk.bytes(seg), seg.offset)
+                        .map_err(Error::Dest)?;
+                    self.bytes_written += seg.len;
+                }
                 self.pos = seg.end();
             } else {
                 self.zeros_until(seg.end());
