@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -60,10 +60,24 @@ impl Output {
     fn create_with(path: &Path, try_tmpfile: bool) -> io::Result<Output> {
         match std::fs::metadata(path) {
             Ok(m) if m.file_type().is_block_device() => {
+                // O_EXCL on a block device: refused (EBUSY) while it is
+                // mounted or otherwise held, so a live file system is never
+                // written over.
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .open(path)?;
+                    .custom_flags(OFlags::EXCL.bits() as i32)
+                    .open(path)
+                    .map_err(|e| {
+                        if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) {
+                            io::Error::new(
+                                io::ErrorKind::ResourceBusy,
+                                "the device is in use (mounted, or held by another program)",
+                            )
+                        } else {
+                            e
+                        }
+                    })?;
                 let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))?;
                 return Ok(Output {
                     file,

@@ -588,6 +588,27 @@ fn block_device_target_is_written_and_zeroed() {
     );
     assert_eq!(qemu_compare(&env, "src.qcow2", "qcow2", &dev.0, "raw").0, 1);
 
+    // A device in use (here: mounted) is refused.
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", &dev.0])
+        .output();
+    if mkfs.is_ok_and(|o| o.status.success())
+        && Command::new("mount")
+            .arg(&dev.0)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        let out = env.imgsync(&["convert", "-O", "raw", "src.qcow2", &dev.0]);
+        let _ = Command::new("umount").arg(&mnt).status();
+        assert_eq!(out.status.code(), Some(2));
+        assert_one_line_error(&out, "in use");
+    } else {
+        eprintln!("SKIP part of block_device_target_is_written_and_zeroed: cannot mkfs/mount the loop device");
+    }
+
     // A device smaller than the image is refused before writing.
     env.qemu_img(&["create", "-q", "-f", "raw", "big.raw", "64M"]);
     let out = env.imgsync(&["convert", "-O", "raw", "big.raw", &dev.0]);
