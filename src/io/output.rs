@@ -71,7 +71,7 @@ impl Output {
                     .map_err(|e| {
                         if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) {
                             io::Error::new(
-                                io::ErrorKind::ResourceBusy,
+                                io::ErrorKind::Other,
                                 "the device is in use (mounted, or held by another program)",
                             )
                         } else {
