@@ -70,8 +70,7 @@ impl Output {
                     .open(path)
                     .map_err(|e| {
                         if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) {
-                            io::Error::new(
-                                io::ErrorKind::Other,
+                            io::Error::other(
                                 "the device is in use (mounted, or held by another program)",
                             )
                         } else {
