@@ -134,7 +134,11 @@ pub fn convert(
         workers: opts.workers,
         min_sparse: opts.min_sparse,
     };
-    let grid = CHUNK_BYTES.max(cluster_size);
+    // A zero run never spans two cells, so cells are at least -S long
+    // (at most 16 MiB) for a long -S to find its runs.
+    let grid = CHUNK_BYTES
+        .max(cluster_size)
+        .max(opts.min_sparse.next_power_of_two());
     let jobs = plan::jobs(image, grid);
     let mut report = Report {
         virtual_size,

@@ -134,6 +134,15 @@ fn larger_sparse_size_keeps_short_zero_runs() {
     for f in ["a.raw", "b.raw"] {
         assert_eq!(qemu_compare(&env, "src.raw", "raw", f, "raw").0, 0);
     }
+    // A run longer than the 2 MiB pipeline cells still meets a long -S
+    // (cells grow to -S; like qemu-img, whose buffers grow to -S, a run is
+    // found within one cell).
+    let mut big = random_bytes(20 * MIB as usize, 4, false);
+    big[8 * MIB as usize..16 * MIB as usize].fill(0);
+    raw_file(&env.path("big.raw"), 24 * MIB, &[(0, big)]);
+    let r = convert_ok(&env, &["-O", "raw", "-S", "8M", "big.raw", "c.raw"]);
+    assert_eq!(r["zero-bytes"], 8 * MIB);
+    assert_eq!(qemu_compare(&env, "big.raw", "raw", "c.raw", "raw").0, 0);
 }
 
 // ---------------------------------------------------------------------------
