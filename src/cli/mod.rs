@@ -83,9 +83,13 @@ enum Command {
         output: OutputFormat,
         image: PathBuf,
     },
-    /// Write SRC (flattened with its backing chain) as a new sparse raw or
-    /// compact QCOW2 image at DST. Only allocated, non-zero data is read and
-    /// written; DST appears only when complete.
+    /// Copy an image into a new sparse raw or compact QCOW2 image
+    ///
+    /// SRC is read as the guest sees it (its backing chain flattened). Only
+    /// allocated, non-zero data is read and written. DST appears only when
+    /// complete: a failed or interrupted convert leaves nothing under its
+    /// name, and an existing DST is replaced only on success. A block device
+    /// DST is written in place (ranges without data are zeroed).
     Convert {
         /// Source format (probed from the magic when absent)
         #[arg(short = 'f', long = "format", value_enum)]
@@ -127,11 +131,16 @@ enum Command {
         /// human: print nothing on success; json: a final report
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// The source image
         src: PathBuf,
+        /// The new image (a file, or a block device written in place)
         dst: PathBuf,
     },
-    /// Compare the guest contents of two images: exit 0 identical, 1
-    /// different (first differing offset printed), 2 error
+    /// Compare the guest contents of two images
+    ///
+    /// Exit 0 identical, 1 different (the first differing byte offset is
+    /// printed), 2 error. Ranges that read as zeros in both are not read; a
+    /// larger image's extra part must read as zeros (as qemu-img compare).
     Compare {
         /// Format of A
         #[arg(short = 'f', long = "format", value_enum)]
