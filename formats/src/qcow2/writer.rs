@@ -175,8 +175,15 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         };
         // Cluster 0: the header (written last).
         w.alloc_clusters(1)?;
-        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
-        w.l1_offset = w.alloc_clusters(l1_clusters)?;
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
+        w.l1_offset = if l1_clusters == 0 {
+            // An empty image has an empty L1 table: it takes no cluster (a
+            // cluster allocated for it would be a leak), but its offset
+            // must still be a valid, aligned one.
+            cs
+        } else {
+            w.alloc_clusters(l1_clusters)?
+        };
         Ok(w)
     }
 
@@ -355,12 +362,14 @@ impl<W: WriteStorage> Qcow2Writer<W> {
         }
         self.write(rt_offset, &table)?;
         // L1.
-        let l1_clusters = (self.l1.len() as u64 * 8).div_ceil(self.cs).max(1);
-        let mut l1 = vec![0u8; (l1_clusters * self.cs) as usize];
-        for (i, e) in self.l1.iter().enumerate() {
-            l1[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        let l1_clusters = (self.l1.len() as u64 * 8).div_ceil(self.cs);
+        if l1_clusters > 0 {
+            let mut l1 = vec![0u8; (l1_clusters * self.cs) as usize];
+            for (i, e) in self.l1.iter().enumerate() {
+                l1[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            self.write(self.l1_offset, &l1)?;
         }
-        self.write(self.l1_offset, &l1)?;
         self.flush_buffer()?;
         // Header last.
         let header = self.header_bytes(rt_offset, rt_clusters);
@@ -654,6 +663,17 @@ mod tests {
         let (bytes, _) = write_image(o, &[], false);
         // Header, L1, refcount block, refcount table.
         assert_eq!(bytes.len(), 4 << 16);
+        verify(bytes, o, &[]);
+    }
+
+    /// A zero-size image: no L1 cluster (qemu-img check would call it a
+    /// leak).
+    #[test]
+    fn zero_size_image_has_no_l1_cluster() {
+        let o = opts(0, 16, CompressionType::Zlib);
+        let (bytes, _) = write_image(o, &[], false);
+        // Header, refcount block, refcount table.
+        assert_eq!(bytes.len(), 3 << 16);
         verify(bytes, o, &[]);
     }
 
