@@ -739,3 +739,26 @@ fn progress_is_reported_when_asked() {
     let out = env.imgsync(&["convert", "-q", "src.raw", "out2.raw"]);
     assert!(out.status.success() && out.stderr.is_empty() && out.stdout.is_empty());
 }
+
+/// Empty images convert both ways and pass qemu-img check.
+#[test]
+fn zero_size_images_convert() {
+    let env = qemu_env!();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "z.qcow2", "0"]);
+    env.qemu_img(&["create", "-q", "-f", "raw", "z.raw", "0"]);
+    for (src, fmt) in [("z.qcow2", "qcow2"), ("z.raw", "raw")] {
+        for out_fmt in ["raw", "qcow2"] {
+            let out = format!("{src}.{out_fmt}");
+            convert_ok(&env, &["-O", out_fmt, src, &out]);
+            assert_eq!(qemu_compare(&env, src, fmt, &out, out_fmt).0, 0);
+            if out_fmt == "qcow2" {
+                let chk = env.run("qemu-img", &["check", &out]);
+                assert!(
+                    chk.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&chk.stdout)
+                );
+            }
+        }
+    }
+}
