@@ -280,11 +280,17 @@ where
         }
         // out_rx is dropped by now: workers blocked on sending wake up and
         // leave; the planner's queue closes when the last worker is gone.
-        let _ = planner.join();
+        // A thread that panicked lost its job: that is an error, never a
+        // short output.
+        let mut panicked = planner.join().is_err();
         for h in handles {
-            let _ = h.join();
+            panicked |= h.join().is_err();
         }
-        result.map(|()| stats)
+        result?;
+        if panicked {
+            return Err(Error::Internal("a pipeline thread panicked".to_string()));
+        }
+        Ok(stats)
     })
 }
 
@@ -379,4 +385,166 @@ pub fn read_chunk(image: &Image, job: Job, min_sparse: u64, pool: &Arc<BufPool>)
         data_bytes,
         zero_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use imgsync_formats::raw::Raw;
+    use imgsync_formats::{Layer, Storage};
+
+    use super::*;
+    use crate::engine::plan;
+    use crate::engine::sink::{RawSink, RawWriter, ZeroRange};
+    use crate::engine::NoProgress;
+
+    impl ZeroRange for Mutex<Vec<u8>> {
+        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            let mut v = self.lock().unwrap();
+            let end = (offset + len) as usize;
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[offset as usize..end].fill(0);
+            Ok(())
+        }
+    }
+
+    /// An in-memory raw image: data islands (some all zeros) between zeros.
+    fn image(seed: u64) -> (Image, Vec<u8>) {
+        let size = 9 << 20;
+        let mut bytes = vec![0u8; size];
+        let mut x = seed | 1;
+        let mut pos = 0usize;
+        while pos < size {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % (700 << 10)) as usize + 1;
+            let end = (pos + len).min(size);
+            if x & 3 == 1 {
+                for (i, b) in bytes[pos..end].iter_mut().enumerate() {
+                    *b = (i as u64 ^ x) as u8 | 1;
+                }
+            }
+            pos = end;
+        }
+        let storage: Arc<dyn Storage> = Arc::new(bytes.clone());
+        (Image::new(Layer::Raw(Raw::open(storage).unwrap())), bytes)
+    }
+
+    fn convert(image: &Image, workers: usize, zero_fill: bool) -> Result<Vec<u8>> {
+        let out = Mutex::new(vec![0xeeu8; image.virtual_size() as usize]);
+        if !zero_fill {
+            out.lock().unwrap().fill(0);
+        }
+        let mut sink = RawSink::new(&out, image.virtual_size(), zero_fill);
+        run(
+            image,
+            plan::jobs(image, 1 << 20),
+            || Ok(RawWriter::new(&out, !zero_fill)),
+            &mut sink,
+            PipelineOptions {
+                workers,
+                min_sparse: 4096,
+            },
+            &NoProgress,
+            &AtomicBool::new(false),
+        )?;
+        sink.finish()?;
+        Ok(out.into_inner().unwrap())
+    }
+
+    #[test]
+    fn output_equals_input_for_any_worker_count() {
+        for seed in [1u64, 7, 99] {
+            let (img, bytes) = image(seed);
+            for workers in [1, 2, 5] {
+                for zero_fill in [false, true] {
+                    let got = convert(&img, workers, zero_fill).unwrap();
+                    assert!(
+                        got == bytes,
+                        "seed {seed} workers {workers} zero_fill {zero_fill}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// An encoder that fails, or panics, on one job: the run is an error,
+    /// never a short output.
+    struct Faulty {
+        at: u64,
+        panic: bool,
+    }
+
+    impl Encoder for Faulty {
+        type Output = Chunk;
+        fn encode(&mut self, chunk: Chunk) -> Result<Chunk> {
+            if chunk.seq == self.at {
+                if self.panic {
+                    panic!("test panic in an encoder");
+                }
+                return Err(Error::Internal("test failure".into()));
+            }
+            Ok(chunk)
+        }
+    }
+
+    struct Count(u64);
+
+    impl Sink for Count {
+        type Item = Chunk;
+        fn put(&mut self, _item: Chunk) -> Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_or_panicking_stage_fails_the_run() {
+        let (img, _) = image(3);
+        let n = plan::jobs(&img, 1 << 20).count() as u64;
+        assert!(n > 3);
+        for panic in [false, true] {
+            for at in [0, n / 2, n - 1] {
+                let mut sink = Count(0);
+                let r = run(
+                    &img,
+                    plan::jobs(&img, 1 << 20),
+                    || Ok(Faulty { at, panic }),
+                    &mut sink,
+                    PipelineOptions {
+                        workers: 2,
+                        min_sparse: 4096,
+                    },
+                    &NoProgress,
+                    &AtomicBool::new(false),
+                );
+                assert!(
+                    r.is_err(),
+                    "panic {panic} at {at}: {:?}",
+                    r.map(|s| s.chunks)
+                );
+                assert!(sink.0 <= at);
+            }
+        }
+    }
+
+    #[test]
+    fn cancel_stops_the_run() {
+        let (img, _) = image(5);
+        let mut sink = Count(0);
+        let r = run(
+            &img,
+            plan::jobs(&img, 1 << 20),
+            || Ok(Passthrough),
+            &mut sink,
+            PipelineOptions::default(),
+            &NoProgress,
+            &AtomicBool::new(true),
+        );
+        assert!(matches!(r, Err(Error::Interrupted)));
+    }
 }
