@@ -7,7 +7,7 @@ use imgsync_formats::qcow2::writer::{ClusterData, Qcow2Writer, WriterOptions};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::WriteStorage;
 
-use super::pipeline::{Chunk, Encoder, Sink};
+use super::pipeline::{Chunk, Encoder, PooledBuf, Sink};
 use super::zero::Segment;
 use super::{Error, Result};
 
@@ -45,42 +45,37 @@ impl<'a, W: WriteStorage> RawWriter<'a, W> {
     }
 }
 
-/// What a [`RawWriter`] wrote (the chunk's range and segments), or the
-/// chunk itself when the sink writes.
+/// A chunk's layout after a [`RawWriter`]: its range and segments, the
+/// data bytes written, and the buffer itself when the sink must write it.
 pub struct Written {
     pub start: u64,
     pub end: u64,
     pub segments: Vec<Segment>,
     pub bytes: u64,
-    pub unwritten: Option<Chunk>,
+    pub unwritten: Option<PooledBuf>,
 }
 
 impl<W: WriteStorage> Encoder for RawWriter<'_, W> {
     type Output = Written;
 
     fn encode(&mut self, chunk: Chunk) -> Result<Written> {
-        if !self.in_workers {
-            return Ok(Written {
-                start: chunk.start,
-                end: chunk.end(),
-                segments: Vec::new(),
-                bytes: 0,
-                unwritten: Some(chunk),
-            });
-        }
         let mut bytes = 0;
-        for seg in chunk.segments.iter().filter(|s| s.data) {
-            self.out
-                .write_all_at(chunk.bytes(seg), seg.offset)
-                .map_err(Error::Dest)?;
-            bytes += seg.len;
+        if self.in_workers {
+            for seg in chunk.segments.iter().filter(|s| s.data) {
+                self.out
+                    .write_all_at(chunk.bytes(seg), seg.offset)
+                    .map_err(Error::Dest)?;
+                bytes += seg.len;
+            }
         }
+        let end = chunk.end();
         Ok(Written {
             start: chunk.start,
-            end: chunk.end(),
+            end,
             segments: chunk.segments,
             bytes,
-            unwritten: None,
+            // Written already: the buffer goes back to the pool now.
+            unwritten: (!self.in_workers).then_some(chunk.buf),
         })
     }
 }
@@ -148,16 +143,13 @@ impl<W: ZeroRange + WriteStorage> Sink for RawSink<'_, W> {
 
     fn put(&mut self, w: Written) -> Result<()> {
         self.zeros_until(w.start);
-        let segments = match &w.unwritten {
-            Some(chunk) => &chunk.segments,
-            None => &w.segments,
-        };
-        for seg in segments {
+        for seg in &w.segments {
             if seg.data {
                 self.flush_zeros()?;
-                if let Some(chunk) = &w.unwritten {
+                if let Some(buf) = &w.unwritten {
+                    let from = (seg.offset - w.start) as usize;
                     self.out
-                        .write_all_at(chunk.bytes(seg), seg.offset)
+                        .write_all_at(&buf[from..from + seg.len as usize], seg.offset)
                         .map_err(Error::Dest)?;
                     self.bytes_written += seg.len;
                 }
@@ -266,7 +258,6 @@ impl Encoder for Qcow2Encoder {
 /// Feeds encoded clusters to a [`Qcow2Writer`] in guest order.
 pub struct Qcow2Sink<W: WriteStorage> {
     writer: Qcow2Writer<W>,
-    pub clusters_written: u64,
     pub clusters_compressed: u64,
 }
 
@@ -274,7 +265,6 @@ impl<W: WriteStorage> Qcow2Sink<W> {
     pub fn new(out: W, opts: WriterOptions) -> Result<Self> {
         Ok(Qcow2Sink {
             writer: Qcow2Writer::new(out, opts).map_err(Error::DestFormat)?,
-            clusters_written: 0,
             clusters_compressed: 0,
         })
     }
@@ -307,7 +297,6 @@ impl<W: WriteStorage> Sink for Qcow2Sink<W> {
             imgsync_formats::Error::Write { source, .. } => Error::Dest(source),
             e => Error::DestFormat(e),
         })?;
-        self.clusters_written += clusters.len() as u64;
         self.clusters_compressed += clusters
             .iter()
             .filter(|(_, d)| matches!(d, ClusterData::Compressed(_)))

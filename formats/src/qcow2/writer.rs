@@ -135,7 +135,6 @@ pub struct Qcow2Writer<W: WriteStorage> {
     reftable: Vec<u64>,
     /// The next guest cluster index that may be written.
     next_guest_cluster: u64,
-    compressed_used: bool,
     buf: WriteBuffer,
     /// Host bytes below this were handed to `writeback_hint`.
     written_back: u64,
@@ -166,7 +165,6 @@ impl<W: WriteStorage> Qcow2Writer<W> {
             rc_pending: std::collections::VecDeque::new(),
             reftable: Vec::new(),
             next_guest_cluster: 0,
-            compressed_used: false,
             written_back: 0,
             buf: WriteBuffer {
                 offset: 0,
@@ -270,7 +268,6 @@ impl<W: WriteStorage> Qcow2Writer<W> {
                 (host, bytes, host | OFLAG_COPIED)
             }
             ClusterData::Compressed(bytes) => {
-                self.compressed_used = true;
                 let host = self.alloc_bytes(bytes.len() as u64)?;
                 (host, bytes, self.compressed_entry(host, bytes.len() as u64))
             }
