@@ -7,10 +7,9 @@ use anyhow::Result;
 use imgsync_formats::Format;
 
 use super::convert::engine_error;
-use super::progress::{interrupt_flag, Bar};
+use super::progress::{interrupt_flag, progress_of, Reporting};
 use super::{exit, OutputFormat};
 use crate::engine::compare::{self, Outcome};
-use crate::engine::{NoProgress, Progress};
 use crate::io::{open_image, OpenOptions};
 
 pub struct Args {
@@ -18,8 +17,7 @@ pub struct Args {
     pub b: PathBuf,
     pub format_a: Option<Format>,
     pub format_b: Option<Format>,
-    pub progress: bool,
-    pub quiet: bool,
+    pub reporting: Reporting,
     pub output: OutputFormat,
 }
 
@@ -36,11 +34,8 @@ pub fn run(args: Args) -> Result<u8> {
     let a = open(&args.a, args.format_a)?;
     let b = open(&args.b, args.format_b)?;
     let cancel = interrupt_flag();
-    let bar = Bar::new(args.progress, args.quiet);
-    let progress: &dyn Progress = match &bar {
-        Some(b) => b,
-        None => &NoProgress,
-    };
+    let bar = args.reporting.bar();
+    let progress = progress_of(&bar);
     let result = compare::compare(&a, &b, progress, &cancel);
     drop(bar);
     let (outcome, _stats) = result.map_err(|e| engine_error(e, &args.a, &args.b, Some(&args.b)))?;
@@ -57,7 +52,7 @@ pub fn run(args: Args) -> Result<u8> {
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        OutputFormat::Human if !args.quiet => {
+        OutputFormat::Human if !args.reporting.quiet => {
             if size_mismatch {
                 println!("Warning: Image size mismatch!");
             }

@@ -8,10 +8,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
 
-use super::progress::{interrupt_flag, Bar};
+use super::progress::{interrupt_flag, progress_of, Reporting};
 use super::{exit, OutputFormat};
+use crate::engine;
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::{self, NoProgress, Progress};
 use crate::io::{open_image_files, OpenOptions, Output};
 
 /// Largest `-S` accepted (qemu-img's limit).
@@ -29,8 +29,7 @@ pub struct Args {
     pub target_is_zero: bool,
     pub no_space_check: bool,
     pub threads: Option<usize>,
-    pub progress: bool,
-    pub quiet: bool,
+    pub reporting: Reporting,
     pub output: OutputFormat,
 }
 
@@ -73,11 +72,8 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let cancel = interrupt_flag();
     let out = Output::create(&a.dst).with_context(|| a.dst.display().to_string())?;
-    let bar = Bar::new(a.progress, a.quiet);
-    let progress: &dyn Progress = match &bar {
-        Some(b) => b,
-        None => &NoProgress,
-    };
+    let bar = a.reporting.bar();
+    let progress = progress_of(&bar);
     let result = convert::convert(&image, &out, &opts, progress, &cancel);
     drop(bar);
     let report = match result {

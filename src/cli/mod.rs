@@ -122,12 +122,8 @@ enum Command {
         /// Worker threads (default: one per core, at most 8)
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
-        /// Show a progress bar (default when stderr is a terminal)
-        #[arg(short = 'p', long)]
-        progress: bool,
-        /// Print nothing but errors
-        #[arg(short = 'q', long, conflicts_with = "progress")]
-        quiet: bool,
+        #[command(flatten)]
+        reporting: progress::Reporting,
         /// human: print nothing on success; json: a final report
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
@@ -148,10 +144,8 @@ enum Command {
         /// Format of B
         #[arg(short = 'F', long = "format-b", value_enum)]
         format_b: Option<FormatArg>,
-        #[arg(short = 'p', long)]
-        progress: bool,
-        #[arg(short = 'q', long, conflicts_with = "progress")]
-        quiet: bool,
+        #[command(flatten)]
+        reporting: progress::Reporting,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         a: PathBuf,
@@ -206,8 +200,7 @@ pub fn main() -> ExitCode {
             target_is_zero,
             no_space_check,
             threads,
-            progress,
-            quiet,
+            reporting,
             output,
             src,
             dst,
@@ -226,15 +219,13 @@ pub fn main() -> ExitCode {
             target_is_zero,
             no_space_check,
             threads,
-            progress,
-            quiet,
+            reporting,
             output,
         }),
         Command::Compare {
             format,
             format_b,
-            progress,
-            quiet,
+            reporting,
             output,
             a,
             b,
@@ -243,8 +234,7 @@ pub fn main() -> ExitCode {
             b,
             format_a: format.map(Into::into),
             format_b: format_b.map(Into::into),
-            progress,
-            quiet,
+            reporting,
             output,
         }),
     };

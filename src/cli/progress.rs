@@ -9,7 +9,33 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::output::human_size;
-use crate::engine::Progress;
+use crate::engine::{NoProgress, Progress};
+
+/// `-p` / `-q`, shared by every command that reports progress.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Reporting {
+    /// Show a progress bar (default when stderr is a terminal)
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    /// Print nothing but errors
+    #[arg(short = 'q', long, conflicts_with = "progress")]
+    pub quiet: bool,
+}
+
+impl Reporting {
+    /// The bar these options ask for, if any.
+    pub fn bar(&self) -> Option<Bar> {
+        Bar::new(self.progress, self.quiet)
+    }
+}
+
+/// The progress sink for an optional bar.
+pub fn progress_of(bar: &Option<Bar>) -> &dyn Progress {
+    match bar {
+        Some(b) => b,
+        None => &NoProgress,
+    }
+}
 
 /// Progress on stderr: an indicatif bar (bytes done of the total, rate,
 /// ETA) on a terminal; with `-p` and no terminal (a log, a pipe), a line
