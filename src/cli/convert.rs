@@ -70,6 +70,7 @@ pub fn run(a: Args) -> Result<u8> {
             .threads
             .unwrap_or_else(crate::engine::pipeline::default_workers),
     };
+    convert::check_options(&image, &opts).map_err(|e| engine_error(e, &a.src, &a.dst, None))?;
     let cancel = interrupt_flag();
     let out = Output::create(&a.dst).with_context(|| a.dst.display().to_string())?;
     let bar = a.reporting.bar();

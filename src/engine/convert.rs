@@ -81,6 +81,15 @@ pub fn space_needed(summary: &DataSummary, opts: &ConvertOptions) -> Result<u64>
     })
 }
 
+/// Refuses options the output cannot be made with (a QCOW2 L1 table over
+/// qemu's limit, say), before the caller creates the output.
+pub fn check_options(image: &Image, opts: &ConvertOptions) -> Result<()> {
+    if let Format::Qcow2 = opts.output_format {
+        writer_options(image.virtual_size(), opts)?;
+    }
+    Ok(())
+}
+
 fn writer_options(virtual_size: u64, opts: &ConvertOptions) -> Result<WriterOptions> {
     let w = WriterOptions {
         virtual_size,
@@ -107,10 +116,8 @@ pub fn convert(
         Format::Raw => 1,
         Format::Qcow2 => cluster_size,
     };
+    check_options(image, opts)?;
     let summary = plan::summarize(image, unit.max(1))?;
-    if let Format::Qcow2 = opts.output_format {
-        writer_options(virtual_size, opts)?;
-    }
     // Room: a block device must hold the whole image; a file system must
     // have room for the data (the virtual size does not matter).
     let need = space_needed(&summary, opts)?;

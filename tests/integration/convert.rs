@@ -308,17 +308,7 @@ fn existing_destination_is_replaced_only_on_success() {
     std::fs::write(env.path("dst.raw"), b"old content").unwrap();
     std::fs::set_permissions(env.path("dst.raw"), std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // A source whose only L2 table points past the end of the file fails
-    // mid-read.
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "bad.qcow2", "1M"]);
-    env.qemu_io("qcow2", "bad.qcow2", &[Op::Data(0, 64 * KIB)]);
-    let len = std::fs::metadata(env.path("bad.qcow2")).unwrap().len();
-    // Drop the data cluster: the L2 entry now points beyond EOF.
-    let f = FsOpenOptions::new()
-        .write(true)
-        .open(env.path("bad.qcow2"))
-        .unwrap();
-    f.set_len(len - 64 * KIB).unwrap();
+    damaged_qcow2(&env, "bad.qcow2");
     let out = env.imgsync(&["convert", "-O", "raw", "bad.qcow2", "dst.raw"]);
     assert_eq!(out.status.code(), Some(2));
     assert_one_line_error(&out, "bad.qcow2");
@@ -336,6 +326,53 @@ fn existing_destination_is_replaced_only_on_success() {
         listing(env.root()),
         ["bad.qcow2", "dst.raw", "src-1.bin", "src.raw"]
     );
+}
+
+/// A qcow2 image that opens but fails mid-read: its one data cluster is cut
+/// off the end of the file, so its L2 entry points beyond EOF.
+fn damaged_qcow2(env: &Env, name: &str) {
+    env.qemu_img(&["create", "-q", "-f", "qcow2", name, "1M"]);
+    env.qemu_io("qcow2", name, &[Op::Data(0, 64 * KIB)]);
+    let len = std::fs::metadata(env.path(name)).unwrap().len();
+    let f = FsOpenOptions::new()
+        .write(true)
+        .open(env.path(name))
+        .unwrap();
+    f.set_len(len - 64 * KIB).unwrap();
+}
+
+/// An output the QCOW2 writer cannot make (its L1 table would exceed
+/// qemu's 32 MiB limit) is refused before anything is written.
+#[test]
+fn impossible_qcow2_output_is_refused_before_writing() {
+    let env = qemu_env!();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "huge.qcow2", "8T"]);
+    let out = env.imgsync(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "--cluster-size",
+        "512",
+        "huge.qcow2",
+        "out/x.qcow2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // The directory does not exist: the refusal comes first.
+    let line = assert_one_line_error(&out, "out/x.qcow2");
+    assert!(line.contains("larger cluster size"), "{line}");
+    std::fs::create_dir(env.path("out")).unwrap();
+    let out = env.imgsync(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "--cluster-size",
+        "512",
+        "huge.qcow2",
+        "out/x.qcow2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "larger cluster size");
+    assert_eq!(listing(&env.path("out")), Vec::<String>::new());
 }
 
 // ---------------------------------------------------------------------------
@@ -721,6 +758,22 @@ fn compare_data_against_holes_and_sizes() {
     let j = env.imgsync(&["compare", "--output", "json", "a.raw", "d.raw"]);
     let v: Value = serde_json::from_slice(&j.stdout).unwrap();
     assert_eq!(v["first-difference"].as_u64(), Some(6 * MIB + 3));
+}
+
+/// A read failure on either side is exit 2 naming that image, never a
+/// verdict.
+#[test]
+fn compare_names_the_image_that_fails() {
+    let env = qemu_env!();
+    damaged_qcow2(&env, "bad.qcow2");
+    raw_file(&env.path("good.raw"), MIB, &[(0, vec![7u8; 4096])]);
+    for (a, b) in [("good.raw", "bad.qcow2"), ("bad.qcow2", "good.raw")] {
+        let out = env.imgsync(&["compare", a, b]);
+        assert_eq!(out.status.code(), Some(2), "{a} {b}");
+        let line = assert_one_line_error(&out, "bad.qcow2");
+        assert!(line.starts_with("imgsync: bad.qcow2:"), "{line}");
+        assert!(out.stdout.is_empty());
+    }
 }
 
 /// Progress: `-p` reports on stderr even when it is not a terminal.
