@@ -273,19 +273,26 @@ impl Drop for Output {
     }
 }
 
-impl WriteStorage for Output {
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if let Kind::BlockDevice { size } = self.kind {
-            if offset.saturating_add(buf.len() as u64) > size {
-                return Err(io::Error::new(
+impl Output {
+    /// A write past the end of a block device is refused (a file grows).
+    fn check_in_device(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.kind {
+            Kind::BlockDevice { size } if offset.saturating_add(len) > size => {
+                Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
-                        "write at {offset:#x} of {} bytes is past the end of the device ({size} bytes)",
-                        buf.len()
+                        "write at {offset:#x} of {len} bytes is past the end of the device ({size} bytes)"
                     ),
-                ));
+                ))
             }
+            _ => Ok(()),
         }
+    }
+}
+
+impl WriteStorage for Output {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_in_device(offset, buf.len() as u64)?;
         FileExt::write_all_at(&self.file, buf, offset)
     }
 
@@ -293,14 +300,7 @@ impl WriteStorage for Output {
         /// Slices per pwritev (Linux's IOV_MAX).
         const IOV_MAX: usize = 1024;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        if let Kind::BlockDevice { size } = self.kind {
-            if offset.saturating_add(total) > size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("write at {offset:#x} of {total} bytes is past the end of the device ({size} bytes)"),
-                ));
-            }
-        }
+        self.check_in_device(offset, total)?;
         let mut pos = offset;
         let mut first = 0usize; // index of the first slice not fully written
         let mut skip = 0usize; // bytes of bufs[first] already written
