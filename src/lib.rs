@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod engine;
 pub mod io;
+pub mod protocol;
 
 pub use imgsync_formats as formats;

@@ -1,0 +1,100 @@
+//! The wire protocol between two imgsync processes (see `docs/protocol.md`):
+//! frames with a type, a length and a crc32 ([`frame`]), the messages they
+//! carry ([`msg`]), and the content digest both ends compute ([`digest`]).
+//! Everything read from the peer is bounds-checked against [`Limits`]; this
+//! layer does no I/O policy and uses nothing else in imgsync.
+#![forbid(unsafe_code)]
+
+pub mod digest;
+pub mod frame;
+pub mod msg;
+
+pub use frame::{FrameReader, FrameWriter};
+pub use msg::Message;
+
+/// The first bytes of every stream (in the HELLO frame's payload).
+pub const MAGIC: [u8; 8] = *b"IMGSYNC\0";
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+
+/// Capability bits (HELLO). Unknown bits from a peer are ignored.
+pub mod caps {
+    /// CHUNK payloads may be zstd-compressed.
+    pub const ZSTD: u64 = 1;
+    pub const ALL: u64 = ZSTD;
+}
+
+/// Largest sizes a peer may send; each side announces its own in HELLO and
+/// both use the smaller of the two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame payload in bytes.
+    pub max_frame: u32,
+    /// Largest guest range one CHUNK covers.
+    pub max_chunk: u32,
+}
+
+impl Limits {
+    /// Cells are 2 MiB, grown to the output cluster size (2 MiB at most) or
+    /// to `-S` (16 MiB at most): 16 MiB chunks, and a frame holds one chunk
+    /// stored raw plus its segment table.
+    pub const DEFAULT: Limits = Limits {
+        max_chunk: 16 << 20,
+        max_frame: (16 << 20) + (1 << 20),
+    };
+
+    /// The smaller of each limit (never above the defaults, never so small
+    /// that nothing fits).
+    pub fn negotiate(self, peer: Limits) -> Limits {
+        Limits {
+            max_frame: self.max_frame.min(peer.max_frame).max(MIN_FRAME),
+            max_chunk: self.max_chunk.min(peer.max_chunk).max(MIN_CHUNK),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
+
+/// Limits below these are raised: a chunk of one 64 KiB cluster and a
+/// frame that holds it must always fit.
+const MIN_CHUNK: u32 = 64 << 10;
+const MIN_FRAME: u32 = (64 << 10) + 4096;
+
+/// Protocol failures: what the peer sent is not what the protocol allows,
+/// or the stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading from the peer")]
+    Read(#[source] std::io::Error),
+    #[error("writing to the peer")]
+    Write(#[source] std::io::Error),
+    #[error("the peer closed the connection")]
+    Eof,
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLong { len: u64, limit: u64 },
+    #[error("frame checksum mismatch (type {kind}, {len} bytes): corrupted in transit")]
+    Checksum { kind: u8, len: u32 },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("not an imgsync stream (bad magic)")]
+    BadMagic,
+    #[error("the peer speaks protocol version {peer}; this imgsync speaks {ours}")]
+    Version { peer: u16, ours: u16 },
+    #[error("malformed {what} frame: {why}")]
+    Malformed { what: &'static str, why: String },
+    #[error("expected a {expected} frame, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// The peer reported an error (its message, naming its file).
+    #[error("{0}")]
+    Remote(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

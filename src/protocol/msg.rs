@@ -1,0 +1,712 @@
+//! The messages frames carry, and their encodings (big-endian integers,
+//! byte strings as a u32 length and the bytes). Decoding checks every
+//! count and length against the frame it came in and the negotiated
+//! [`Limits`]; nothing is allocated from a peer's count alone.
+
+use super::{Error, Limits, Result, MAGIC, VERSION};
+
+/// Frame types.
+pub mod kind {
+    pub const HELLO: u8 = 1;
+    pub const REQUEST: u8 = 2;
+    pub const IMAGE: u8 = 3;
+    pub const READY: u8 = 4;
+    pub const CHUNK: u8 = 5;
+    pub const END: u8 = 6;
+    pub const DONE: u8 = 7;
+    pub const ERROR: u8 = 8;
+}
+
+pub fn kind_name(k: u8) -> &'static str {
+    match k {
+        kind::HELLO => "HELLO",
+        kind::REQUEST => "REQUEST",
+        kind::IMAGE => "IMAGE",
+        kind::READY => "READY",
+        kind::CHUNK => "CHUNK",
+        kind::END => "END",
+        kind::DONE => "DONE",
+        kind::ERROR => "ERROR",
+        _ => "unknown",
+    }
+}
+
+/// Image formats on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireFormat {
+    Raw = 1,
+    Qcow2 = 2,
+}
+
+impl WireFormat {
+    fn decode(b: u8, what: &'static str) -> Result<Option<WireFormat>> {
+        match b {
+            0 => Ok(None),
+            1 => Ok(Some(WireFormat::Raw)),
+            2 => Ok(Some(WireFormat::Qcow2)),
+            _ => Err(malformed(what, format!("unknown image format {b}"))),
+        }
+    }
+}
+
+/// QCOW2 cluster compression asked of a receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireCompression {
+    None = 0,
+    Zlib = 1,
+    Zstd = 2,
+}
+
+/// Both ends' first frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub caps: u64,
+    pub limits: Limits,
+}
+
+impl Hello {
+    pub fn ours() -> Hello {
+        Hello {
+            version: VERSION,
+            caps: super::caps::ALL,
+            limits: Limits::DEFAULT,
+        }
+    }
+}
+
+/// Push: the server receives an image and writes it at `path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveRequest {
+    pub path: Vec<u8>,
+    pub format: WireFormat,
+    pub compression: WireCompression,
+    pub cluster_bits: u8,
+    pub target_is_zero: bool,
+    pub check_space: bool,
+}
+
+/// Pull: the server reads the image at `path` and sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendRequest {
+    pub path: Vec<u8>,
+    /// None: probe.
+    pub format: Option<WireFormat>,
+    /// Zero runs of at least this many bytes are not sent (0: none).
+    pub min_sparse: u64,
+    /// Grid cell (chunk) size the sender should use.
+    pub chunk: u32,
+    /// Output cluster size for the space estimate in IMAGE.
+    pub unit: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Receive(ReceiveRequest),
+    Send(SendRequest),
+}
+
+/// What the sender's image holds (from its metadata, before any data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: Option<WireFormat>,
+    pub virtual_size: u64,
+    pub data_bytes: u64,
+    pub data_extents: u64,
+    /// Cells of `unit` bytes holding data.
+    pub data_units: u64,
+    pub unit: u64,
+}
+
+/// One grid cell of guest data: `segments` cover `[start, start + len)` in
+/// order, each data or zeros; the data segments' bytes, concatenated
+/// (`raw_len` of them), are the payload, stored raw or zstd-compressed.
+/// `hash` is the cell's content digest ([`super::digest::chunk_hash`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkFrame {
+    pub start: u64,
+    pub len: u32,
+    /// Source bytes read for this cell (progress).
+    pub read: u32,
+    pub segments: Vec<(u32, bool)>,
+    pub hash: [u8; 32],
+    pub zstd: bool,
+    pub raw_len: u32,
+    pub payload: Vec<u8>,
+}
+
+impl ChunkFrame {
+    pub fn end(&self) -> u64 {
+        self.start + u64::from(self.len)
+    }
+}
+
+/// The sender's last frame: how many chunks it sent and the digest over
+/// them ([`super::digest::StreamDigest`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct End {
+    pub chunks: u64,
+    pub digest: [u8; 32],
+}
+
+/// Push: the receiver's answer after the output is complete and in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Done {
+    pub bytes_written: u64,
+    pub clusters_compressed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Request(Request),
+    Image(ImageInfo),
+    Ready,
+    Chunk(ChunkFrame),
+    End(End),
+    Done(Done),
+    Error(String),
+}
+
+impl Message {
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Hello(_) => kind::HELLO,
+            Message::Request(_) => kind::REQUEST,
+            Message::Image(_) => kind::IMAGE,
+            Message::Ready => kind::READY,
+            Message::Chunk(_) => kind::CHUNK,
+            Message::End(_) => kind::END,
+            Message::Done(_) => kind::DONE,
+            Message::Error(_) => kind::ERROR,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+
+    /// Appends the payload.
+    pub fn encode(&self, v: &mut Vec<u8>) {
+        match self {
+            Message::Hello(h) => {
+                v.extend_from_slice(&MAGIC);
+                v.extend_from_slice(&h.version.to_be_bytes());
+                v.extend_from_slice(&h.caps.to_be_bytes());
+                v.extend_from_slice(&h.limits.max_frame.to_be_bytes());
+                v.extend_from_slice(&h.limits.max_chunk.to_be_bytes());
+            }
+            Message::Request(Request::Receive(r)) => {
+                v.push(1);
+                put_bytes(v, &r.path);
+                v.push(r.format as u8);
+                v.push(r.compression as u8);
+                v.push(r.cluster_bits);
+                v.push(u8::from(r.target_is_zero) | (u8::from(r.check_space) << 1));
+            }
+            Message::Request(Request::Send(r)) => {
+                v.push(2);
+                put_bytes(v, &r.path);
+                v.push(r.format.map_or(0, |f| f as u8));
+                v.extend_from_slice(&r.min_sparse.to_be_bytes());
+                v.extend_from_slice(&r.chunk.to_be_bytes());
+                v.extend_from_slice(&r.unit.to_be_bytes());
+            }
+            Message::Image(i) => {
+                v.push(i.format.map_or(0, |f| f as u8));
+                for x in [
+                    i.virtual_size,
+                    i.data_bytes,
+                    i.data_extents,
+                    i.data_units,
+                    i.unit,
+                ] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+            }
+            Message::Ready => {}
+            Message::Chunk(c) => encode_chunk(
+                v,
+                ChunkHead {
+                    start: c.start,
+                    len: c.len,
+                    read: c.read,
+                    segments: &c.segments,
+                    hash: &c.hash,
+                    zstd: c.zstd,
+                    raw_len: c.raw_len,
+                },
+                &c.payload,
+            ),
+            Message::End(e) => {
+                v.extend_from_slice(&e.chunks.to_be_bytes());
+                v.extend_from_slice(&e.digest);
+            }
+            Message::Done(d) => {
+                v.extend_from_slice(&d.bytes_written.to_be_bytes());
+                v.extend_from_slice(&d.clusters_compressed.to_be_bytes());
+            }
+            Message::Error(s) => put_bytes(v, s.as_bytes()),
+        }
+    }
+
+    /// Decodes a frame's payload. An ERROR frame decodes to
+    /// `Message::Error`; callers usually want [`Message::expect`].
+    pub fn decode(k: u8, p: &[u8], limits: &Limits) -> Result<Message> {
+        let what = kind_name(k);
+        let mut d = Dec { p, what };
+        let m = match k {
+            kind::HELLO => {
+                if d.take(8)? != MAGIC {
+                    return Err(Error::BadMagic);
+                }
+                let version = d.u16()?;
+                if version != VERSION {
+                    return Err(Error::Version {
+                        peer: version,
+                        ours: VERSION,
+                    });
+                }
+                Message::Hello(Hello {
+                    version,
+                    caps: d.u64()?,
+                    limits: Limits {
+                        max_frame: d.u32()?,
+                        max_chunk: d.u32()?,
+                    },
+                })
+            }
+            kind::REQUEST => match d.u8()? {
+                1 => {
+                    let path = d.bytes(4096)?.to_vec();
+                    let format = WireFormat::decode(d.u8()?, what)?
+                        .ok_or_else(|| malformed(what, "no output format".to_string()))?;
+                    let compression = match d.u8()? {
+                        0 => WireCompression::None,
+                        1 => WireCompression::Zlib,
+                        2 => WireCompression::Zstd,
+                        b => return Err(malformed(what, format!("unknown compression {b}"))),
+                    };
+                    let cluster_bits = d.u8()?;
+                    let flags = d.u8()?;
+                    Message::Request(Request::Receive(ReceiveRequest {
+                        path,
+                        format,
+                        compression,
+                        cluster_bits,
+                        target_is_zero: flags & 1 != 0,
+                        check_space: flags & 2 != 0,
+                    }))
+                }
+                2 => Message::Request(Request::Send(SendRequest {
+                    path: d.bytes(4096)?.to_vec(),
+                    format: WireFormat::decode(d.u8()?, what)?,
+                    min_sparse: d.u64()?,
+                    chunk: d.u32()?,
+                    unit: d.u64()?,
+                })),
+                op => return Err(malformed(what, format!("unknown operation {op}"))),
+            },
+            kind::IMAGE => Message::Image(ImageInfo {
+                format: WireFormat::decode(d.u8()?, what)?,
+                virtual_size: d.u64()?,
+                data_bytes: d.u64()?,
+                data_extents: d.u64()?,
+                data_units: d.u64()?,
+                unit: d.u64()?,
+            }),
+            kind::READY => Message::Ready,
+            kind::CHUNK => Message::Chunk(decode_chunk(&mut d, limits)?),
+            kind::END => Message::End(End {
+                chunks: d.u64()?,
+                digest: d.array()?,
+            }),
+            kind::DONE => Message::Done(Done {
+                bytes_written: d.u64()?,
+                clusters_compressed: d.u64()?,
+            }),
+            kind::ERROR => {
+                let b = d.bytes(64 << 10)?;
+                Message::Error(String::from_utf8_lossy(b).into_owned())
+            }
+            other => return Err(Error::UnknownType(other)),
+        };
+        d.finish()?;
+        Ok(m)
+    }
+
+    /// Decodes a frame that must be of type `want`; an ERROR frame becomes
+    /// [`Error::Remote`] with the peer's message.
+    pub fn expect(k: u8, p: &[u8], limits: &Limits, want: u8) -> Result<Message> {
+        let m = Message::decode(k, p, limits)?;
+        if let Message::Error(s) = m {
+            return Err(Error::Remote(s));
+        }
+        if k != want {
+            return Err(Error::Unexpected {
+                expected: kind_name(want),
+                got: kind_name(k),
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// A CHUNK frame's fields, borrowed (workers encode frames without
+/// building a [`ChunkFrame`]).
+pub struct ChunkHead<'a> {
+    pub start: u64,
+    pub len: u32,
+    pub read: u32,
+    pub segments: &'a [(u32, bool)],
+    pub hash: &'a [u8; 32],
+    pub zstd: bool,
+    pub raw_len: u32,
+}
+
+/// Appends a CHUNK payload: start u64, len u32, read u32, segment count
+/// u32, segments (len u32 with the top bit set for data), hash [32],
+/// encoding u8 (0 raw, 1 zstd), raw_len u32, then the payload bytes.
+pub fn encode_chunk(v: &mut Vec<u8>, c: ChunkHead<'_>, payload: &[u8]) {
+    encode_chunk_head(v, &c);
+    v.extend_from_slice(payload);
+}
+
+/// The CHUNK payload up to the data (the caller appends the data).
+pub fn encode_chunk_head(v: &mut Vec<u8>, c: &ChunkHead<'_>) {
+    v.extend_from_slice(&c.start.to_be_bytes());
+    v.extend_from_slice(&c.len.to_be_bytes());
+    v.extend_from_slice(&c.read.to_be_bytes());
+    v.extend_from_slice(&(c.segments.len() as u32).to_be_bytes());
+    for &(len, data) in c.segments {
+        let word = len | if data { DATA_BIT } else { 0 };
+        v.extend_from_slice(&word.to_be_bytes());
+    }
+    v.extend_from_slice(c.hash);
+    v.push(u8::from(c.zstd));
+    v.extend_from_slice(&c.raw_len.to_be_bytes());
+}
+
+const DATA_BIT: u32 = 1 << 31;
+
+fn decode_chunk(d: &mut Dec<'_>, limits: &Limits) -> Result<ChunkFrame> {
+    let what = d.what;
+    let start = d.u64()?;
+    let len = d.u32()?;
+    let read = d.u32()?;
+    if len == 0 || len > limits.max_chunk {
+        return Err(malformed(
+            what,
+            format!("chunk length {len} outside 1..={}", limits.max_chunk),
+        ));
+    }
+    if start.checked_add(u64::from(len)).is_none() {
+        return Err(malformed(what, format!("chunk at {start:#x} overflows")));
+    }
+    if read > len {
+        return Err(malformed(what, format!("{read} bytes read of a {len}-byte chunk")));
+    }
+    let count = d.u32()? as usize;
+    // Each segment takes 4 bytes of this frame: a count beyond what the
+    // frame holds is refused before allocating for it.
+    if count == 0 || count > d.p.len() / 4 {
+        return Err(malformed(what, format!("{count} segments")));
+    }
+    let mut segments = Vec::with_capacity(count);
+    let (mut total, mut data) = (0u64, 0u64);
+    for _ in 0..count {
+        let w = d.u32()?;
+        let slen = w & !DATA_BIT;
+        let is_data = w & DATA_BIT != 0;
+        if slen == 0 {
+            return Err(malformed(what, "empty segment".to_string()));
+        }
+        total += u64::from(slen);
+        if is_data {
+            data += u64::from(slen);
+        }
+        segments.push((slen, is_data));
+    }
+    if total != u64::from(len) {
+        return Err(malformed(
+            what,
+            format!("segments cover {total} bytes of a {len}-byte chunk"),
+        ));
+    }
+    let hash = d.array()?;
+    let zstd = match d.u8()? {
+        0 => false,
+        1 => true,
+        e => return Err(malformed(what, format!("unknown encoding {e}"))),
+    };
+    let raw_len = d.u32()?;
+    if u64::from(raw_len) != data {
+        return Err(malformed(
+            what,
+            format!("{raw_len} data bytes but the segments hold {data}"),
+        ));
+    }
+    let payload = d.rest();
+    if !zstd && payload.len() != raw_len as usize {
+        return Err(malformed(
+            what,
+            format!("{} payload bytes for {raw_len} raw bytes", payload.len()),
+        ));
+    }
+    Ok(ChunkFrame {
+        start,
+        len,
+        read,
+        segments,
+        hash,
+        zstd,
+        raw_len,
+        payload: payload.to_vec(),
+    })
+}
+
+fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
+    v.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    v.extend_from_slice(b);
+}
+
+fn malformed(what: &'static str, why: String) -> Error {
+    Error::Malformed { what, why }
+}
+
+/// A cursor over a payload; every read is bounds-checked.
+struct Dec<'a> {
+    p: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Dec<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.p.len() < n {
+            return Err(malformed(self.what, "too short".to_string()));
+        }
+        let (a, b) = self.p.split_at(n);
+        self.p = b;
+        Ok(a)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn bytes(&mut self, max: usize) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(malformed(self.what, format!("string of {n} bytes")));
+        }
+        self.take(n)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.p)
+    }
+    fn finish(&self) -> Result<()> {
+        if !self.p.is_empty() {
+            return Err(malformed(
+                self.what,
+                format!("{} trailing bytes", self.p.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Message) {
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        let back = Message::decode(m.kind(), &v, &Limits::DEFAULT).unwrap();
+        assert_eq!(back, m);
+        // Every truncation is refused, never a panic.
+        for cut in 0..v.len() {
+            if let Ok(short) = Message::decode(m.kind(), &v[..cut], &Limits::DEFAULT) {
+                // Only a CHUNK's zstd payload can be cut and still parse.
+                assert!(matches!(short, Message::Chunk(ref c) if c.zstd), "{cut}");
+            }
+        }
+    }
+
+    fn chunk() -> ChunkFrame {
+        ChunkFrame {
+            start: 2 << 20,
+            len: 8192,
+            read: 8192,
+            segments: vec![(4096, true), (4096, false)],
+            hash: [7; 32],
+            zstd: false,
+            raw_len: 4096,
+            payload: vec![1; 4096],
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(Message::Hello(Hello::ours()));
+        round_trip(Message::Request(Request::Receive(ReceiveRequest {
+            path: b"/var/lib/x.qcow2".to_vec(),
+            format: WireFormat::Qcow2,
+            compression: WireCompression::Zstd,
+            cluster_bits: 16,
+            target_is_zero: true,
+            check_space: false,
+        })));
+        round_trip(Message::Request(Request::Send(SendRequest {
+            path: b"a b".to_vec(),
+            format: None,
+            min_sparse: 4096,
+            chunk: 2 << 20,
+            unit: 65536,
+        })));
+        round_trip(Message::Image(ImageInfo {
+            format: Some(WireFormat::Raw),
+            virtual_size: 1 << 40,
+            data_bytes: 5,
+            data_extents: 1,
+            data_units: 1,
+            unit: 65536,
+        }));
+        round_trip(Message::Ready);
+        round_trip(Message::Chunk(chunk()));
+        round_trip(Message::End(End {
+            chunks: 3,
+            digest: [9; 32],
+        }));
+        round_trip(Message::Done(Done {
+            bytes_written: 1,
+            clusters_compressed: 2,
+        }));
+        round_trip(Message::Error("x: no space".to_string()));
+    }
+
+    #[test]
+    fn golden_hello() {
+        let mut v = Vec::new();
+        Message::Hello(Hello::ours()).encode(&mut v);
+        let mut want = b"IMGSYNC\0".to_vec();
+        want.extend_from_slice(&[0, 1]); // version 1
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // caps: zstd
+        want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
+        want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
+        assert_eq!(v, want);
+    }
+
+    #[test]
+    fn golden_chunk() {
+        let c = ChunkFrame {
+            start: 0x10,
+            len: 0x20,
+            read: 0x20,
+            segments: vec![(0x10, false), (0x10, true)],
+            hash: [0xaa; 32],
+            zstd: false,
+            raw_len: 0x10,
+            payload: vec![0x55; 16],
+        };
+        let mut v = Vec::new();
+        Message::Chunk(c).encode(&mut v);
+        let mut want = vec![0, 0, 0, 0, 0, 0, 0, 0x10]; // start
+        want.extend_from_slice(&[0, 0, 0, 0x20]); // len
+        want.extend_from_slice(&[0, 0, 0, 0x20]); // read
+        want.extend_from_slice(&[0, 0, 0, 2]); // two segments
+        want.extend_from_slice(&[0, 0, 0, 0x10]); // 16 zero bytes
+        want.extend_from_slice(&[0x80, 0, 0, 0x10]); // 16 data bytes
+        want.extend_from_slice(&[0xaa; 32]); // hash
+        want.push(0); // raw
+        want.extend_from_slice(&[0, 0, 0, 0x10]); // raw length
+        want.extend_from_slice(&[0x55; 16]);
+        assert_eq!(v, want);
+    }
+
+    fn decode_chunk_bytes(c: &ChunkFrame, limits: &Limits) -> Result<Message> {
+        let mut v = Vec::new();
+        Message::Chunk(c.clone()).encode(&mut v);
+        Message::decode(kind::CHUNK, &v, limits)
+    }
+
+    #[test]
+    fn chunk_longer_than_the_limit_is_refused() {
+        let mut c = chunk();
+        c.len = (16 << 20) + 1;
+        c.segments = vec![(c.len - 4096, false), (4096, true)];
+        assert!(decode_chunk_bytes(&c, &Limits::DEFAULT).is_err());
+    }
+
+    #[test]
+    fn segments_must_cover_the_chunk() {
+        let mut c = chunk();
+        c.segments = vec![(4096, true), (4095, false)];
+        assert!(decode_chunk_bytes(&c, &Limits::DEFAULT).is_err());
+        let mut c = chunk();
+        c.segments = vec![(4096, true), (0, false), (4096, false)];
+        assert!(decode_chunk_bytes(&c, &Limits::DEFAULT).is_err());
+    }
+
+    #[test]
+    fn raw_length_must_match_the_data_segments_and_payload() {
+        let mut c = chunk();
+        c.raw_len = 4095;
+        assert!(decode_chunk_bytes(&c, &Limits::DEFAULT).is_err());
+        let mut c = chunk();
+        c.payload.pop();
+        assert!(decode_chunk_bytes(&c, &Limits::DEFAULT).is_err());
+    }
+
+    #[test]
+    fn huge_segment_count_is_refused_without_allocating() {
+        let mut v = Vec::new();
+        Message::Chunk(chunk()).encode(&mut v);
+        v[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Message::decode(kind::CHUNK, &v, &Limits::DEFAULT).is_err());
+    }
+
+    #[test]
+    fn wrong_magic_and_version_are_refused() {
+        let mut v = Vec::new();
+        Message::Hello(Hello::ours()).encode(&mut v);
+        let mut bad = v.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            Message::decode(kind::HELLO, &bad, &Limits::DEFAULT),
+            Err(Error::BadMagic)
+        ));
+        let mut bad = v.clone();
+        bad[9] = 2;
+        assert!(matches!(
+            Message::decode(kind::HELLO, &bad, &Limits::DEFAULT),
+            Err(Error::Version { peer: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn error_frame_becomes_remote_error() {
+        let mut v = Vec::new();
+        Message::Error("disk: full".into()).encode(&mut v);
+        match Message::expect(kind::ERROR, &v, &Limits::DEFAULT, kind::READY) {
+            Err(Error::Remote(s)) => assert_eq!(s, "disk: full"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Message::expect(kind::READY, &[], &Limits::DEFAULT, kind::DONE),
+            Err(Error::Unexpected { .. })
+        ));
+    }
+}
