@@ -131,6 +131,7 @@ pub fn engine_error(
         e @ engine::Error::DeviceTooSmall { .. } => anyhow!("{dst}: {e}"),
         engine::Error::Interrupted => anyhow!("{dst}: interrupted; nothing was written"),
         e @ engine::Error::Internal(_) => anyhow!("{src}: {e}"),
+        engine::Error::Protocol(e) => anyhow!(e),
     }
 }
 

@@ -9,7 +9,7 @@ use imgsync_formats::qcow2::writer::WriterOptions;
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::{Format, Image};
 
-use super::pipeline::{self, PipelineOptions};
+use super::pipeline::{self, ImageSource, PipelineOptions, Source};
 use super::plan::{self, DataSummary};
 use super::sink::{Qcow2Encoder, Qcow2Sink, RawSink, RawWriter};
 use super::{Error, Progress, Result};
@@ -84,8 +84,13 @@ pub fn space_needed(summary: &DataSummary, opts: &ConvertOptions) -> Result<u64>
 /// Refuses options the output cannot be made with (a QCOW2 L1 table over
 /// qemu's limit, say), before the caller creates the output.
 pub fn check_options(image: &Image, opts: &ConvertOptions) -> Result<()> {
+    check_size_options(image.virtual_size(), opts)
+}
+
+/// [`check_options`] for an image of `virtual_size` bytes.
+pub fn check_size_options(virtual_size: u64, opts: &ConvertOptions) -> Result<()> {
     if let Format::Qcow2 = opts.output_format {
-        writer_options(image.virtual_size(), opts)?;
+        writer_options(virtual_size, opts)?;
     }
     Ok(())
 }
@@ -110,20 +115,43 @@ pub fn convert(
     cancel: &AtomicBool,
 ) -> Result<Report> {
     let started = Instant::now();
-    let virtual_size = image.virtual_size();
-    let cluster_size = 1u64 << opts.cluster_bits;
-    let unit = match opts.output_format {
-        Format::Raw => 1,
-        Format::Qcow2 => cluster_size,
-    };
     check_options(image, opts)?;
-    let summary = plan::summarize(image, unit.max(1))?;
-    // Room: a block device must hold the whole image; a file system must
-    // have room for the data (the virtual size does not matter).
-    let need = space_needed(&summary, opts)?;
+    let summary = plan::summarize(image, output_unit(opts))?;
+    check_room(&summary, out, opts)?;
+    let source = ImageSource {
+        image,
+        min_sparse: opts.min_sparse,
+    };
+    let jobs = plan::jobs(image, grid(opts));
+    let mut report = write_output(&source, jobs, &summary, out, opts, progress, cancel)?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The allocation unit of the output: a QCOW2 cluster, or a byte.
+pub fn output_unit(opts: &ConvertOptions) -> u64 {
+    match opts.output_format {
+        Format::Raw => 1,
+        Format::Qcow2 => 1u64 << opts.cluster_bits,
+    }
+}
+
+/// The job grid: 2 MiB cells, or one cluster when clusters are larger. A
+/// zero run never spans two cells, so cells are at least -S long (at most
+/// 16 MiB) for a long -S to find its runs.
+pub fn grid(opts: &ConvertOptions) -> u64 {
+    CHUNK_BYTES
+        .max(1u64 << opts.cluster_bits)
+        .max(opts.min_sparse.next_power_of_two())
+}
+
+/// Room: a block device must hold the whole image; a file system must
+/// have room for the data (the virtual size does not matter).
+pub fn check_room(summary: &DataSummary, out: &Output, opts: &ConvertOptions) -> Result<()> {
+    let need = space_needed(summary, opts)?;
     if let Some(device) = out.device_size() {
         let need = match opts.output_format {
-            Format::Raw => virtual_size,
+            Format::Raw => summary.virtual_size,
             Format::Qcow2 => need,
         };
         if need > device {
@@ -135,18 +163,32 @@ pub fn convert(
             return Err(Error::NoSpace { need, free });
         }
     }
+    Ok(())
+}
 
+/// Writes the chunks `source` makes of `jobs` into `out` as a raw or QCOW2
+/// image of `summary.virtual_size` bytes (convert, and the receiving end
+/// of a transfer).
+pub fn write_output<Src, J>(
+    source: &Src,
+    jobs: J,
+    summary: &DataSummary,
+    out: &Output,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Report>
+where
+    Src: Source,
+    J: Iterator<Item = Result<Src::Job>> + Send,
+{
+    let started = Instant::now();
+    let virtual_size = summary.virtual_size;
+    let cluster_size = 1u64 << opts.cluster_bits;
     progress.start(summary.data_bytes);
     let popts = PipelineOptions {
         workers: opts.workers,
-        min_sparse: opts.min_sparse,
     };
-    // A zero run never spans two cells, so cells are at least -S long
-    // (at most 16 MiB) for a long -S to find its runs.
-    let grid = CHUNK_BYTES
-        .max(cluster_size)
-        .max(opts.min_sparse.next_power_of_two());
-    let jobs = plan::jobs(image, grid);
     let mut report = Report {
         virtual_size,
         ..Default::default()
@@ -157,7 +199,7 @@ pub fn convert(
             let zero_fill = out.is_block_device() && !opts.target_is_zero;
             let mut sink = RawSink::new(out, virtual_size, zero_fill);
             let stats = pipeline::run(
-                image,
+                source,
                 jobs,
                 || Ok(RawWriter::new(out, !zero_fill)),
                 &mut sink,
@@ -173,7 +215,7 @@ pub fn convert(
             let wopts = writer_options(virtual_size, opts)?;
             let mut sink = Qcow2Sink::new(out, wopts)?;
             let stats = pipeline::run(
-                image,
+                source,
                 jobs,
                 || Qcow2Encoder::new(cluster_size, opts.compression),
                 &mut sink,

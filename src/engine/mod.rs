@@ -9,6 +9,7 @@ pub mod convert;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod remote;
 pub mod sink;
 pub mod zero;
 
@@ -37,6 +38,9 @@ pub enum Error {
     DeviceTooSmall { need: u64, device: u64 },
     #[error("interrupted")]
     Interrupted,
+    /// The stream from the peer, or the peer's own error.
+    #[error(transparent)]
+    Protocol(#[from] crate::protocol::Error),
     /// A broken invariant inside imgsync (a bug), not bad input.
     #[error("internal error: {0}")]
     Internal(String),

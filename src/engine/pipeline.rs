@@ -146,15 +146,12 @@ type Done<T> = (u64, Result<(T, u64, u64)>);
 pub struct PipelineOptions {
     /// Worker threads (reading, zero detection, encoding).
     pub workers: usize,
-    /// Zero runs of at least this many bytes become holes; 0 keeps data.
-    pub min_sparse: u64,
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
             workers: default_workers(),
-            min_sparse: 4096,
         }
     }
 }
@@ -175,9 +172,41 @@ pub struct PipelineStats {
     pub zero_bytes: u64,
 }
 
+/// Where the workers get their chunks: reading an image's data ranges
+/// ([`ImageSource`]), or decoding frames from a peer.
+pub trait Source: Sync {
+    type Job: Send;
+    fn seq(job: &Self::Job) -> u64;
+    /// Called on the planner thread as a job is queued (read-ahead hints).
+    fn prepare(&self, _job: &Self::Job) {}
+    /// Called on a worker thread: the job's chunk.
+    fn chunk(&self, job: Self::Job, pool: &Arc<BufPool>) -> Result<Chunk>;
+}
+
+/// Reads an image's data ranges and finds zero runs of `min_sparse` bytes.
+pub struct ImageSource<'a> {
+    pub image: &'a Image,
+    pub min_sparse: u64,
+}
+
+impl Source for ImageSource<'_> {
+    type Job = Job;
+    fn seq(job: &Job) -> u64 {
+        job.seq
+    }
+    fn prepare(&self, job: &Job) {
+        for &(off, len) in &job.data {
+            self.image.will_need(off, len);
+        }
+    }
+    fn chunk(&self, job: Job, pool: &Arc<BufPool>) -> Result<Chunk> {
+        read_chunk(self.image, job, self.min_sparse, pool)
+    }
+}
+
 /// Runs the pipeline over `jobs` (in guest order, `seq` from 0).
-pub fn run<J, E, F, S>(
-    image: &Image,
+pub fn run<Src, J, E, F, S>(
+    source: &Src,
     jobs: J,
     make_encoder: F,
     sink: &mut S,
@@ -186,7 +215,8 @@ pub fn run<J, E, F, S>(
     cancel: &AtomicBool,
 ) -> Result<PipelineStats>
 where
-    J: Iterator<Item = Result<Job>> + Send,
+    Src: Source,
+    J: Iterator<Item = Result<Src::Job>> + Send,
     E: Encoder<Output = S::Item>,
     F: Fn() -> Result<E> + Sync,
     S: Sink,
@@ -197,7 +227,7 @@ where
     // Jobs carry no data, so the queue can run well ahead: each queued job
     // has had its data ranges hinted to the kernel (read-ahead), keeping
     // many reads in flight for scattered extents.
-    let (job_tx, job_rx) = sync_channel::<Job>(JOB_QUEUE.max(workers * 2));
+    let (job_tx, job_rx) = sync_channel::<Src::Job>(JOB_QUEUE.max(workers * 2));
     let (out_tx, out_rx) = sync_channel::<Done<E::Output>>(workers * 2);
     let job_rx = Arc::new(Mutex::new(job_rx));
     // Enough for every chunk that can be in flight.
@@ -218,10 +248,8 @@ where
                     }
                     match job {
                         Ok(j) => {
-                            next_seq = j.seq + 1;
-                            for &(off, len) in &j.data {
-                                image.will_need(off, len);
-                            }
+                            next_seq = Src::seq(&j) + 1;
+                            source.prepare(&j);
                             if job_tx.send(j).is_err() {
                                 return;
                             }
@@ -259,8 +287,8 @@ where
                     if stopped() {
                         return;
                     }
-                    let seq = job.seq;
-                    let result = read_chunk(image, job, opts.min_sparse, &pool).and_then(|chunk| {
+                    let seq = Src::seq(&job);
+                    let result = source.chunk(job, &pool).and_then(|chunk| {
                         let (read, zeros) = (chunk.data_bytes, chunk.zero_bytes);
                         enc.encode(chunk).map(|o| (o, read, zeros))
                     });
@@ -439,13 +467,15 @@ mod tests {
         }
         let mut sink = RawSink::new(&out, image.virtual_size(), zero_fill);
         run(
-            image,
+            &ImageSource {
+                image,
+                min_sparse: 4096,
+            },
             plan::jobs(image, 1 << 20),
             || Ok(RawWriter::new(&out, !zero_fill)),
             &mut sink,
             PipelineOptions {
                 workers,
-                min_sparse: 4096,
             },
             &NoProgress,
             &AtomicBool::new(false),
@@ -509,13 +539,15 @@ mod tests {
             for at in [0, n / 2, n - 1] {
                 let mut sink = Count(0);
                 let r = run(
-                    &img,
+                    &ImageSource {
+                        image: &img,
+                        min_sparse: 4096,
+                    },
                     plan::jobs(&img, 1 << 20),
                     || Ok(Faulty { at, panic }),
                     &mut sink,
                     PipelineOptions {
                         workers: 2,
-                        min_sparse: 4096,
                     },
                     &NoProgress,
                     &AtomicBool::new(false),
@@ -535,7 +567,10 @@ mod tests {
         let (img, _) = image(5);
         let mut sink = Count(0);
         let r = run(
-            &img,
+            &ImageSource {
+                image: &img,
+                min_sparse: 4096,
+            },
             plan::jobs(&img, 1 << 20),
             || Ok(Passthrough),
             &mut sink,

@@ -1,0 +1,557 @@
+//! Images as protocol streams: the sending end turns an image's chunks into
+//! CHUNK frames (zstd-compressed on the worker threads, hashed, written in
+//! guest order), the receiving end turns frames back into chunks for the
+//! same writers convert uses. Either end may be local or `imgsync serve`;
+//! the transport is whatever Read/Write the caller hands in.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imgsync_formats::{Format, Image};
+
+use super::convert::{self, ConvertOptions, Report};
+use super::pipeline::{self, BufPool, Chunk, Encoder, ImageSource, PipelineOptions, Sink, Source};
+use super::plan::{self, DataSummary};
+use super::zero::Segment;
+use super::{Error, Progress, Result};
+use crate::io::Output;
+use crate::protocol::digest::{chunk_hash, StreamDigest};
+use crate::protocol::msg::{
+    encode_chunk_head, kind, ChunkFrame, ChunkHead, End, ImageInfo, WireFormat,
+};
+use crate::protocol::{self, frame, FrameReader, FrameWriter, Limits, Message};
+
+/// zstd level for CHUNK payloads when none is given.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+#[derive(Clone, Copy, Debug)]
+pub struct SendOptions {
+    /// Zero runs of at least this many bytes are not sent (0: all data).
+    pub min_sparse: u64,
+    /// Grid cell size (a power of two, a multiple of the receiver's
+    /// cluster size).
+    pub chunk: u64,
+    /// zstd level; 0 sends payloads uncompressed.
+    pub level: i32,
+    pub workers: usize,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            min_sparse: 4096,
+            chunk: convert::CHUNK_BYTES,
+            level: DEFAULT_LEVEL,
+            workers: pipeline::default_workers(),
+        }
+    }
+}
+
+/// What a sender sent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendStats {
+    /// Source data bytes read.
+    pub bytes_read: u64,
+    /// Of those, zeros not sent.
+    pub zero_bytes: u64,
+    /// Data bytes sent (before compression).
+    pub data_sent: u64,
+    /// CHUNK frame bytes (after compression, headers included).
+    pub chunk_bytes: u64,
+    pub chunks: u64,
+    pub elapsed: Duration,
+}
+
+fn wire_format(f: Format) -> WireFormat {
+    match f {
+        Format::Raw => WireFormat::Raw,
+        Format::Qcow2 => WireFormat::Qcow2,
+    }
+}
+
+/// The IMAGE message for `image`, counting data cells of `unit` bytes (the
+/// receiver's cluster size) for its space estimate.
+pub fn image_info(image: &Image, unit: u64) -> Result<ImageInfo> {
+    let unit = unit.clamp(1, 1 << 30);
+    let s = plan::summarize(image, unit)?;
+    Ok(ImageInfo {
+        format: Some(wire_format(image.format())),
+        virtual_size: s.virtual_size,
+        data_bytes: s.data_bytes,
+        data_extents: s.data_extents,
+        data_units: s.data_units,
+        unit,
+    })
+}
+
+/// Writes one message as a frame.
+pub fn send_msg<W: Write>(fw: &mut FrameWriter<W>, m: &Message) -> Result<()> {
+    fw.write_frame(m.kind(), |v| m.encode(v))?;
+    Ok(())
+}
+
+/// Reads the next frame, which must be of type `want` (an ERROR frame is
+/// the peer's error).
+pub fn recv_msg<R: Read>(fr: &mut FrameReader<R>, limits: &Limits, want: u8) -> Result<Message> {
+    let (k, p) = fr.read_frame()?;
+    Ok(Message::expect(k, p, limits, want)?)
+}
+
+/// Both ends send HELLO, then read the peer's; the limits are the smaller
+/// of each.
+pub fn handshake<R: Read, W: Write>(
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+) -> Result<Limits> {
+    let ours = protocol::msg::Hello::ours();
+    send_msg(fw, &Message::Hello(ours))?;
+    fw.flush()?;
+    match recv_msg(fr, &ours.limits, kind::HELLO)? {
+        Message::Hello(h) => {
+            let limits = ours.limits.negotiate(h.limits);
+            fr.set_max_len(limits.max_frame);
+            Ok(limits)
+        }
+        _ => unreachable_msg(),
+    }
+}
+
+fn unreachable_msg<T>() -> Result<T> {
+    Err(Error::Internal("decoded message of the wrong type".to_string()))
+}
+
+/// Sends `image`'s data as CHUNK frames followed by END. The caller has
+/// sent HELLO and IMAGE (and received READY when the peer answers).
+/// `level`, when given, is read before each chunk is compressed, so the
+/// caller may tune it while the transfer runs.
+pub fn send_chunks<W: Write>(
+    image: &Image,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    opts: &SendOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<SendStats> {
+    let started = Instant::now();
+    if opts.chunk > u64::from(limits.max_chunk) || !opts.chunk.is_power_of_two() {
+        return Err(Error::Internal(format!(
+            "chunk size {} over the peer's limit {}",
+            opts.chunk, limits.max_chunk
+        )));
+    }
+    let source = ImageSource {
+        image,
+        min_sparse: opts.min_sparse,
+    };
+    let jobs = plan::jobs(image, opts.chunk);
+    let level = Arc::new(AtomicI32::new(opts.level));
+    let mut sink = FrameSink {
+        fw,
+        digest: StreamDigest::new(),
+        data_sent: 0,
+        chunk_bytes: 0,
+    };
+    let stats = pipeline::run(
+        &source,
+        jobs,
+        || FrameEncoder::new(Arc::clone(&level)),
+        &mut sink,
+        PipelineOptions {
+            workers: opts.workers,
+        },
+        progress,
+        cancel,
+    )?;
+    let end = End {
+        chunks: sink.digest.chunks,
+        digest: sink.digest.finish(),
+    };
+    let (data_sent, chunk_bytes, chunks) = (sink.data_sent, sink.chunk_bytes, end.chunks);
+    send_msg(fw, &Message::End(end))?;
+    fw.flush()?;
+    progress.finish();
+    Ok(SendStats {
+        bytes_read: stats.bytes_read,
+        zero_bytes: stats.zero_bytes,
+        data_sent,
+        chunk_bytes,
+        chunks,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// A chunk as a ready-to-write CHUNK frame (None: no data in the cell).
+pub struct EncodedFrame {
+    frame: Option<Vec<u8>>,
+    start: u64,
+    len: u32,
+    hash: [u8; 32],
+    raw_len: u64,
+}
+
+/// Worker side of the sender: gathers a chunk's data segments, hashes them,
+/// compresses them with zstd (kept raw when that is not smaller) and builds
+/// the frame.
+struct FrameEncoder {
+    level: Arc<AtomicI32>,
+    ctx: zstd::bulk::Compressor<'static>,
+    ctx_level: i32,
+    raw: Vec<u8>,
+    packed: Vec<u8>,
+    segs: Vec<(u32, bool)>,
+}
+
+impl FrameEncoder {
+    fn new(level: Arc<AtomicI32>) -> Result<Self> {
+        let l = level.load(Ordering::Relaxed);
+        Ok(FrameEncoder {
+            ctx: zstd::bulk::Compressor::new(l.max(1))
+                .map_err(|e| Error::Internal(format!("zstd: {e}")))?,
+            ctx_level: l.max(1),
+            level,
+            raw: Vec::new(),
+            packed: Vec::new(),
+            segs: Vec::new(),
+        })
+    }
+}
+
+impl Encoder for FrameEncoder {
+    type Output = EncodedFrame;
+
+    fn encode(&mut self, chunk: Chunk) -> Result<EncodedFrame> {
+        let len = u32::try_from(chunk.buf.len())
+            .map_err(|_| Error::Internal("chunk over 4 GiB".to_string()))?;
+        self.raw.clear();
+        self.segs.clear();
+        for seg in &chunk.segments {
+            self.segs.push((seg.len as u32, seg.data));
+            if seg.data {
+                self.raw.extend_from_slice(chunk.bytes(seg));
+            }
+        }
+        let hash = chunk_hash(
+            chunk
+                .segments
+                .iter()
+                .filter(|s| s.data)
+                .map(|s| (s.offset, chunk.bytes(s))),
+        );
+        let mut out = EncodedFrame {
+            frame: None,
+            start: chunk.start,
+            len,
+            hash,
+            raw_len: self.raw.len() as u64,
+        };
+        if self.raw.is_empty() {
+            return Ok(out);
+        }
+        let level = self.level.load(Ordering::Relaxed);
+        let mut zstd = false;
+        if level > 0 {
+            if level != self.ctx_level {
+                self.ctx
+                    .set_compression_level(level)
+                    .map_err(|e| Error::Internal(format!("zstd level {level}: {e}")))?;
+                self.ctx_level = level;
+            }
+            self.packed.clear();
+            self.packed
+                .reserve(zstd::zstd_safe::compress_bound(self.raw.len()));
+            let n = self
+                .ctx
+                .compress_to_buffer(&self.raw, &mut self.packed)
+                .map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+            zstd = n < self.raw.len();
+        }
+        let head = ChunkHead {
+            start: chunk.start,
+            len,
+            read: chunk.data_bytes as u32,
+            segments: &self.segs,
+            hash: &hash,
+            zstd,
+            raw_len: self.raw.len() as u32,
+        };
+        let payload = if zstd { &self.packed } else { &self.raw };
+        out.frame = Some(frame::build(kind::CHUNK, |v| {
+            v.reserve(payload.len() + 64 + self.segs.len() * 4);
+            encode_chunk_head(v, &head);
+            v.extend_from_slice(payload);
+        }));
+        Ok(out)
+    }
+}
+
+/// Ordered side of the sender: writes frames, keeps the stream digest.
+struct FrameSink<'a, W: Write> {
+    fw: &'a mut FrameWriter<W>,
+    digest: StreamDigest,
+    data_sent: u64,
+    chunk_bytes: u64,
+}
+
+impl<W: Write> Sink for FrameSink<'_, W> {
+    type Item = EncodedFrame;
+
+    fn put(&mut self, f: EncodedFrame) -> Result<()> {
+        let Some(frame) = f.frame else {
+            return Ok(());
+        };
+        self.fw.write_built(&frame)?;
+        self.digest.add(f.start, f.len, &f.hash);
+        self.data_sent += f.raw_len;
+        self.chunk_bytes += frame.len() as u64;
+        Ok(())
+    }
+}
+
+/// A received chunk waiting for a worker.
+pub struct RecvJob {
+    seq: u64,
+    frame: ChunkFrame,
+}
+
+/// Reads CHUNK frames until END (on the pipeline's planner thread),
+/// checking that chunks come in order, inside the image, aligned to the
+/// output's clusters, and keeping the stream digest.
+pub struct ChunkFrames<'a, R: Read> {
+    fr: &'a mut FrameReader<R>,
+    limits: Limits,
+    virtual_size: u64,
+    align: u64,
+    pos: u64,
+    seq: u64,
+    digest: StreamDigest,
+    end: Option<End>,
+    failed: bool,
+}
+
+impl<'a, R: Read> ChunkFrames<'a, R> {
+    pub fn new(fr: &'a mut FrameReader<R>, limits: Limits, virtual_size: u64, align: u64) -> Self {
+        ChunkFrames {
+            fr,
+            limits,
+            virtual_size,
+            align: align.max(1),
+            pos: 0,
+            seq: 0,
+            digest: StreamDigest::new(),
+            end: None,
+            failed: false,
+        }
+    }
+
+    fn next_job(&mut self) -> Result<Option<RecvJob>> {
+        let (k, p) = self.fr.read_frame().map_err(|e| match e {
+            protocol::Error::Eof => protocol::Error::Malformed {
+                what: "stream",
+                why: "it ended before the END frame".to_string(),
+            },
+            e => e,
+        })?;
+        match Message::decode(k, p, &self.limits)? {
+            Message::Chunk(c) => {
+                let end = c.end();
+                let aligned_end = end % self.align == 0 || end == self.virtual_size;
+                if c.start < self.pos
+                    || end > self.virtual_size
+                    || c.start % self.align != 0
+                    || !aligned_end
+                {
+                    return Err(protocol::Error::Malformed {
+                        what: "CHUNK",
+                        why: format!(
+                            "chunk {:#x}+{:#x} out of order, beyond the image size {:#x} or not aligned to {:#x}",
+                            c.start, c.len, self.virtual_size, self.align
+                        ),
+                    }
+                    .into());
+                }
+                self.pos = end;
+                self.digest.add(c.start, c.len, &c.hash);
+                let seq = self.seq;
+                self.seq += 1;
+                Ok(Some(RecvJob { seq, frame: c }))
+            }
+            Message::End(e) => {
+                self.end = Some(e);
+                Ok(None)
+            }
+            Message::Error(s) => Err(protocol::Error::Remote(s).into()),
+            m => Err(protocol::Error::Unexpected {
+                expected: "CHUNK",
+                got: m.name(),
+            }
+            .into()),
+        }
+    }
+
+    /// After the last chunk: the sender's END must match what arrived.
+    pub fn check_end(&self) -> Result<()> {
+        let Some(end) = self.end else {
+            return Err(protocol::Error::Malformed {
+                what: "stream",
+                why: "no END frame".to_string(),
+            }
+            .into());
+        };
+        if end.chunks != self.digest.chunks || end.digest != self.digest.finish() {
+            return Err(protocol::Error::Malformed {
+                what: "END",
+                why: format!(
+                    "content digest mismatch ({} chunks sent, {} received)",
+                    end.chunks, self.digest.chunks
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for ChunkFrames<'_, R> {
+    type Item = Result<RecvJob>;
+    fn next(&mut self) -> Option<Result<RecvJob>> {
+        if self.failed || self.end.is_some() {
+            return None;
+        }
+        match self.next_job() {
+            Ok(j) => j.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Worker side of the receiver: decompresses a frame into its cell and
+/// checks the content against the chunk's hash before anything is written.
+struct FrameSource;
+
+impl Source for FrameSource {
+    type Job = RecvJob;
+
+    fn seq(job: &RecvJob) -> u64 {
+        job.seq
+    }
+
+    fn chunk(&self, job: RecvJob, pool: &Arc<BufPool>) -> Result<Chunk> {
+        let c = job.frame;
+        let bad = |why: String| -> Error {
+            protocol::Error::Malformed {
+                what: "CHUNK",
+                why: format!("chunk at {:#x}: {why}", c.start),
+            }
+            .into()
+        };
+        let unpacked;
+        let data: &[u8] = if c.zstd {
+            let mut v = Vec::with_capacity(c.raw_len as usize);
+            let n = zstd::zstd_safe::decompress(&mut v, &c.payload)
+                .map_err(|code| bad(format!("zstd: {}", zstd::zstd_safe::get_error_name(code))))?;
+            if n != c.raw_len as usize {
+                return Err(bad(format!("{n} bytes decompressed, {} expected", c.raw_len)));
+            }
+            unpacked = v;
+            &unpacked
+        } else {
+            &c.payload
+        };
+        let mut buf = pool.get(c.len as usize);
+        let mut segments = Vec::with_capacity(c.segments.len());
+        let (mut at, mut from) = (0usize, 0usize);
+        for &(len, is_data) in &c.segments {
+            let len = len as usize;
+            let dst = &mut buf[at..at + len];
+            if is_data {
+                dst.copy_from_slice(&data[from..from + len]);
+                from += len;
+            } else {
+                dst.fill(0);
+            }
+            segments.push(Segment {
+                offset: c.start + at as u64,
+                len: len as u64,
+                data: is_data,
+            });
+            at += len;
+        }
+        let chunk = Chunk {
+            seq: job.seq,
+            start: c.start,
+            buf,
+            segments,
+            data_bytes: u64::from(c.read),
+            zero_bytes: u64::from(c.read).saturating_sub(u64::from(c.raw_len)),
+        };
+        let hash = chunk_hash(
+            chunk
+                .segments
+                .iter()
+                .filter(|s| s.data)
+                .map(|s| (s.offset, chunk.bytes(s))),
+        );
+        if hash != c.hash {
+            return Err(bad("content digest mismatch".to_string()));
+        }
+        Ok(chunk)
+    }
+}
+
+/// The space summary of an IMAGE message, for an output with `unit`-byte
+/// clusters.
+pub fn summary_of(info: &ImageInfo, unit: u64) -> DataSummary {
+    let data_units = if unit >= info.unit || info.unit == 0 {
+        // Larger clusters: no more of them than smaller cells touched.
+        info.data_units
+    } else {
+        info.data_units.saturating_mul(info.unit / unit.max(1))
+    };
+    DataSummary {
+        virtual_size: info.virtual_size,
+        data_bytes: info.data_bytes,
+        data_extents: info.data_extents,
+        data_units,
+    }
+}
+
+/// Receives CHUNK frames up to END into `out` (not committed), after the
+/// space check. The stream's digest is checked before returning Ok.
+#[allow(clippy::too_many_arguments)]
+pub fn receive_chunks<R: Read + Send>(
+    fr: &mut FrameReader<R>,
+    limits: &Limits,
+    info: &ImageInfo,
+    out: &Output,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Report> {
+    let summary = check_receive(info, out, opts)?;
+    let align = convert::output_unit(opts);
+    let mut frames = ChunkFrames::new(fr, *limits, info.virtual_size, align);
+    let report = convert::write_output(
+        &FrameSource,
+        &mut frames,
+        &summary,
+        out,
+        opts,
+        progress,
+        cancel,
+    )?;
+    frames.check_end()?;
+    Ok(report)
+}
+
+/// The receiver's checks before anything is written: options, room.
+pub fn check_receive(info: &ImageInfo, out: &Output, opts: &ConvertOptions) -> Result<DataSummary> {
+    let summary = summary_of(info, convert::output_unit(opts));
+    convert::check_size_options(info.virtual_size, opts)?;
+    convert::check_room(&summary, out, opts)?;
+    Ok(summary)
+}
