@@ -1,6 +1,7 @@
 //! `imgsync convert`: SRC (with its backing chain, flattened) into a new
 //! raw or QCOW2 image at DST, appearing only when complete.
 
+use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
 
+use super::location::Location;
 use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine;
 use crate::engine::convert::{self, ConvertOptions};
@@ -18,8 +21,8 @@ use crate::io::{open_image_files, OpenOptions, Output};
 const MAX_MIN_SPARSE: u64 = 16 << 20;
 
 pub struct Args {
-    pub src: PathBuf,
-    pub dst: PathBuf,
+    pub src: OsString,
+    pub dst: OsString,
     pub format: Option<Format>,
     pub output_format: Option<Format>,
     pub compress: bool,
@@ -29,6 +32,9 @@ pub struct Args {
     pub target_is_zero: bool,
     pub no_space_check: bool,
     pub threads: Option<usize>,
+    pub compress_level: i32,
+    pub stats: bool,
+    pub ssh: SshArgs,
     pub reporting: Reporting,
     pub output: OutputFormat,
 }
@@ -46,8 +52,40 @@ pub fn run(a: Args) -> Result<u8> {
             a.cluster_size
         );
     }
+    let src = Location::parse(&a.src)?;
+    let dst = Location::parse(&a.dst)?;
+    let open_src = |path: &Path| {
+        open_image_files(
+            path,
+            OpenOptions {
+                format: a.format,
+                allow_corrupt: false,
+            },
+        )
+    };
+    match (&src, &dst) {
+        (Location::Local(s), Location::Local(d)) => run_local(&a, s, d),
+        (Location::Local(s), Location::Remote { host, path }) => {
+            let (image, _) = open_src(s)?;
+            remote::push(&a, image, host, path)
+        }
+        (Location::Remote { host, path }, Location::Local(d)) => remote::pull(&a, host, path, d),
+        (Location::Local(s), Location::Stdio) => {
+            let (image, _) = open_src(s)?;
+            remote::to_stdout(&a, image)
+        }
+        (Location::Stdio, Location::Local(d)) => remote::from_stdin(&a, d),
+        _ => bail!(
+            "{} -> {}: one side must be a local file (remote to remote and stream to stream are not supported)",
+            src,
+            dst
+        ),
+    }
+}
+
+fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     let (image, files) = open_image_files(
-        &a.src,
+        src,
         OpenOptions {
             format: a.format,
             allow_corrupt: false,
@@ -57,7 +95,7 @@ pub fn run(a: Args) -> Result<u8> {
     if a.compress && output_format != Format::Qcow2 {
         bail!("-c (compression) needs qcow2 output (-O qcow2)");
     }
-    refuse_overwriting_source(&a.dst, &files)?;
+    refuse_overwriting_source(dst, &files)?;
 
     let opts = ConvertOptions {
         output_format,
@@ -70,9 +108,9 @@ pub fn run(a: Args) -> Result<u8> {
             .threads
             .unwrap_or_else(crate::engine::pipeline::default_workers),
     };
-    convert::check_options(&image, &opts).map_err(|e| engine_error(e, &a.src, &a.dst, None))?;
+    convert::check_options(&image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
     let cancel = interrupt_flag();
-    let out = Output::create(&a.dst).with_context(|| a.dst.display().to_string())?;
+    let out = Output::create(dst).with_context(|| dst.display().to_string())?;
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
     let result = convert::convert(&image, &out, &opts, progress, &cancel);
@@ -80,22 +118,17 @@ pub fn run(a: Args) -> Result<u8> {
     let report = match result {
         Ok(r) => r,
         // `out` is dropped on return: nothing appears under DST.
-        Err(e) => return Err(engine_error(e, &a.src, &a.dst, None)),
+        Err(e) => return Err(engine_error(e, src, dst, None)),
     };
     if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(engine_error(
-            engine::Error::Interrupted,
-            &a.src,
-            &a.dst,
-            None,
-        ));
+        return Err(engine_error(engine::Error::Interrupted, src, dst, None));
     }
     out.commit()
-        .with_context(|| format!("{}: completing the output", a.dst.display()))?;
+        .with_context(|| format!("{}: completing the output", dst.display()))?;
     if a.output == OutputFormat::Json {
         let v = serde_json::json!({
-            "source": a.src.display().to_string(),
-            "destination": a.dst.display().to_string(),
+            "source": src.display().to_string(),
+            "destination": dst.display().to_string(),
             "format": output_format.name(),
             "virtual-size": report.virtual_size,
             "bytes-read": report.bytes_read,

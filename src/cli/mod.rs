@@ -6,11 +6,15 @@ mod check;
 mod compare;
 mod convert;
 mod info;
+mod location;
 mod map;
 mod output;
 mod progress;
+mod remote;
+mod serve;
 mod size;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -83,13 +87,20 @@ enum Command {
         output: OutputFormat,
         image: PathBuf,
     },
-    /// Copy an image into a new sparse raw or compact QCOW2 image
+    /// Copy an image into a new sparse raw or compact QCOW2 image, locally or
+    /// over SSH
     ///
     /// SRC is read as the guest sees it (its backing chain flattened). Only
     /// allocated, non-zero data is read and written. DST appears only when
     /// complete: a failed or interrupted convert leaves nothing under its
     /// name, and an existing DST is replaced only on success. A block device
     /// DST is written in place (ranges without data are zeroed).
+    ///
+    /// Either SRC or DST may be remote: [user@]host:PATH or
+    /// ssh://[user@]host[:port]/PATH. imgsync then runs `imgsync serve` on
+    /// the host over SSH and only the data crosses the wire, zstd-compressed
+    /// and checksummed. `-` as SRC or DST reads or writes an imgsync stream
+    /// on stdin/stdout (`imgsync convert a.qcow2 - | ssh h imgsync convert - b.raw`).
     Convert {
         /// Source format (probed from the magic when absent)
         #[arg(short = 'f', long = "format", value_enum)]
@@ -122,15 +133,27 @@ enum Command {
         /// Worker threads (default: one per core, at most 8)
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
+        /// zstd level of the data sent over the wire (1-19; 0 sends it
+        /// uncompressed)
+        #[arg(long, value_name = "N", default_value_t = crate::engine::remote::DEFAULT_LEVEL,
+              value_parser = clap::value_parser!(i32).range(-7..=19))]
+        compress_level: i32,
+        /// Print a transfer report (data read, bytes on the wire, ratio,
+        /// time, rate)
+        #[arg(long)]
+        stats: bool,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
         #[command(flatten)]
         reporting: progress::Reporting,
         /// human: print nothing on success; json: a final report
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        /// The source image
-        src: PathBuf,
-        /// The new image (a file, or a block device written in place)
-        dst: PathBuf,
+        /// The source image: a path, [user@]host:PATH, ssh://... or -
+        src: OsString,
+        /// The new image (a file, or a block device written in place): a
+        /// path, [user@]host:PATH, ssh://... or -
+        dst: OsString,
     },
     /// Compare the guest contents of two images
     ///
@@ -151,6 +174,9 @@ enum Command {
         a: PathBuf,
         b: PathBuf,
     },
+    /// The far end of a remote transfer, speaking the imgsync protocol on
+    /// stdin/stdout (started over SSH by imgsync, not by hand)
+    Serve,
     /// Validate an image's metadata: exit 0 clean, 3 corruption found, 2 error
     Check {
         #[arg(short = 'f', long = "format", value_enum)]
@@ -200,6 +226,9 @@ pub fn main() -> ExitCode {
             target_is_zero,
             no_space_check,
             threads,
+            compress_level,
+            stats,
+            ssh,
             reporting,
             output,
             src,
@@ -219,9 +248,13 @@ pub fn main() -> ExitCode {
             target_is_zero,
             no_space_check,
             threads,
+            compress_level,
+            stats,
+            ssh,
             reporting,
             output,
         }),
+        Command::Serve => serve::run(),
         Command::Compare {
             format,
             format_b,

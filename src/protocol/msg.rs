@@ -98,6 +98,8 @@ pub struct SendRequest {
     pub chunk: u32,
     /// Output cluster size for the space estimate in IMAGE.
     pub unit: u64,
+    /// zstd level for the payloads (0: uncompressed).
+    pub level: i8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,6 +213,7 @@ impl Message {
                 v.extend_from_slice(&r.min_sparse.to_be_bytes());
                 v.extend_from_slice(&r.chunk.to_be_bytes());
                 v.extend_from_slice(&r.unit.to_be_bytes());
+                v.push(r.level as u8);
             }
             Message::Image(i) => {
                 v.push(i.format.map_or(0, |f| f as u8));
@@ -304,6 +307,7 @@ impl Message {
                     min_sparse: d.u64()?,
                     chunk: d.u32()?,
                     unit: d.u64()?,
+                    level: d.u8()? as i8,
                 })),
                 op => return Err(malformed(what, format!("unknown operation {op}"))),
             },
@@ -404,7 +408,10 @@ fn decode_chunk(d: &mut Dec<'_>, limits: &Limits) -> Result<ChunkFrame> {
         return Err(malformed(what, format!("chunk at {start:#x} overflows")));
     }
     if read > len {
-        return Err(malformed(what, format!("{read} bytes read of a {len}-byte chunk")));
+        return Err(malformed(
+            what,
+            format!("{read} bytes read of a {len}-byte chunk"),
+        ));
     }
     let count = d.u32()? as usize;
     // Each segment takes 4 bytes of this frame: a count beyond what the
@@ -575,6 +582,7 @@ mod tests {
             min_sparse: 4096,
             chunk: 2 << 20,
             unit: 65536,
+            level: -1,
         })));
         round_trip(Message::Image(ImageInfo {
             format: Some(WireFormat::Raw),

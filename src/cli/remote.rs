@@ -1,0 +1,581 @@
+//! `convert` with a remote or `-` end: push (SRC local, DST on a host),
+//! pull (SRC on a host, DST local), and one-way protocol streams on
+//! stdout/stdin. The host end is `imgsync serve` ([`super::serve`]).
+
+use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::{Format, Image};
+
+use super::convert::{engine_error, Args};
+use super::output::human_size;
+use super::progress::{interrupt_flag, progress_of};
+use super::{exit, OutputFormat};
+use crate::engine::convert::{self, ConvertOptions};
+use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::{self, Progress};
+use crate::io::Output;
+use crate::protocol::msg::{
+    kind, Hello, ImageInfo, ReceiveRequest, Request, SendRequest, WireCompression, WireFormat,
+};
+use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
+use crate::transport::{self, Host, SshOptions, Waiter};
+
+/// Options of the SSH transports, shared by the commands with remote
+/// locations.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SshArgs {
+    /// Use this remote shell program instead of the built-in SSH client
+    /// (rsync's -e), e.g. "ssh -p 2222 -o ProxyJump=gw"; every OpenSSH
+    /// option and ~/.ssh/config then apply
+    #[arg(short = 'e', long = "rsh", value_name = "CMD")]
+    pub rsh: Option<String>,
+    /// The imgsync program on the remote host
+    #[arg(long, value_name = "PATH", default_value = "imgsync")]
+    pub remote_imgsync: String,
+    /// Known hosts file for the built-in client (default ~/.ssh/known_hosts)
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Add an unknown host key to the known hosts file (OpenSSH's
+    /// accept-new); a changed key is always refused
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// Identity (private key) file for the built-in client, tried after
+    /// ssh-agent and before the default keys; may be repeated
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    pub identity: Vec<PathBuf>,
+    /// SSH config file for the built-in client (default ~/.ssh/config)
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+}
+
+impl SshArgs {
+    pub fn options(&self) -> SshOptions {
+        SshOptions {
+            rsh: self.rsh.clone(),
+            remote_imgsync: Some(self.remote_imgsync.clone()),
+            known_hosts: self.known_hosts.clone(),
+            accept_new_host_key: self.accept_new_host_key,
+            identities: self.identity.clone(),
+            config: self.ssh_config.clone(),
+        }
+    }
+}
+
+type Reader = FrameReader<Box<dyn Read + Send>>;
+type Writer = FrameWriter<Box<dyn Write + Send>>;
+
+/// A connection to `imgsync serve` on a host, after the handshake.
+struct Peer {
+    host: Host,
+    remote_imgsync: String,
+    fr: Reader,
+    fw: Writer,
+    waiter: Box<dyn Waiter>,
+    limits: Limits,
+}
+
+impl Peer {
+    fn connect(host: &Host, ssh: &SshArgs) -> Result<Peer> {
+        let conn = transport::connect(host, &ssh.options()).map_err(|e| anyhow!(e))?;
+        let mut peer = Peer {
+            host: host.clone(),
+            remote_imgsync: ssh.remote_imgsync.clone(),
+            fr: FrameReader::new(conn.reader, Limits::DEFAULT.max_frame),
+            fw: FrameWriter::new(conn.writer),
+            waiter: conn.waiter,
+            limits: Limits::DEFAULT,
+        };
+        match handshake(&mut peer.fr, &mut peer.fw) {
+            Ok(l) => peer.limits = l,
+            Err(e) => return Err(peer.fail(e)),
+        }
+        Ok(peer)
+    }
+
+    /// The error of a failed exchange, in one line naming the host. When
+    /// the stream broke, the peer may have said why (an ERROR frame, its
+    /// exit status, stderr).
+    fn fail(self, e: engine::Error) -> anyhow::Error {
+        let Peer {
+            host,
+            remote_imgsync,
+            mut fr,
+            fw,
+            waiter,
+            ..
+        } = self;
+        let broken = matches!(
+            e,
+            engine::Error::Protocol(
+                protocol::Error::Write(_) | protocol::Error::Read(_) | protocol::Error::Eof
+            )
+        );
+        let mut said = None;
+        if broken {
+            // The peer may have sent an ERROR before it closed.
+            if let Ok((k, p)) = fr.read_frame() {
+                if let Ok(Message::Error(s)) = Message::decode(k, p, &Limits::DEFAULT) {
+                    said = Some(s);
+                }
+            }
+        }
+        drop(fw);
+        drop(fr);
+        if let engine::Error::Protocol(protocol::Error::Remote(s)) = &e {
+            said = Some(s.clone());
+        }
+        let exit = if broken || said.is_some() {
+            waiter.wait().ok()
+        } else {
+            // The peer may still be waiting for data; the connection is
+            // closed and it ends on its own.
+            drop(waiter);
+            None
+        };
+        if let Some(s) = said {
+            return anyhow!("{host}: {s}");
+        }
+        if let Some(x) = exit {
+            let stderr = x
+                .stderr
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            if x.status == Some(127) {
+                return anyhow!(
+                    "{host}: {remote_imgsync} was not found on the remote host ({}); install imgsync there or pass --remote-imgsync PATH",
+                    if stderr.is_empty() { "exit status 127" } else { stderr.trim() }
+                );
+            }
+            if !stderr.is_empty() {
+                return anyhow!(
+                    "{host}: {}: the remote side said: {}",
+                    one(&e),
+                    stderr.trim()
+                );
+            }
+            if let Some(st) = x.status.filter(|&s| s != 0) {
+                return anyhow!("{host}: {} (remote exit status {st})", one(&e));
+            }
+        }
+        anyhow!("{host}: {}", one(&e))
+    }
+
+    fn finish(self) {
+        let Peer { fr, fw, waiter, .. } = self;
+        drop(fw);
+        drop(fr);
+        let _ = waiter.wait();
+    }
+}
+
+fn one(e: &engine::Error) -> String {
+    super::output::one_line(&anyhow!(engine_error_text(e)))
+}
+
+fn engine_error_text(e: &engine::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+pub(super) fn wire_format(f: Format) -> WireFormat {
+    match f {
+        Format::Raw => WireFormat::Raw,
+        Format::Qcow2 => WireFormat::Qcow2,
+    }
+}
+
+pub(super) fn format_of(f: WireFormat) -> Format {
+    match f {
+        WireFormat::Raw => Format::Raw,
+        WireFormat::Qcow2 => Format::Qcow2,
+    }
+}
+
+fn convert_options(a: &Args, output_format: Format) -> Result<ConvertOptions> {
+    if a.compress && output_format != Format::Qcow2 {
+        bail!("-c (compression) needs qcow2 output (-O qcow2)");
+    }
+    Ok(ConvertOptions {
+        output_format,
+        min_sparse: a.min_sparse,
+        compression: a.compress.then_some(a.compression_type),
+        cluster_bits: a.cluster_size.trailing_zeros(),
+        target_is_zero: a.target_is_zero,
+        check_space: !a.no_space_check,
+        workers: a
+            .threads
+            .unwrap_or_else(crate::engine::pipeline::default_workers),
+    })
+}
+
+fn send_options(a: &Args, opts: &ConvertOptions) -> SendOptions {
+    SendOptions {
+        min_sparse: a.min_sparse,
+        chunk: convert::grid(opts),
+        level: a.compress_level,
+        workers: opts.workers,
+    }
+}
+
+/// What a transfer did, for `--stats` and `--output json`.
+struct Stats {
+    src: String,
+    dst: String,
+    format: Format,
+    virtual_size: u64,
+    bytes_read: u64,
+    zero_bytes: u64,
+    data_sent: u64,
+    wire_bytes: u64,
+    bytes_written: u64,
+    clusters_compressed: u64,
+    seconds: f64,
+}
+
+fn print_stats(a: &Args, s: &Stats) -> Result<()> {
+    let ratio = if s.wire_bytes > 0 {
+        s.data_sent as f64 / s.wire_bytes as f64
+    } else {
+        0.0
+    };
+    let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
+    if a.output == OutputFormat::Json {
+        let v = serde_json::json!({
+            "source": s.src,
+            "destination": s.dst,
+            "format": s.format.name(),
+            "virtual-size": s.virtual_size,
+            "bytes-read": s.bytes_read,
+            "zero-bytes": s.zero_bytes,
+            "data-sent": s.data_sent,
+            "wire-bytes": s.wire_bytes,
+            "compression-ratio": (ratio * 1000.0).round() / 1000.0,
+            "bytes-written": s.bytes_written,
+            "compressed-clusters": s.clusters_compressed,
+            "seconds": s.seconds,
+            "rate": rate.round(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if a.stats {
+        println!(
+            "data read:     {} ({} bytes)",
+            human_size(s.bytes_read),
+            s.bytes_read
+        );
+        println!("zeros skipped: {}", human_size(s.zero_bytes));
+        println!("data sent:     {}", human_size(s.data_sent));
+        println!(
+            "on the wire:   {} ({} bytes, ratio {ratio:.2})",
+            human_size(s.wire_bytes),
+            s.wire_bytes
+        );
+        println!("written:       {}", human_size(s.bytes_written));
+        println!(
+            "time:          {:.2} s ({}/s)",
+            s.seconds,
+            human_size(rate as u64)
+        );
+    }
+    Ok(())
+}
+
+/// Local SRC to DST on a host.
+pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
+    let started = Instant::now();
+    let src = a.src.to_string_lossy().into_owned();
+    let output_format = a.output_format.unwrap_or(image.format());
+    let opts = convert_options(a, output_format)?;
+    let dst_name = format!("{host}:{path}");
+    convert::check_options(&image, &opts)
+        .map_err(|e| engine_error(e, Path::new(&src), Path::new(&dst_name), None))?;
+    let info = remote::image_info(&image, convert::output_unit(&opts))
+        .map_err(|e| engine_error(e, Path::new(&src), Path::new(&dst_name), None))?;
+    let cancel = interrupt_flag();
+    let mut peer = Peer::connect(host, &a.ssh)?;
+    let req = Request::Receive(ReceiveRequest {
+        path: path.as_bytes().to_vec(),
+        format: wire_format(output_format),
+        compression: match opts.compression {
+            None => WireCompression::None,
+            Some(CompressionType::Zlib) => WireCompression::Zlib,
+            Some(CompressionType::Zstd) => WireCompression::Zstd,
+        },
+        cluster_bits: opts.cluster_bits as u8,
+        target_is_zero: opts.target_is_zero,
+        check_space: opts.check_space,
+    });
+    let ready = (|| {
+        send_msg(&mut peer.fw, &Message::Request(req))?;
+        send_msg(&mut peer.fw, &Message::Image(info))?;
+        peer.fw.flush()?;
+        recv_msg(&mut peer.fr, &peer.limits, kind::READY)
+    })();
+    if let Err(e) = ready {
+        return Err(peer.fail(e));
+    }
+    let bar = a.reporting.bar();
+    let progress: &dyn Progress = progress_of(&bar);
+    progress.start(info.data_bytes);
+    let sopts = send_options(a, &opts);
+    let limits = peer.limits;
+    let sent = remote::send_chunks(&image, &mut peer.fw, &limits, &sopts, progress, &cancel);
+    drop(bar);
+    let sent = match sent {
+        Ok(s) => s,
+        Err(e @ (engine::Error::Source(_) | engine::Error::Internal(_))) => {
+            drop(peer);
+            return Err(engine_error(e, Path::new(&src), Path::new(&dst_name), None));
+        }
+        Err(engine::Error::Interrupted) => {
+            drop(peer);
+            bail!("{dst_name}: interrupted; nothing was written");
+        }
+        Err(e) => return Err(peer.fail(e)),
+    };
+    let done = match recv_msg(&mut peer.fr, &peer.limits, kind::DONE) {
+        Ok(Message::Done(d)) => d,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(peer.fail(e)),
+    };
+    let wire = peer.fw.bytes + peer.fr.bytes;
+    peer.finish();
+    print_stats(
+        a,
+        &Stats {
+            src,
+            dst: dst_name,
+            format: output_format,
+            virtual_size: info.virtual_size,
+            bytes_read: sent.bytes_read,
+            zero_bytes: sent.zero_bytes,
+            data_sent: sent.data_sent,
+            wire_bytes: wire,
+            bytes_written: done.bytes_written,
+            clusters_compressed: done.clusters_compressed,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    )?;
+    Ok(exit::OK)
+}
+
+/// SRC on a host to local DST.
+pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
+    let started = Instant::now();
+    let src_name = format!("{host}:{path}");
+    // The grid and unit depend on the output format, known once IMAGE
+    // arrives; ask with the cluster size given (the default 64 KiB): the
+    // grid (2 MiB or more, a power of two) suits any cluster size.
+    let probe_opts = convert_options(a, a.output_format.unwrap_or(Format::Raw))
+        .or_else(|_| convert_options(a, Format::Qcow2))?;
+    let cancel = interrupt_flag();
+    let mut peer = Peer::connect(host, &a.ssh)?;
+    let req = Request::Send(SendRequest {
+        path: path.as_bytes().to_vec(),
+        format: a.format.map(wire_format),
+        min_sparse: a.min_sparse,
+        chunk: convert::grid(&probe_opts) as u32,
+        unit: 1u64 << probe_opts.cluster_bits,
+        level: a.compress_level.clamp(-7, 22) as i8,
+    });
+    let info = (|| {
+        send_msg(&mut peer.fw, &Message::Request(req))?;
+        peer.fw.flush()?;
+        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+    })();
+    let info = match info {
+        Ok(Message::Image(i)) => i,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(peer.fail(e)),
+    };
+    let output_format = a
+        .output_format
+        .or(info.format.map(format_of))
+        .unwrap_or(Format::Raw);
+    let opts = convert_options(a, output_format)?;
+    let limits = peer.limits;
+    let result = receive_into(
+        a,
+        &mut peer.fr,
+        &limits,
+        &info,
+        &src_name,
+        dst,
+        &opts,
+        &cancel,
+    );
+    let report = match result {
+        Ok(r) => r,
+        Err(Fail::Local(e)) => {
+            drop(peer);
+            return Err(e);
+        }
+        Err(Fail::Stream(e)) => {
+            let e = peer.fail(e);
+            bail!(
+                "{} (nothing was written to {})",
+                super::output::one_line(&e),
+                dst.display()
+            );
+        }
+    };
+    let wire = peer.fw.bytes + peer.fr.bytes;
+    peer.finish();
+    print_stats(
+        a,
+        &Stats {
+            src: src_name,
+            dst: dst.display().to_string(),
+            format: output_format,
+            virtual_size: info.virtual_size,
+            bytes_read: report.bytes_read,
+            zero_bytes: report.zero_bytes,
+            data_sent: report.bytes_read - report.zero_bytes,
+            wire_bytes: wire,
+            bytes_written: report.bytes_written,
+            clusters_compressed: report.clusters_compressed,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    )?;
+    Ok(exit::OK)
+}
+
+enum Fail {
+    /// Named already (the local file).
+    Local(anyhow::Error),
+    /// The stream or the peer: to be named with the host.
+    Stream(engine::Error),
+}
+
+/// Receives a stream's chunks into a new local DST, committed only when
+/// the stream's digest matched.
+#[allow(clippy::too_many_arguments)]
+fn receive_into<R: Read + Send>(
+    a: &Args,
+    fr: &mut FrameReader<R>,
+    limits: &Limits,
+    info: &ImageInfo,
+    src_name: &str,
+    dst: &Path,
+    opts: &ConvertOptions,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<convert::Report, Fail> {
+    let local = |e: engine::Error| Fail::Local(engine_error(e, Path::new(src_name), dst, None));
+    convert::check_size_options(info.virtual_size, opts).map_err(local)?;
+    let out = Output::create(dst)
+        .with_context(|| dst.display().to_string())
+        .map_err(Fail::Local)?;
+    let bar = a.reporting.bar();
+    let progress = progress_of(&bar);
+    let result = remote::receive_chunks(fr, limits, info, &out, opts, progress, cancel);
+    drop(bar);
+    let report = match result {
+        Ok(r) => r,
+        Err(e @ engine::Error::Protocol(_)) => {
+            return Err(Fail::Stream(e));
+        }
+        Err(e) => return Err(local(e)),
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return Err(local(engine::Error::Interrupted));
+    }
+    out.commit()
+        .with_context(|| format!("{}: completing the output", dst.display()))
+        .map_err(Fail::Local)?;
+    Ok(report)
+}
+
+/// Local SRC as a one-way protocol stream on stdout (`convert SRC -`).
+pub fn to_stdout(a: &Args, image: Image) -> Result<u8> {
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        bail!("-: refusing to write an imgsync stream to a terminal (pipe it into `imgsync convert - DST`)");
+    }
+    let output_format = a.output_format.unwrap_or(image.format());
+    let opts = convert_options(a, output_format)?;
+    let src = a.src.to_string_lossy().into_owned();
+    let named = |e| engine_error(e, Path::new(&src), Path::new("-"), None);
+    let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    let mut fw = FrameWriter::new(BufWriter::with_capacity(1 << 20, stdout));
+    let cancel = interrupt_flag();
+    let bar = a.reporting.bar();
+    let progress = progress_of(&bar);
+    progress.start(info.data_bytes);
+    let mut sopts = send_options(a, &opts);
+    // The reader's cluster size is unknown: 2 MiB cells (or -S) suit all.
+    sopts.chunk = convert::CHUNK_BYTES.max(a.min_sparse.next_power_of_two());
+    let r = (|| {
+        send_msg(&mut fw, &Message::Hello(Hello::ours()))?;
+        send_msg(&mut fw, &Message::Image(info))?;
+        remote::send_chunks(&image, &mut fw, &Limits::DEFAULT, &sopts, progress, &cancel)
+    })();
+    drop(bar);
+    match r {
+        Ok(_) => Ok(exit::OK),
+        Err(engine::Error::Protocol(protocol::Error::Write(e))) => {
+            Err(anyhow!(e).context("-: writing the stream"))
+        }
+        Err(e) => Err(named(e)),
+    }
+}
+
+/// A one-way protocol stream on stdin into a local DST (`convert - DST`).
+pub fn from_stdin(a: &Args, dst: &Path) -> Result<u8> {
+    let started = Instant::now();
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!("-: stdin is a terminal, not an imgsync stream");
+    }
+    let limits = Limits::DEFAULT;
+    let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, stdin), limits.max_frame);
+    let head = (|| -> engine::Result<ImageInfo> {
+        recv_msg(&mut fr, &limits, kind::HELLO)?;
+        match recv_msg(&mut fr, &limits, kind::IMAGE)? {
+            Message::Image(i) => Ok(i),
+            _ => Err(engine::Error::Internal("wrong message".into())),
+        }
+    })();
+    let info = head.map_err(|e| anyhow!("-: {}", one(&e)))?;
+    let output_format = a
+        .output_format
+        .or(info.format.map(format_of))
+        .unwrap_or(Format::Raw);
+    let opts = convert_options(a, output_format)?;
+    let cancel = interrupt_flag();
+    let report = match receive_into(a, &mut fr, &limits, &info, "-", dst, &opts, &cancel) {
+        Ok(r) => r,
+        Err(Fail::Local(e)) => return Err(e),
+        Err(Fail::Stream(e)) => bail!("-: {} (nothing was written to {})", one(&e), dst.display()),
+    };
+    print_stats(
+        a,
+        &Stats {
+            src: "-".to_string(),
+            dst: dst.display().to_string(),
+            format: output_format,
+            virtual_size: info.virtual_size,
+            bytes_read: report.bytes_read,
+            zero_bytes: report.zero_bytes,
+            data_sent: report.bytes_read - report.zero_bytes,
+            wire_bytes: fr.bytes,
+            bytes_written: report.bytes_written,
+            clusters_compressed: report.clusters_compressed,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    )?;
+    Ok(exit::OK)
+}

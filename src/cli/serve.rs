@@ -1,0 +1,162 @@
+//! `imgsync serve`: the far end of a transfer, started over SSH (or any
+//! pipe) with the protocol on stdin/stdout. The client says in-band what to
+//! do: receive an image into a path (push) or send one (pull). Errors go
+//! back to the client as an ERROR frame naming the file, and to stderr.
+
+use std::ffi::OsStr;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{anyhow, Result};
+
+use super::convert::engine_error;
+use super::progress::interrupt_flag;
+use super::remote::format_of;
+use super::{exit, output};
+use crate::engine::convert::{self, ConvertOptions};
+use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::{self, NoProgress};
+use crate::io::{open_image, OpenOptions, Output};
+use crate::protocol::msg::{kind, Done, ReceiveRequest, Request, SendRequest, WireCompression};
+use crate::protocol::{FrameReader, FrameWriter, Limits, Message};
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::Format;
+
+type Reader = FrameReader<BufReader<std::io::Stdin>>;
+type Writer = FrameWriter<BufWriter<std::io::Stdout>>;
+
+pub fn run() -> Result<u8> {
+    let mut fr = FrameReader::new(
+        BufReader::with_capacity(1 << 20, std::io::stdin()),
+        Limits::DEFAULT.max_frame,
+    );
+    let mut fw = FrameWriter::new(BufWriter::with_capacity(256 << 10, std::io::stdout()));
+    let limits = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
+        Ok(Message::Request(r)) => r,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(anyhow!(e).context("serve")),
+    };
+    let result = match req {
+        Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
+        Request::Send(r) => send(&mut fw, &limits, r),
+    };
+    match result {
+        Ok(()) => Ok(exit::OK),
+        Err(e) => {
+            // Tell the client, then fail the same way locally (stderr).
+            let line = output::one_line(&e);
+            let _ = send_msg(&mut fw, &Message::Error(line));
+            let _ = fw.flush();
+            Err(e)
+        }
+    }
+}
+
+/// A path from the wire: `~/x` is under $HOME (as scp's shell would do);
+/// a relative path is relative to the login directory.
+fn path_of(bytes: &[u8]) -> PathBuf {
+    let p = Path::new(OsStr::from_bytes(bytes));
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    p.to_path_buf()
+}
+
+fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest) -> Result<()> {
+    let dst = path_of(&r.path);
+    let info = match recv_msg(fr, limits, kind::IMAGE) {
+        Ok(Message::Image(i)) => i,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(anyhow!(e).context("serve")),
+    };
+    let output_format = format_of(r.format);
+    let opts = ConvertOptions {
+        output_format,
+        min_sparse: 4096,
+        compression: match r.compression {
+            WireCompression::None => None,
+            WireCompression::Zlib => Some(CompressionType::Zlib),
+            WireCompression::Zstd => Some(CompressionType::Zstd),
+        },
+        cluster_bits: u32::from(r.cluster_bits),
+        target_is_zero: r.target_is_zero,
+        check_space: r.check_space,
+        workers: crate::engine::pipeline::default_workers(),
+    };
+    let named = |e: engine::Error| engine_error(e, Path::new("-"), &dst, None);
+    if opts.compression.is_some() && output_format != Format::Qcow2 {
+        return Err(anyhow!("{}: compression needs qcow2 output", dst.display()));
+    }
+    convert::check_size_options(info.virtual_size, &opts).map_err(named)?;
+    let out = Output::create(&dst).map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    remote::check_receive(&info, &out, &opts).map_err(named)?;
+    send_msg(fw, &Message::Ready).map_err(named)?;
+    fw.flush().map_err(|e| named(e.into()))?;
+    let cancel = interrupt_flag();
+    let report = remote::receive_chunks(fr, limits, &info, &out, &opts, &NoProgress, &cancel)
+        .map_err(|e| match e {
+            engine::Error::Protocol(p) => anyhow!(
+                "{}: {} (nothing was written)",
+                dst.display(),
+                output::one_line(&anyhow!(p))
+            ),
+            e => named(e),
+        })?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(named(engine::Error::Interrupted));
+    }
+    out.commit()
+        .map_err(|e| anyhow!(e).context(format!("{}: completing the output", dst.display())))?;
+    send_msg(
+        fw,
+        &Message::Done(Done {
+            bytes_written: report.bytes_written,
+            clusters_compressed: report.clusters_compressed,
+        }),
+    )
+    .map_err(named)?;
+    fw.flush().map_err(|e| named(e.into()))?;
+    Ok(())
+}
+
+fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> Result<()> {
+    let src = path_of(&r.path);
+    let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
+    let image = open_image(
+        &src,
+        OpenOptions {
+            format: r.format.map(format_of),
+            allow_corrupt: false,
+        },
+    )?;
+    let chunk = u64::from(r.chunk);
+    if !chunk.is_power_of_two() || chunk < 65536 || chunk > u64::from(limits.max_chunk) {
+        return Err(anyhow!(
+            "{}: bad chunk size {chunk} requested",
+            src.display()
+        ));
+    }
+    if r.min_sparse % 512 != 0 || r.min_sparse > chunk {
+        return Err(anyhow!(
+            "{}: bad -S {} requested",
+            src.display(),
+            r.min_sparse
+        ));
+    }
+    let info = remote::image_info(&image, r.unit).map_err(named)?;
+    send_msg(fw, &Message::Image(info)).map_err(named)?;
+    let opts = SendOptions {
+        min_sparse: r.min_sparse,
+        chunk,
+        level: i32::from(r.level),
+        ..SendOptions::default()
+    };
+    let cancel = interrupt_flag();
+    remote::send_chunks(&image, fw, limits, &opts, &NoProgress, &cancel).map_err(named)?;
+    Ok(())
+}
