@@ -192,6 +192,16 @@ fn engine_error_text(e: &engine::Error) -> String {
     s
 }
 
+/// A remote location as the user would write it: `host:path`, or an
+/// ssh:// URL when there is a port.
+fn location_name(host: &Host, path: &str) -> String {
+    match host.port {
+        Some(port) if host.host.contains(':') => format!("ssh://[{}]:{port}{path}", host.host),
+        Some(port) => format!("ssh://{}:{port}{path}", host.host),
+        None => format!("{}:{path}", host.host),
+    }
+}
+
 pub(super) fn wire_format(f: Format) -> WireFormat {
     match f {
         Format::Raw => WireFormat::Raw,
@@ -300,7 +310,7 @@ pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
     let src = a.src.to_string_lossy().into_owned();
     let output_format = a.output_format.unwrap_or(image.format());
     let opts = convert_options(a, output_format)?;
-    let dst_name = format!("{host}:{path}");
+    let dst_name = location_name(host, path);
     convert::check_options(&image, &opts)
         .map_err(|e| engine_error(e, Path::new(&src), Path::new(&dst_name), None))?;
     let info = remote::image_info(&image, convert::output_unit(&opts))
@@ -376,7 +386,7 @@ pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
 /// SRC on a host to local DST.
 pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
     let started = Instant::now();
-    let src_name = format!("{host}:{path}");
+    let src_name = location_name(host, path);
     // The grid and unit depend on the output format, known once IMAGE
     // arrives; ask with the cluster size given (the default 64 KiB): the
     // grid (2 MiB or more, a power of two) suits any cluster size.

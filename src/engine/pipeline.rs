@@ -474,9 +474,7 @@ mod tests {
             plan::jobs(image, 1 << 20),
             || Ok(RawWriter::new(&out, !zero_fill)),
             &mut sink,
-            PipelineOptions {
-                workers,
-            },
+            PipelineOptions { workers },
             &NoProgress,
             &AtomicBool::new(false),
         )?;
@@ -546,9 +544,7 @@ mod tests {
                     plan::jobs(&img, 1 << 20),
                     || Ok(Faulty { at, panic }),
                     &mut sink,
-                    PipelineOptions {
-                        workers: 2,
-                    },
+                    PipelineOptions { workers: 2 },
                     &NoProgress,
                     &AtomicBool::new(false),
                 );

@@ -119,7 +119,9 @@ pub fn handshake<R: Read, W: Write>(
 }
 
 fn unreachable_msg<T>() -> Result<T> {
-    Err(Error::Internal("decoded message of the wrong type".to_string()))
+    Err(Error::Internal(
+        "decoded message of the wrong type".to_string(),
+    ))
 }
 
 /// Sends `image`'s data as CHUNK frames followed by END. The caller has
@@ -431,7 +433,7 @@ impl<R: Read> Iterator for ChunkFrames<'_, R> {
 
 /// Worker side of the receiver: decompresses a frame into its cell and
 /// checks the content against the chunk's hash before anything is written.
-struct FrameSource;
+pub struct FrameSource;
 
 impl Source for FrameSource {
     type Job = RecvJob;
@@ -455,7 +457,10 @@ impl Source for FrameSource {
             let n = zstd::zstd_safe::decompress(&mut v, &c.payload)
                 .map_err(|code| bad(format!("zstd: {}", zstd::zstd_safe::get_error_name(code))))?;
             if n != c.raw_len as usize {
-                return Err(bad(format!("{n} bytes decompressed, {} expected", c.raw_len)));
+                return Err(bad(format!(
+                    "{n} bytes decompressed, {} expected",
+                    c.raw_len
+                )));
             }
             unpacked = v;
             &unpacked

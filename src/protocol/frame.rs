@@ -33,7 +33,10 @@ pub fn decode_header(h: &[u8; HEADER_LEN], max_len: u32) -> Result<Header> {
     if h[1] != 0 || h[2] != 0 || h[3] != 0 {
         return Err(Error::Malformed {
             what: "frame",
-            why: format!("reserved header bytes {:02x}{:02x}{:02x} set", h[1], h[2], h[3]),
+            why: format!(
+                "reserved header bytes {:02x}{:02x}{:02x} set",
+                h[1], h[2], h[3]
+            ),
         });
     }
     Ok(Header { kind, len, crc })
@@ -232,7 +235,8 @@ mod tests {
     #[test]
     fn round_trip_and_byte_counts() {
         let mut w = FrameWriter::new(Vec::new());
-        w.write_frame(1, |v| v.extend_from_slice(&[9; 100])).unwrap();
+        w.write_frame(1, |v| v.extend_from_slice(&[9; 100]))
+            .unwrap();
         w.write_frame(2, |_| {}).unwrap();
         let bytes = w.bytes;
         let data = w.into_inner();
@@ -275,7 +279,10 @@ mod tests {
         let f = build(5, |v| v.extend_from_slice(b"payload"));
         for cut in 1..f.len() {
             let mut r = FrameReader::new(&f[..cut], 1 << 20);
-            assert!(matches!(r.read_frame(), Err(Error::Malformed { .. })), "cut {cut}");
+            assert!(
+                matches!(r.read_frame(), Err(Error::Malformed { .. })),
+                "cut {cut}"
+            );
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use imgsync::formats::Format;
 use imgsync::io::{open_image, OpenOptions};
@@ -790,3 +790,34 @@ pub fn assert_one_line_error(out: &Output, what: &str) -> String {
     );
     line.to_string()
 }
+
+// A small tmpfs (needs root; skipped visibly otherwise, required in CI)
+
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: PathBuf, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            if std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
+                panic!("cannot mount a tmpfs (CI runs as root)");
+            }
+            eprintln!("SKIP: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Op, KIB, MIB};
+use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Op, Tmpfs, KIB, MIB};
 
 /// Writes a raw file of `size` bytes: `chunks` of (offset, bytes), holes
 /// elsewhere.
@@ -450,34 +450,6 @@ fn sigkill_midway_leaves_nothing() {
 
 // ---------------------------------------------------------------------------
 // A small tmpfs as DST's filesystem (needs root; skipped visibly otherwise)
-
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: PathBuf, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(&dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            if std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
-                panic!("cannot mount a tmpfs (CI runs as root)");
-            }
-            eprintln!("SKIP: cannot mount a tmpfs (not root?)");
-            return None;
-        }
-        Some(Tmpfs(dir))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// 4 GiB virtual with `data` bytes of data in 1 MiB pieces.
 fn sparse_source(env: &Env, name: &str, data: u64) {
