@@ -414,7 +414,7 @@ pub fn read_chunk(image: &Image, job: Job, min_sparse: u64, pool: &Arc<BufPool>)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use imgsync_formats::raw::Raw;
@@ -438,7 +438,7 @@ mod tests {
     }
 
     /// An in-memory raw image: data islands (some all zeros) between zeros.
-    fn image(seed: u64) -> (Image, Vec<u8>) {
+    pub(crate) fn image(seed: u64) -> (Image, Vec<u8>) {
         let size = 9 << 20;
         let mut bytes = vec![0u8; size];
         let mut x = seed | 1;

@@ -560,3 +560,128 @@ pub fn check_receive(info: &ImageInfo, out: &Output, opts: &ConvertOptions) -> R
     convert::check_room(&summary, out, opts)?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::pipeline::tests::image;
+    use crate::engine::NoProgress;
+    use crate::protocol::msg::Message;
+
+    /// The frames `image` is sent as (IMAGE excluded): CHUNK* END.
+    fn stream(img: &Image, level: i32) -> (Vec<u8>, SendStats) {
+        let mut fw = FrameWriter::new(Vec::new());
+        let opts = SendOptions {
+            level,
+            workers: 2,
+            ..SendOptions::default()
+        };
+        let stats =
+            send_chunks(img, &mut fw, &Limits::DEFAULT, &opts, &NoProgress, &AtomicBool::new(false))
+                .unwrap();
+        (fw.into_inner(), stats)
+    }
+
+    fn frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut fr = FrameReader::new(bytes, Limits::DEFAULT.max_frame);
+        let mut v = Vec::new();
+        while let Ok((k, p)) = fr.read_frame() {
+            v.push((k, p.to_vec()));
+        }
+        v
+    }
+
+    fn rebuild(frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (k, p) in frames {
+            v.extend(frame::build(*k, |b| b.extend_from_slice(p)));
+        }
+        v
+    }
+
+    /// Receives `bytes` into a raw file; returns its content or the error.
+    fn receive(img: &Image, bytes: &[u8], format: Format) -> Result<Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let out = Output::create(&path).unwrap();
+        let info = image_info(img, 65536).unwrap();
+        let opts = ConvertOptions {
+            output_format: format,
+            workers: 2,
+            ..ConvertOptions::default()
+        };
+        let mut fr = FrameReader::new(bytes, Limits::DEFAULT.max_frame);
+        receive_chunks(
+            &mut fr,
+            &Limits::DEFAULT,
+            &info,
+            &out,
+            &opts,
+            &NoProgress,
+            &AtomicBool::new(false),
+        )?;
+        out.commit().unwrap();
+        let back = crate::io::open_image(&path, crate::io::OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; back.virtual_size() as usize];
+        back.read_at(&mut buf, 0).unwrap();
+        Ok(buf)
+    }
+
+    #[test]
+    fn loopback_gives_back_the_image_compressed_or_not() {
+        for (seed, level) in [(1, 3), (2, 0), (3, 1)] {
+            let (img, bytes) = image(seed);
+            let (s, stats) = stream(&img, level);
+            assert!(stats.chunks > 0);
+            for format in [Format::Raw, Format::Qcow2] {
+                assert!(receive(&img, &s, format).unwrap() == bytes, "{seed} {format:?}");
+            }
+        }
+    }
+
+    fn expect_err(img: &Image, bytes: &[u8], what: &str) -> String {
+        match receive(img, bytes, Format::Raw) {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn lost_repeated_reordered_or_altered_chunks_are_refused() {
+        let (img, _) = image(4);
+        let (s, _) = stream(&img, 3);
+        let f = frames(&s);
+        let n = f.len();
+        assert!(n >= 4, "{n} frames");
+        assert_eq!(f[n - 1].0, kind::END);
+        // A chunk lost (frames stay valid: checksums are recomputed).
+        let mut g = f.clone();
+        g.remove(1);
+        let e = expect_err(&img, &rebuild(&g), "lost");
+        assert!(e.contains("digest"), "{e}");
+        // Repeated, reordered.
+        let mut g = f.clone();
+        g.insert(1, f[1].clone());
+        expect_err(&img, &rebuild(&g), "repeated");
+        let mut g = f.clone();
+        g.swap(0, 1);
+        expect_err(&img, &rebuild(&g), "reordered");
+        // Stream cut before END.
+        expect_err(&img, &rebuild(&f[..n - 1]), "cut");
+        // One payload byte altered, checksum recomputed: the chunk's hash
+        // catches it (raw payload so the byte is guest data).
+        let (s0, _) = stream(&img, 0);
+        let mut g = frames(&s0);
+        let last = g[0].1.len() - 1;
+        g[0].1[last] ^= 1;
+        let e = expect_err(&img, &rebuild(&g), "altered");
+        assert!(e.contains("digest"), "{e}");
+        // Another message in the middle of the chunks.
+        let mut g = f.clone();
+        let mut ready = Vec::new();
+        Message::Ready.encode(&mut ready);
+        g.insert(1, (kind::READY, ready));
+        let e = expect_err(&img, &rebuild(&g), "unexpected");
+        assert!(e.contains("READY"), "{e}");
+    }
+}
