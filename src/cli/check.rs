@@ -1,7 +1,7 @@
 //! `imgsync check`: metadata consistency (exit 0 clean, 3 corruption or
 //! leaks found, 2 error), reported like `qemu-img check`.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -13,6 +13,20 @@ use super::{exit, OutputFormat};
 use crate::io::{open_image, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let code = run_to(&mut out, path, format, output)?;
+    out.flush()?;
+    Ok(code)
+}
+
+/// `run`, printing into `out` (stdout, or the protocol for a remote client).
+pub fn run_to(
+    out: &mut dyn Write,
+    path: &Path,
+    format: Option<Format>,
+    output: OutputFormat,
+) -> Result<u8> {
     let image = open_image(
         path,
         OpenOptions {
@@ -20,7 +34,6 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
             allow_corrupt: true,
         },
     )?;
-    let mut out = std::io::stdout().lock();
     let Some(q) = image.qcow2() else {
         // A raw image has no metadata that could be inconsistent.
         match output {
@@ -38,8 +51,8 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
     };
     let report = check(q).with_context(|| path.display().to_string())?;
     match output {
-        OutputFormat::Json => print_json(&mut out, path, &report)?,
-        OutputFormat::Human => print_human(&mut out, &report)?,
+        OutputFormat::Json => print_json(out, path, &report)?,
+        OutputFormat::Human => print_human(out, &report)?,
     }
     Ok(if report.is_clean() {
         exit::OK
@@ -54,7 +67,7 @@ fn problems_json(list: &[Problem]) -> serde_json::Value {
         .collect()
 }
 
-fn print_json(out: &mut impl Write, path: &Path, r: &CheckReport) -> Result<()> {
+fn print_json(out: &mut dyn Write, path: &Path, r: &CheckReport) -> Result<()> {
     let v = json!({
         "filename": path.display().to_string(),
         "format": "qcow2",
@@ -76,7 +89,7 @@ fn print_json(out: &mut impl Write, path: &Path, r: &CheckReport) -> Result<()> 
     Ok(())
 }
 
-fn print_human(out: &mut impl Write, r: &CheckReport) -> Result<()> {
+fn print_human(out: &mut dyn Write, r: &CheckReport) -> Result<()> {
     for p in &r.warnings {
         writeln!(out, "Warning: {}", p.message)?;
     }

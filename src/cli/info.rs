@@ -1,6 +1,6 @@
 //! `imgsync info`: what qemu-img info prints, with the same JSON key names.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -13,6 +13,20 @@ use super::{exit, OutputFormat};
 use crate::io::{open_image, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let code = run_to(&mut out, path, format, output)?;
+    out.flush()?;
+    Ok(code)
+}
+
+/// `run`, printing into `out` (stdout, or the protocol for a remote client).
+pub fn run_to(
+    out: &mut dyn Write,
+    path: &Path,
+    format: Option<Format>,
+    output: OutputFormat,
+) -> Result<u8> {
     let image = open_image(
         path,
         OpenOptions {
@@ -25,13 +39,12 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
         .blocks()
         * 512;
     let info = describe(path, &image, actual_size)?;
-    let mut out = std::io::stdout().lock();
     match output {
         OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut out, &info)?;
+            serde_json::to_writer_pretty(&mut *out, &info)?;
             writeln!(out)?;
         }
-        OutputFormat::Human => print_human(&mut out, &info)?,
+        OutputFormat::Human => print_human(out, &info)?,
     }
     Ok(exit::OK)
 }
@@ -108,7 +121,7 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
     Ok(Value::Object(o))
 }
 
-fn print_human(out: &mut impl Write, info: &Value) -> Result<()> {
+fn print_human(out: &mut dyn Write, info: &Value) -> Result<()> {
     let get = |k: &str| info.get(k).cloned().unwrap_or(Value::Null);
     let u = |k: &str| get(k).as_u64().unwrap_or(0);
     writeln!(out, "image: {}", get("filename").as_str().unwrap_or(""))?;

@@ -11,6 +11,20 @@ use super::{exit, OutputFormat};
 use crate::io::{open_image, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let code = run_to(&mut out, path, format, output)?;
+    out.flush()?;
+    Ok(code)
+}
+
+/// `run`, printing into `out` (stdout, or the protocol for a remote client).
+pub fn run_to(
+    out: &mut dyn Write,
+    path: &Path,
+    format: Option<Format>,
+    output: OutputFormat,
+) -> Result<u8> {
     let image = open_image(
         path,
         OpenOptions {
@@ -18,7 +32,6 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
             allow_corrupt: false,
         },
     )?;
-    let mut out = BufWriter::new(std::io::stdout().lock());
     match output {
         OutputFormat::Json => write!(out, "[")?,
         OutputFormat::Human => {
@@ -49,7 +62,6 @@ pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<
     if output == OutputFormat::Json {
         writeln!(out, "]")?;
     }
-    out.flush()?;
     Ok(exit::OK)
 }
 

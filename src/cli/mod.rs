@@ -21,6 +21,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use imgsync_formats::Format;
 
+use crate::protocol::msg::QueryCommand;
+
 /// Exit statuses (the contract in CLI.md): 0 success, 1 differs (compare),
 /// 2 error, 3 corruption found (check).
 pub mod exit {
@@ -77,7 +79,10 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        image: PathBuf,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
+        /// The image: a path, [user@]host:PATH or ssh://...
+        image: OsString,
     },
     /// List which ranges of the guest hold data, zeros or nothing (no data is read)
     Map {
@@ -85,7 +90,10 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        image: PathBuf,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
+        /// The image: a path, [user@]host:PATH or ssh://...
+        image: OsString,
     },
     /// Copy an image into a new sparse raw or compact QCOW2 image, locally or
     /// over SSH
@@ -183,8 +191,33 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        image: PathBuf,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
+        /// The image: a path, [user@]host:PATH or ssh://...
+        image: OsString,
     },
+}
+
+/// info, map or check of a local or remote image.
+fn query(
+    command: QueryCommand,
+    image: &OsString,
+    format: Option<FormatArg>,
+    output: OutputFormat,
+    ssh: &remote::SshArgs,
+) -> anyhow::Result<u8> {
+    let format = format.map(Into::into);
+    match location::Location::parse(image)? {
+        location::Location::Local(p) => match command {
+            QueryCommand::Info => info::run(&p, format, output),
+            QueryCommand::Map => map::run(&p, format, output),
+            QueryCommand::Check => check::run(&p, format, output),
+        },
+        location::Location::Remote { host, path } => {
+            remote::query(&host, &path, command, format, output, ssh)
+        }
+        location::Location::Stdio => anyhow::bail!("-: not an image (use a file or host:PATH)"),
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -204,18 +237,21 @@ pub fn main() -> ExitCode {
         Command::Info {
             format,
             output,
+            ssh,
             image,
-        } => info::run(&image, format.map(Into::into), output),
+        } => query(QueryCommand::Info, &image, format, output, &ssh),
         Command::Map {
             format,
             output,
+            ssh,
             image,
-        } => map::run(&image, format.map(Into::into), output),
+        } => query(QueryCommand::Map, &image, format, output, &ssh),
         Command::Check {
             format,
             output,
+            ssh,
             image,
-        } => check::run(&image, format.map(Into::into), output),
+        } => query(QueryCommand::Check, &image, format, output, &ssh),
         Command::Convert {
             format,
             output_format,

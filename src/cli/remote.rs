@@ -20,7 +20,8 @@ use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, Progress};
 use crate::io::Output;
 use crate::protocol::msg::{
-    kind, Hello, ImageInfo, ReceiveRequest, Request, SendRequest, WireCompression, WireFormat,
+    kind, Hello, ImageInfo, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
+    WireCompression, WireFormat,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
 use crate::transport::{self, Host, SshOptions, Waiter};
@@ -302,6 +303,59 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// info, map or check of an image on a host: the remote imgsync runs it and
+/// its output is printed here.
+pub fn query(
+    host: &Host,
+    path: &str,
+    command: QueryCommand,
+    format: Option<Format>,
+    output: OutputFormat,
+    ssh: &SshArgs,
+) -> Result<u8> {
+    let mut peer = Peer::connect(host, ssh)?;
+    let req = Request::Query(QueryRequest {
+        command,
+        path: path.as_bytes().to_vec(),
+        format: format.map(wire_format),
+        json: output == OutputFormat::Json,
+    });
+    let r = (|| -> engine::Result<u8> {
+        send_msg(&mut peer.fw, &Message::Request(req))?;
+        peer.fw.flush()?;
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        loop {
+            let (k, p) = peer.fr.read_frame()?;
+            match Message::decode(k, p, &peer.limits)? {
+                Message::Output(b) => {
+                    out.write_all(&b).map_err(engine::Error::Dest)?;
+                }
+                Message::Exit(code) => {
+                    out.flush().map_err(engine::Error::Dest)?;
+                    return Ok(code);
+                }
+                Message::Error(s) => return Err(protocol::Error::Remote(s).into()),
+                m => {
+                    return Err(protocol::Error::Unexpected {
+                        expected: "OUTPUT",
+                        got: m.name(),
+                    }
+                    .into())
+                }
+            }
+        }
+    })();
+    match r {
+        Ok(code) => {
+            peer.finish();
+            Ok(code)
+        }
+        Err(engine::Error::Dest(e)) => Err(anyhow!(e).context("stdout")),
+        Err(e) => Err(peer.fail(e)),
+    }
 }
 
 /// Local SRC to DST on a host.

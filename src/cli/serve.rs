@@ -19,7 +19,9 @@ use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, NoProgress};
 use crate::io::{open_image, OpenOptions, Output};
-use crate::protocol::msg::{kind, Done, ReceiveRequest, Request, SendRequest, WireCompression};
+use crate::protocol::msg::{
+    kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, WireCompression,
+};
 use crate::protocol::{FrameReader, FrameWriter, Limits, Message};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
@@ -42,6 +44,7 @@ pub fn run() -> Result<u8> {
     let result = match req {
         Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
         Request::Send(r) => send(&mut fw, &limits, r),
+        Request::Query(q) => query(&mut fw, q),
     };
     match result {
         Ok(()) => Ok(exit::OK),
@@ -159,4 +162,60 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
     let cancel = interrupt_flag();
     remote::send_chunks(&image, fw, limits, &opts, &NoProgress, &cancel).map_err(named)?;
     Ok(())
+}
+
+/// Runs info, map or check and sends what it prints as OUTPUT frames, then
+/// its exit status.
+fn query<W: Write>(fw: &mut FrameWriter<W>, q: QueryRequest) -> Result<()> {
+    let path = path_of(&q.path);
+    let output = if q.json {
+        super::OutputFormat::Json
+    } else {
+        super::OutputFormat::Human
+    };
+    let format = q.format.map(format_of);
+    let mut out = FrameOut {
+        fw,
+        buf: Vec::new(),
+    };
+    let code = match q.command {
+        QueryCommand::Info => super::info::run_to(&mut out, &path, format, output),
+        QueryCommand::Map => super::map::run_to(&mut out, &path, format, output),
+        QueryCommand::Check => super::check::run_to(&mut out, &path, format, output),
+    }?;
+    out.flush()?;
+    send_msg(out.fw, &Message::Exit(code)).map_err(|e| anyhow!(e))?;
+    out.fw.flush().map_err(|e| anyhow!(e))?;
+    Ok(())
+}
+
+/// Output of a query, sent in OUTPUT frames of up to 256 KiB.
+struct FrameOut<'a, W: Write> {
+    fw: &'a mut FrameWriter<W>,
+    buf: Vec<u8>,
+}
+
+const OUTPUT_FRAME: usize = 256 << 10;
+
+impl<W: Write> Write for FrameOut<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= OUTPUT_FRAME {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+impl<W: Write> FrameOut<'_, W> {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let m = Message::Output(std::mem::take(&mut self.buf));
+        send_msg(self.fw, &m).map_err(std::io::Error::other)
+    }
 }

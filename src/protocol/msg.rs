@@ -15,6 +15,8 @@ pub mod kind {
     pub const END: u8 = 6;
     pub const DONE: u8 = 7;
     pub const ERROR: u8 = 8;
+    pub const OUTPUT: u8 = 9;
+    pub const EXIT: u8 = 10;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -27,6 +29,8 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::END => "END",
         kind::DONE => "DONE",
         kind::ERROR => "ERROR",
+        kind::OUTPUT => "OUTPUT",
+        kind::EXIT => "EXIT",
         _ => "unknown",
     }
 }
@@ -102,10 +106,28 @@ pub struct SendRequest {
     pub level: i8,
 }
 
+/// The server runs a read-only command on the image at `path` and sends
+/// its output (OUTPUT frames) and exit status (EXIT).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryRequest {
+    pub command: QueryCommand,
+    pub path: Vec<u8>,
+    pub format: Option<WireFormat>,
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryCommand {
+    Info = 1,
+    Map = 2,
+    Check = 3,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Receive(ReceiveRequest),
     Send(SendRequest),
+    Query(QueryRequest),
 }
 
 /// What the sender's image holds (from its metadata, before any data).
@@ -168,6 +190,10 @@ pub enum Message {
     End(End),
     Done(Done),
     Error(String),
+    /// Bytes of a query's output.
+    Output(Vec<u8>),
+    /// A query's exit status.
+    Exit(u8),
 }
 
 impl Message {
@@ -181,6 +207,8 @@ impl Message {
             Message::End(_) => kind::END,
             Message::Done(_) => kind::DONE,
             Message::Error(_) => kind::ERROR,
+            Message::Output(_) => kind::OUTPUT,
+            Message::Exit(_) => kind::EXIT,
         }
     }
 
@@ -250,6 +278,15 @@ impl Message {
                 v.extend_from_slice(&d.clusters_compressed.to_be_bytes());
             }
             Message::Error(s) => put_bytes(v, s.as_bytes()),
+            Message::Request(Request::Query(q)) => {
+                v.push(3);
+                v.push(q.command as u8);
+                put_bytes(v, &q.path);
+                v.push(q.format.map_or(0, |f| f as u8));
+                v.push(u8::from(q.json));
+            }
+            Message::Output(b) => v.extend_from_slice(b),
+            Message::Exit(c) => v.push(*c),
         }
     }
 
@@ -309,6 +346,20 @@ impl Message {
                     unit: d.u64()?,
                     level: d.u8()? as i8,
                 })),
+                3 => {
+                    let command = match d.u8()? {
+                        1 => QueryCommand::Info,
+                        2 => QueryCommand::Map,
+                        3 => QueryCommand::Check,
+                        c => return Err(malformed(what, format!("unknown query {c}"))),
+                    };
+                    Message::Request(Request::Query(QueryRequest {
+                        command,
+                        path: d.bytes(4096)?.to_vec(),
+                        format: WireFormat::decode(d.u8()?, what)?,
+                        json: d.u8()? != 0,
+                    }))
+                }
                 op => return Err(malformed(what, format!("unknown operation {op}"))),
             },
             kind::IMAGE => Message::Image(ImageInfo {
@@ -333,6 +384,8 @@ impl Message {
                 let b = d.bytes(64 << 10)?;
                 Message::Error(String::from_utf8_lossy(b).into_owned())
             }
+            kind::OUTPUT => Message::Output(d.rest().to_vec()),
+            kind::EXIT => Message::Exit(d.u8()?),
             other => return Err(Error::UnknownType(other)),
         };
         d.finish()?;
@@ -547,7 +600,10 @@ mod tests {
         for cut in 0..v.len() {
             if let Ok(short) = Message::decode(m.kind(), &v[..cut], &Limits::DEFAULT) {
                 // Only a CHUNK's zstd payload can be cut and still parse.
-                assert!(matches!(short, Message::Chunk(ref c) if c.zstd), "{cut}");
+                assert!(
+                    matches!(short, Message::Chunk(ref c) if c.zstd),
+                    "{cut}: {short:?}"
+                );
             }
         }
     }
@@ -603,6 +659,13 @@ mod tests {
             clusters_compressed: 2,
         }));
         round_trip(Message::Error("x: no space".to_string()));
+        round_trip(Message::Request(Request::Query(QueryRequest {
+            command: QueryCommand::Map,
+            path: b"/x".to_vec(),
+            format: Some(WireFormat::Qcow2),
+            json: true,
+        })));
+        round_trip(Message::Exit(3));
     }
 
     #[test]

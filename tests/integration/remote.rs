@@ -94,7 +94,11 @@ fn ok(out: &Output, what: &str) -> String {
 fn same(env: &Env, a: &Path, b: &Path) {
     let out = env.run(
         "qemu-img",
-        &["compare", &a.display().to_string(), &b.display().to_string()],
+        &[
+            "compare",
+            &a.display().to_string(),
+            &b.display().to_string(),
+        ],
     );
     assert!(
         out.status.success(),
@@ -196,7 +200,10 @@ fn push_and_pull_raw_and_qcow2_with_both_transports() {
         assert_eq!(report["data-sent"].as_u64().unwrap(), data, "{report}");
         let wire = report["wire-bytes"].as_u64().unwrap();
         // Random data does not compress; the compressed clusters do.
-        assert!(wire < data + 64 * KIB, "{tag}: {wire} bytes on the wire for {data}");
+        assert!(
+            wire < data + 64 * KIB,
+            "{tag}: {wire} bytes on the wire for {data}"
+        );
 
         // Push raw -> qcow2 (compressed clusters), scp-free URL form.
         let dst = remote.join(format!("{tag}-pushed.qcow2"));
@@ -288,7 +295,10 @@ fn scp_style_location_uses_the_default_port_from_ssh_config() {
     args.push(format!("{} -p {}", sshd.ssh_command(), sshd.port()));
     args.push("src.qcow2".into());
     args.push(format!("127.0.0.1:{}", env.path("scp2.raw").display()));
-    ok(&run(&env, &sshd, &args, &[]), "scp-style push with -e 'ssh -p'");
+    ok(
+        &run(&env, &sshd, &args, &[]),
+        "scp-style push with -e 'ssh -p'",
+    );
     same(&env, &env.path("src.qcow2"), &env.path("scp2.raw"));
 }
 
@@ -325,10 +335,16 @@ fn unknown_host_key_is_refused_unless_accept_new() {
     assert!(line.contains("--accept-new-host-key"), "{line}");
     assert!(!dst.exists());
     // accept-new adds the key; then it is known.
-    ok(&run(&env, &sshd, &args(&["--accept-new-host-key"]), &[]), "accept new");
+    ok(
+        &run(&env, &sshd, &args(&["--accept-new-host-key"]), &[]),
+        "accept new",
+    );
     same(&env, &env.path("src.qcow2"), &dst);
     let known = fs::read_to_string(&empty).unwrap();
-    assert!(known.contains(&format!("[127.0.0.1]:{}", sshd.port())), "{known}");
+    assert!(
+        known.contains(&format!("[127.0.0.1]:{}", sshd.port())),
+        "{known}"
+    );
     fs::remove_file(&dst).unwrap();
     ok(&run(&env, &sshd, &args(&[]), &[]), "key now known");
 
@@ -376,14 +392,18 @@ fn changed_host_key_is_always_refused() {
         assert!(line.to_lowercase().contains("changed"), "{line}");
         assert!(!env.path("out.raw").exists());
     }
-    assert_eq!(fs::read_to_string(&bad).unwrap(), before, "known_hosts modified");
+    assert_eq!(
+        fs::read_to_string(&bad).unwrap(),
+        before,
+        "known_hosts modified"
+    );
     // External.
     let mut a = vec!["convert".to_string(), "--remote-imgsync".into(), BIN.into()];
     a.push("-e".into());
-    a.push(
-        sshd.ssh_command()
-            .replace(&sshd.known_hosts().display().to_string(), &bad.display().to_string()),
-    );
+    a.push(sshd.ssh_command().replace(
+        &sshd.known_hosts().display().to_string(),
+        &bad.display().to_string(),
+    ));
     a.push("src.qcow2".into());
     a.push(url(&sshd, &env.path("out.raw")));
     let out = run(&env, &sshd, &a, &[]);
@@ -456,8 +476,7 @@ fn remote_errors_name_the_host_and_path() {
         a.extend(ssh_args(&sshd, via, BIN));
         a.push("src.qcow2".into());
         a.push(url(&sshd, &env.path("src.qcow2").join("x.raw")));
-        let line =
-            assert_one_line_error(&run(&env, &sshd, &a, &[]), &format!("{via:?} not a dir"));
+        let line = assert_one_line_error(&run(&env, &sshd, &a, &[]), &format!("{via:?} not a dir"));
         assert!(line.contains("x.raw"), "{via:?}: {line}");
         // Pull of a missing remote file.
         let mut a = vec!["convert".to_string()];
@@ -521,8 +540,10 @@ fn rchar(pid: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("rchar: ").map(|v| v.trim().parse().unwrap_or(0)))
+            s.lines().find_map(|l| {
+                l.strip_prefix("rchar: ")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
         })
         .unwrap_or(0)
 }
@@ -531,8 +552,10 @@ fn wchar(pid: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("wchar: ").map(|v| v.trim().parse().unwrap_or(0)))
+            s.lines().find_map(|l| {
+                l.strip_prefix("wchar: ")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
         })
         .unwrap_or(0)
 }
@@ -556,7 +579,12 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
     for via in BOTH {
         // Push: kill the remote receiver once it has read 32 MiB.
         let (script, pidfile) = pid_script(&sshd, &format!("push-{via:?}"), "");
-        let mut a = vec!["convert".to_string(), "-q".into(), "--compress-level".into(), "0".into()];
+        let mut a = vec![
+            "convert".to_string(),
+            "-q".into(),
+            "--compress-level".into(),
+            "0".into(),
+        ];
         a.extend(ssh_args(&sshd, via, &script.display().to_string()));
         a.push("big.raw".into());
         a.push(url(&sshd, &remote.join("out.raw")));
@@ -573,11 +601,20 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
         let out = child.wait_with_output().unwrap();
         let line = assert_one_line_error(&out, &format!("{via:?} receiver killed"));
         assert!(line.contains("127.0.0.1"), "{via:?}: {line}");
-        assert!(entries(&remote).is_empty(), "{via:?}: {:?}", entries(&remote));
+        assert!(
+            entries(&remote).is_empty(),
+            "{via:?}: {:?}",
+            entries(&remote)
+        );
 
         // Pull: kill the remote sender once it has written 32 MiB.
         let (script, pidfile) = pid_script(&sshd, &format!("pull-{via:?}"), "");
-        let mut a = vec!["convert".to_string(), "-q".into(), "--compress-level".into(), "0".into()];
+        let mut a = vec![
+            "convert".to_string(),
+            "-q".into(),
+            "--compress-level".into(),
+            "0".into(),
+        ];
         a.extend(ssh_args(&sshd, via, &script.display().to_string()));
         a.push(url(&sshd, &env.path("big.raw")));
         a.push("remote/pulled.raw".into());
@@ -594,7 +631,11 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
         let out = child.wait_with_output().unwrap();
         let line = assert_one_line_error(&out, &format!("{via:?} sender killed"));
         assert!(line.contains("127.0.0.1"), "{via:?}: {line}");
-        assert!(entries(&remote).is_empty(), "{via:?}: {:?}", entries(&remote));
+        assert!(
+            entries(&remote).is_empty(),
+            "{via:?}: {:?}",
+            entries(&remote)
+        );
     }
 }
 
@@ -602,7 +643,10 @@ fn wait_for_pid(pidfile: &Path) -> String {
     let mut pid = String::new();
     wait_until(
         || {
-            pid = fs::read_to_string(pidfile).unwrap_or_default().trim().to_string();
+            pid = fs::read_to_string(pidfile)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             !pid.is_empty()
         },
         "remote imgsync starts",
@@ -687,7 +731,11 @@ fn oversized_length_from_a_peer_is_refused() {
     let reply = env.path("reply.bin");
     fs::write(&reply, &bytes).unwrap();
     let rsh = env.path("evil-rsh");
-    fs::write(&rsh, format!("#!/bin/sh\ncat > /dev/null &\ncat {}\n", reply.display())).unwrap();
+    fs::write(
+        &rsh,
+        format!("#!/bin/sh\ncat > /dev/null &\ncat {}\n", reply.display()),
+    )
+    .unwrap();
     Command::new("chmod").arg("+x").arg(&rsh).status().unwrap();
     let out = env.imgsync(&[
         "convert",
@@ -697,7 +745,10 @@ fn oversized_length_from_a_peer_is_refused() {
         "pulled.raw",
     ]);
     let line = assert_one_line_error(&out, "evil server");
-    assert!(line.contains("evil") && line.contains("exceeds the limit"), "{line}");
+    assert!(
+        line.contains("evil") && line.contains("exceeds the limit"),
+        "{line}"
+    );
     assert!(!env.path("pulled.raw").exists());
 }
 
@@ -720,11 +771,49 @@ fn streams_through_a_pipe() {
     qcow2_check_clean(&env, &env.path("piped.qcow2"));
     // A truncated stream writes nothing.
     let out = Command::new("sh")
-        .args(["-c", &format!("{BIN} convert src.qcow2 - | head -c 100000 | {BIN} convert - cut.raw")])
+        .args([
+            "-c",
+            &format!("{BIN} convert src.qcow2 - | head -c 100000 | {BIN} convert - cut.raw"),
+        ])
         .current_dir(env.root())
         .output()
         .unwrap();
     let line = assert_one_line_error(&out, "truncated stream");
     assert!(line.starts_with("imgsync: -: "), "{line}");
     assert!(!env.path("cut.raw").exists());
+}
+
+#[test]
+fn info_map_and_check_of_a_remote_image_print_what_they_print_locally() {
+    let (env, sshd) = ssh_env!();
+    source_qcow2(&env, "src.qcow2");
+    let src = env.path("src.qcow2");
+    for via in BOTH {
+        for (cmd, out) in [
+            ("info", "json"),
+            ("map", "json"),
+            ("map", "human"),
+            ("check", "human"),
+        ] {
+            let local = env.imgsync(&[cmd, "--output", out, &src.display().to_string()]);
+            let mut a = vec![cmd.to_string(), "--output".into(), out.into()];
+            a.extend(ssh_args(&sshd, via, BIN));
+            a.push(url(&sshd, &src));
+            let remote = run(&env, &sshd, &a, &[]);
+            assert_eq!(remote.status.code(), local.status.code(), "{via:?} {cmd}");
+            assert_eq!(
+                String::from_utf8_lossy(&remote.stdout),
+                String::from_utf8_lossy(&local.stdout),
+                "{via:?} {cmd} {out}"
+            );
+        }
+        let mut a = vec!["info".to_string()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &env.path("missing.qcow2")));
+        let line = assert_one_line_error(&run(&env, &sshd, &a, &[]), "remote info, missing");
+        assert!(
+            line.contains("127.0.0.1") && line.contains("missing.qcow2"),
+            "{line}"
+        );
+    }
 }
