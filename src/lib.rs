@@ -8,5 +8,6 @@ pub mod cli;
 pub mod engine;
 pub mod io;
 pub mod protocol;
+pub mod transport;
 
 pub use imgsync_formats as formats;

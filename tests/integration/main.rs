@@ -11,3 +11,5 @@
 mod common;
 mod convert;
 mod formats;
+mod sshd;
+mod transport;

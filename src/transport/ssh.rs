@@ -1,0 +1,1008 @@
+//! The built-in SSH client (libssh2 through the `ssh2` crate): reads the
+//! basics of `~/.ssh/config` ([`super::config`]), checks the host key
+//! against `known_hosts` as OpenSSH does, authenticates (agent, identity
+//! files, then password or keyboard-interactive on a terminal) and runs
+//! `<remote-imgsync> serve` in an exec channel.
+//!
+//! The session stays blocking. Reader and writer are two handles on the
+//! channel's stdout stream; libssh2 serialises them on the session lock,
+//! which suits the half-duplex protocol above.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssh2::{
+    Channel, CheckResult, HashType, HostKeyType, KeyboardInteractivePrompt, KnownHostFileKind,
+    MethodType, Prompt, Session, Stream,
+};
+
+use super::config::{self, HostConfig, Tokens};
+use super::external::{read_capped, STDERR_CAP};
+use super::{Connection, Error, Exit, Host, SshOptions, Waiter};
+
+/// How long a TCP connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long one libssh2 call may block during handshake and (non-
+/// interactive) authentication. The data phase has no timeout: the remote
+/// may think for a long time between replies.
+const SETUP_TIMEOUT_MS: u32 = 60_000;
+
+/// Ciphers in order of client CPU per GiB measured through libssh2 1.11
+/// (`cipher_throughput` in the integration tests): chacha20-poly1305
+/// ~3.0 s, aes-ctr + hmac-sha2-256 ~2.8 s but only with SHA-NI (without
+/// it the HMAC adds about as much again), aes-gcm ~3.5 s (libssh2's GCM
+/// path is slow). chacha20 is libssh2's own first choice too; the order
+/// matters for servers that do not offer it.
+const CIPHERS: &str = "chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr,\
+                       aes128-gcm@openssh.com,aes256-gcm@openssh.com";
+
+/// MACs (used with the ctr ciphers): encrypt-then-MAC first, which libssh2
+/// does not prefer by itself.
+const MACS: &str = "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,\
+                    hmac-sha2-256,hmac-sha2-512,hmac-sha1-etm@openssh.com,hmac-sha1";
+
+/// The channel's receive window: enough to keep a long fat link busy
+/// (libssh2's default is 2 MiB).
+const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+
+/// libssh2's largest packet (and its default).
+const PACKET_SIZE: u32 = 32 * 1024;
+
+/// Buffers around the channel streams. libssh2 sends at most one 32 KiB
+/// packet per write call; the buffer just keeps small protocol writes
+/// from each becoming a packet.
+const STREAM_BUFFER: usize = 256 * 1024;
+
+/// Passphrase and password attempts on a terminal.
+const PROMPT_ATTEMPTS: usize = 3;
+
+/// What the client takes from its own machine: home directory, local user
+/// name, whether to ask the agent, whether it may prompt. Tests pass their
+/// own so that no real `~/.ssh` or agent is used.
+#[derive(Clone, Debug, Default)]
+pub struct LocalEnv {
+    /// `~`: default config, known_hosts and identity files live in `~/.ssh`.
+    pub home: Option<PathBuf>,
+    /// The default remote user.
+    pub user: Option<String>,
+    /// Ask the ssh-agent at `$SSH_AUTH_SOCK`.
+    pub agent: bool,
+    /// Prompt for passphrases and passwords on `/dev/tty`.
+    pub interactive: bool,
+}
+
+impl LocalEnv {
+    /// `$HOME`, `$USER`/`$LOGNAME` (else the passwd entry of our uid),
+    /// `$SSH_AUTH_SOCK` set, stdin a terminal.
+    pub fn from_process() -> LocalEnv {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let passwd = passwd_entry();
+        LocalEnv {
+            home: var("HOME")
+                .map(PathBuf::from)
+                .or_else(|| passwd.as_ref().map(|p| PathBuf::from(&p.1))),
+            user: var("USER")
+                .or_else(|| var("LOGNAME"))
+                .or_else(|| passwd.map(|p| p.0)),
+            agent: var("SSH_AUTH_SOCK").is_some(),
+            interactive: io::IsTerminal::is_terminal(&io::stdin()),
+        }
+    }
+}
+
+/// (name, home) of the process's user, from /etc/passwd (the uid is the
+/// owner of /proc/self, which keeps this free of unsafe code).
+fn passwd_entry() -> Option<(String, String)> {
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 6 && f[2].parse() == Ok(uid)).then(|| (f[0].to_string(), f[5].to_string()))
+    })
+}
+
+/// Connects with the built-in client, using this process's environment.
+pub fn connect(host: &Host, opts: &SshOptions) -> Result<Connection, Error> {
+    connect_with(host, opts, &LocalEnv::from_process())
+}
+
+/// Connects with the built-in client; `env` says where `~` is and what
+/// may be asked.
+pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Connection, Error> {
+    let name = host.to_string();
+    let ssh_dir = env.home.as_ref().map(|h| h.join(".ssh"));
+    let cfg = load_config(&name, host, opts, ssh_dir.as_deref())?;
+    let host_name = cfg.host_name.clone().unwrap_or_else(|| host.host.clone());
+    let port = host.port.or(cfg.port).unwrap_or(22);
+    let user = host
+        .user
+        .clone()
+        .or_else(|| cfg.user.clone())
+        .or_else(|| env.user.clone())
+        .ok_or_else(|| Error::Auth {
+            host: name.clone(),
+            what: "cannot tell which user to log in as; give user@host".into(),
+        })?;
+    let known_hosts = opts
+        .known_hosts
+        .clone()
+        .or_else(|| ssh_dir.as_ref().map(|d| d.join("known_hosts")))
+        .ok_or_else(|| Error::HostKey {
+            host: name.clone(),
+            what: "no home directory for known_hosts; pass --known-hosts".into(),
+        })?;
+
+    let tcp = tcp_connect(&name, &host_name, port)?;
+    let ssh_err = |what: &str, e: ssh2::Error| Error::Connect {
+        host: name.clone(),
+        what: format!("{what}: {}", e.message()),
+        source: None,
+    };
+    let mut session = Session::new().map_err(|e| ssh_err("cannot start an ssh session", e))?;
+    let tcp_handle = tcp.try_clone().map_err(|e| Error::Connect {
+        host: name.clone(),
+        what: "cannot duplicate the socket".into(),
+        source: Some(e),
+    })?;
+    session.set_tcp_stream(tcp);
+    session.set_timeout(SETUP_TIMEOUT_MS);
+    // Preferences the server does not share fall back to libssh2's own.
+    let _ = session.method_pref(MethodType::CryptCs, CIPHERS);
+    let _ = session.method_pref(MethodType::CryptSc, CIPHERS);
+    let _ = session.method_pref(MethodType::MacCs, MACS);
+    let _ = session.method_pref(MethodType::MacSc, MACS);
+
+    let target = if port == 22 {
+        host_name.clone()
+    } else {
+        format!("[{host_name}]:{port}")
+    };
+    let known = known_keys(&session, &known_hosts, &target).map_err(|e| Error::HostKey {
+        host: name.clone(),
+        what: format!("cannot read {}: {e}", known_hosts.display()),
+    })?;
+    if let Some(pref) = host_key_pref(&session, &known) {
+        let _ = session.method_pref(MethodType::HostKey, &pref);
+    }
+    session
+        .handshake()
+        .map_err(|e| ssh_err("ssh handshake failed", e))?;
+    check_host_key(&name, &session, &known_hosts, &target, &known, opts)?;
+
+    let identities = identity_files(opts, &cfg, env, &host_name, &user, port);
+    authenticate(&name, &session, &user, env, &identities)?;
+
+    session.set_timeout(0);
+    let mut channel = session
+        .channel_open("session", WINDOW_SIZE, PACKET_SIZE, None)
+        .map_err(|e| ssh_err("cannot open a channel", e))?;
+    channel
+        .exec(&opts.remote_command())
+        .map_err(|e| ssh_err("cannot start the remote command", e))?;
+
+    let eof_sent = Arc::new(AtomicBool::new(false));
+    Ok(Connection {
+        reader: Box::new(BufReader::with_capacity(STREAM_BUFFER, channel.stream(0))),
+        writer: Box::new(BufWriter::with_capacity(
+            STREAM_BUFFER,
+            ChannelWriter {
+                stream: channel.stream(0),
+                channel: channel.clone(),
+                eof_sent: eof_sent.clone(),
+            },
+        )),
+        waiter: Box::new(SshWaiter {
+            name,
+            session,
+            channel,
+            eof_sent,
+            tcp: tcp_handle,
+        }),
+    })
+}
+
+fn load_config(
+    name: &str,
+    host: &Host,
+    opts: &SshOptions,
+    ssh_dir: Option<&Path>,
+) -> Result<HostConfig, Error> {
+    let path = match (&opts.config, ssh_dir) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) if d.join("config").exists() => d.join("config"),
+        _ => return Ok(HostConfig::default()),
+    };
+    let include_dir = ssh_dir
+        .map(Path::to_path_buf)
+        .or_else(|| path.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    config::load(&path, &host.host, &include_dir).map_err(|e| Error::Connect {
+        host: name.to_string(),
+        what: format!(
+            "{}{}: {}",
+            e.file.display(),
+            e.line.map(|l| format!(" line {l}")).unwrap_or_default(),
+            e.what
+        ),
+        source: e.source,
+    })
+}
+
+fn tcp_connect(name: &str, host_name: &str, port: u16) -> Result<TcpStream, Error> {
+    let addrs = (host_name, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::Connect {
+            host: name.to_string(),
+            what: format!("cannot resolve {host_name}"),
+            source: Some(e),
+        })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::Connect {
+        host: name.to_string(),
+        what: format!("cannot connect to {host_name} port {port}"),
+        source: last.or_else(|| Some(io::ErrorKind::NotFound.into())),
+    })
+}
+
+/// A known_hosts line that names the host.
+#[derive(Debug)]
+struct KnownKey {
+    /// `@revoked` or `@cert-authority`.
+    marker: Option<String>,
+    key_type: String,
+    /// Base64 of the key blob.
+    key: String,
+    line: usize,
+}
+
+/// The lines of `file` whose host field matches `target` (`host` or
+/// `[host]:port`). Plain names are matched here (comma lists, wildcards,
+/// negation); hashed names (`|1|salt|hash`) by libssh2, which knows
+/// HMAC-SHA1. Lines that cannot be read are skipped.
+fn known_keys(session: &Session, file: &Path, target: &str) -> io::Result<Vec<KnownKey>> {
+    let text = match std::fs::read(file) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        let mut first = fields.next();
+        let marker = match first {
+            Some(m) if m.starts_with('@') => {
+                first = fields.next();
+                Some(m.to_string())
+            }
+            _ => None,
+        };
+        let (Some(hosts), Some(key_type), Some(key)) = (first, fields.next(), fields.next()) else {
+            continue;
+        };
+        if hosts.starts_with('#') {
+            continue;
+        }
+        let matches = if hosts.starts_with('|') {
+            hashed_host_matches(session, hosts, target)
+        } else {
+            let patterns: Vec<String> = hosts.split(',').map(str::to_string).collect();
+            config::host_matches(&patterns, target)
+        };
+        if matches {
+            out.push(KnownKey {
+                marker,
+                key_type: key_type.to_string(),
+                key: key.to_string(),
+                line: i + 1,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a hashed host field names `target`: libssh2 is given the field
+/// with a stand-in key, so a host match shows as a key mismatch.
+fn hashed_host_matches(session: &Session, hosts: &str, target: &str) -> bool {
+    let Ok(mut kh) = session.known_hosts() else {
+        return false;
+    };
+    let stand_in = base64(
+        b"\0\0\0\x0bssh-ed25519\0\0\0\x20imgsync stand-in key 32 bytes..",
+        true,
+    );
+    if kh
+        .read_str(
+            &format!("{hosts} ssh-ed25519 {stand_in}"),
+            KnownHostFileKind::OpenSSH,
+        )
+        .is_err()
+    {
+        return false;
+    }
+    // `check` (not `check_port`): the target already has OpenSSH's
+    // `[host]:port` form, and libssh2's port fallback to the bare name
+    // is not what OpenSSH does.
+    matches!(
+        kh.check(target, b"imgsync-probe"),
+        CheckResult::Mismatch | CheckResult::Match
+    )
+}
+
+/// Host key algorithms with the types already known for this host first,
+/// as OpenSSH orders them, so a host known by its ECDSA key is not asked
+/// for its Ed25519 one.
+fn host_key_pref(session: &Session, known: &[KnownKey]) -> Option<String> {
+    let supported = session.supported_algs(MethodType::HostKey).ok()?;
+    let mut pref: Vec<&str> = Vec::new();
+    for k in known.iter().filter(|k| k.marker.is_none()) {
+        let key_type = [k.key_type.as_str()];
+        let algs: &[&str] = match k.key_type.as_str() {
+            "ssh-rsa" => &["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"],
+            _ => &key_type,
+        };
+        for a in algs {
+            if let Some(s) = supported.iter().find(|s| *s == a) {
+                if !pref.contains(s) {
+                    pref.push(s);
+                }
+            }
+        }
+    }
+    if pref.is_empty() {
+        return None;
+    }
+    for s in &supported {
+        if !pref.contains(s) {
+            pref.push(s);
+        }
+    }
+    Some(pref.join(","))
+}
+
+fn check_host_key(
+    name: &str,
+    session: &Session,
+    file: &Path,
+    target: &str,
+    known: &[KnownKey],
+    opts: &SshOptions,
+) -> Result<(), Error> {
+    let err = |what: String| Error::HostKey {
+        host: name.to_string(),
+        what,
+    };
+    let (blob, kind) = session
+        .host_key()
+        .ok_or_else(|| err("the server sent no host key".into()))?;
+    let key = base64(blob, true);
+    let key_type = blob_key_type(blob).unwrap_or("unknown");
+    let fp = format!(
+        "{} SHA256:{}",
+        key_type_label(kind),
+        session
+            .host_key_hash(HashType::Sha256)
+            .map(|h| base64(h, false))
+            .unwrap_or_default()
+    );
+    let f = file.display();
+    if let Some(k) = known
+        .iter()
+        .find(|k| k.marker.as_deref() == Some("@revoked") && k.key == key)
+    {
+        return Err(err(format!(
+            "host key ({fp}) is marked revoked in {f} line {}",
+            k.line
+        )));
+    }
+    let plain = || known.iter().filter(|k| k.marker.is_none());
+    if plain().any(|k| k.key == key) {
+        return Ok(());
+    }
+    if let Some(old) = plain().find(|k| k.key_type == key_type) {
+        return Err(err(format!(
+            "host key has CHANGED ({fp}), which may be an attack (someone intercepting the \
+             connection); if the host was reinstalled, remove the old key from {f} line {}",
+            old.line
+        )));
+    }
+    if !opts.accept_new_host_key {
+        return Err(err(format!(
+            "host key not known ({fp}); add it to {f} or pass --accept-new-host-key"
+        )));
+    }
+    append_known_host(file, &format!("{target} {key_type} {key}\n"))
+        .map_err(|e| err(format!("cannot add the host key to {f}: {e}")))?;
+    eprintln!("imgsync: warning: added host key for {target} ({fp}) to {f}");
+    Ok(())
+}
+
+/// Appends `line` to known_hosts, creating it (0600) and its directory
+/// (0700) when missing.
+fn append_known_host(file: &Path, line: &str) -> io::Result<()> {
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    let mut f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(file)?;
+    // Keep the new entry on a line of its own.
+    let len = f.metadata()?.len();
+    let mut text = String::new();
+    if len > 0 {
+        let mut last = [0u8];
+        io::Seek::seek(&mut f, io::SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            text.push('\n');
+        }
+    }
+    text.push_str(line);
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// The algorithm name at the start of an SSH key blob.
+fn blob_key_type(blob: &[u8]) -> Option<&str> {
+    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+    std::str::from_utf8(blob.get(4..4usize.checked_add(len)?)?).ok()
+}
+
+/// OpenSSH's name for a key type in fingerprints.
+fn key_type_label(kind: HostKeyType) -> &'static str {
+    match kind {
+        HostKeyType::Rsa => "RSA",
+        HostKeyType::Dss => "DSA",
+        HostKeyType::Ecdsa256 | HostKeyType::Ecdsa384 | HostKeyType::Ecdsa521 => "ECDSA",
+        HostKeyType::Ed25519 => "ED25519",
+        _ => "unknown",
+    }
+}
+
+/// Standard base64, with or without `=` padding.
+fn base64(data: &[u8], pad: bool) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..4 {
+            if i < chars {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Identity files in the order they are tried: `-i`, the config's
+/// `IdentityFile`s, then `~/.ssh/id_{ed25519,ecdsa,rsa}`; duplicates once.
+fn identity_files(
+    opts: &SshOptions,
+    cfg: &HostConfig,
+    env: &LocalEnv,
+    host_name: &str,
+    user: &str,
+    port: u16,
+) -> Vec<(PathBuf, bool)> {
+    let tokens = Tokens {
+        home: env.home.as_deref(),
+        local_user: env.user.as_deref().unwrap_or(""),
+        host: host_name,
+        user,
+        port,
+    };
+    let mut out: Vec<(PathBuf, bool)> = Vec::new();
+    let explicit = opts.identities.iter().map(|p| (p.clone(), true));
+    let configured = cfg
+        .identity_files
+        .iter()
+        .map(|s| (config::expand_path(s, &tokens), false));
+    let defaults = env.home.iter().flat_map(|h| {
+        ["id_ed25519", "id_ecdsa", "id_rsa"]
+            .into_iter()
+            .map(move |n| (h.join(".ssh").join(n), false))
+    });
+    for (p, explicit) in explicit.chain(configured).chain(defaults) {
+        if !out.iter().any(|(q, _)| *q == p) {
+            out.push((p, explicit));
+        }
+    }
+    out
+}
+
+fn authenticate(
+    name: &str,
+    session: &Session,
+    user: &str,
+    env: &LocalEnv,
+    identities: &[(PathBuf, bool)],
+) -> Result<(), Error> {
+    let fail = |what: String| Error::Auth {
+        host: name.to_string(),
+        what,
+    };
+    let offered = match session.auth_methods(user) {
+        Ok(m) => m.to_string(),
+        // The server let us in with "none".
+        Err(_) if session.authenticated() => return Ok(()),
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot list authentication methods: {}",
+                e.message()
+            )))
+        }
+    };
+    let offers = |m: &str| offered.split(',').any(|o| o == m);
+    let mut tried: Vec<String> = Vec::new();
+
+    if offers("publickey") {
+        if env.agent && try_agent(session, user) {
+            return Ok(());
+        }
+        if env.agent {
+            tried.push("agent".into());
+        }
+        for (path, explicit) in identities {
+            if try_key_file(session, user, env, path, *explicit, &mut tried) {
+                return Ok(());
+            }
+        }
+    }
+    if env.interactive && offers("keyboard-interactive") {
+        session.set_timeout(0);
+        for _ in 0..PROMPT_ATTEMPTS {
+            let mut p = TtyPrompter { gave_up: false };
+            if session.userauth_keyboard_interactive(user, &mut p).is_ok()
+                && session.authenticated()
+            {
+                return Ok(());
+            }
+            if p.gave_up {
+                break;
+            }
+        }
+        tried.push("keyboard-interactive".into());
+    } else if env.interactive && offers("password") {
+        session.set_timeout(0);
+        for _ in 0..PROMPT_ATTEMPTS {
+            let Some(pw) = prompt_tty(&format!("{user}@{name}'s password: "), false) else {
+                break;
+            };
+            if session.userauth_password(user, &pw).is_ok() {
+                return Ok(());
+            }
+        }
+        tried.push("password".into());
+    }
+    if tried.is_empty() {
+        let why = if env.interactive {
+            ""
+        } else {
+            "; not on a terminal, so no password prompt"
+        };
+        return Err(fail(format!(
+            "authentication failed for user {user} (nothing to try: the server offers {offered}{why})"
+        )));
+    }
+    Err(fail(format!(
+        "authentication failed for user {user} (tried: {})",
+        tried.join(", ")
+    )))
+}
+
+/// Each identity the agent holds, in turn.
+fn try_agent(session: &Session, user: &str) -> bool {
+    let Ok(mut agent) = session.agent() else {
+        return false;
+    };
+    if agent.connect().is_err() || agent.list_identities().is_err() {
+        return false;
+    }
+    let ok = agent
+        .identities()
+        .unwrap_or_default()
+        .iter()
+        .any(|id| agent.userauth(user, id).is_ok());
+    let _ = agent.disconnect();
+    ok
+}
+
+/// One identity file; records what was tried. A key with a passphrase is
+/// asked for on the terminal, else skipped.
+fn try_key_file(
+    session: &Session,
+    user: &str,
+    env: &LocalEnv,
+    path: &Path,
+    explicit: bool,
+    tried: &mut Vec<String>,
+) -> bool {
+    let shown = path.display();
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if explicit {
+                tried.push(format!("{shown} (not found)"));
+            }
+            return false;
+        }
+        Err(_) => {
+            tried.push(format!("{shown} (unreadable)"));
+            return false;
+        }
+    };
+    let public = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".pub");
+        Some(PathBuf::from(p)).filter(|p| p.is_file())
+    };
+    if !key_is_encrypted(&String::from_utf8_lossy(&text)) {
+        tried.push(shown.to_string());
+        return session
+            .userauth_pubkey_file(user, public.as_deref(), path, None)
+            .is_ok();
+    }
+    if !env.interactive {
+        tried.push(format!("{shown} (needs a passphrase)"));
+        return false;
+    }
+    session.set_timeout(0);
+    tried.push(shown.to_string());
+    for _ in 0..PROMPT_ATTEMPTS {
+        let Some(pass) = prompt_tty(&format!("Enter passphrase for key '{shown}': "), false) else {
+            break;
+        };
+        if pass.is_empty() {
+            break;
+        }
+        if session
+            .userauth_pubkey_file(user, public.as_deref(), path, Some(&pass))
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a private key file needs a passphrase: an OpenSSH-format key
+/// whose cipher is not "none", or a PEM key marked ENCRYPTED.
+fn key_is_encrypted(text: &str) -> bool {
+    const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
+    match text.find(BEGIN) {
+        Some(at) => {
+            let body: String = text[at + BEGIN.len()..]
+                .lines()
+                .take_while(|l| !l.starts_with("-----END"))
+                .flat_map(|l| l.trim().chars())
+                .collect();
+            // "openssh-key-v1\0", then the cipher name as an SSH string;
+            // the first 21 bytes are 28 base64 characters.
+            let clear = base64(b"openssh-key-v1\0\0\0\0\x04none", true);
+            !body.starts_with(&clear[..28])
+        }
+        None => text.contains("ENCRYPTED"),
+    }
+}
+
+/// Asks on /dev/tty; without echo unless `echo`. `None` without a terminal,
+/// when echo cannot be turned off, or at end of input.
+fn prompt_tty(prompt: &str, echo: bool) -> Option<String> {
+    let mut tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .ok()?;
+    if !echo && !stty(&tty, "-echo") {
+        return None;
+    }
+    let _ = write!(tty, "{prompt}");
+    let _ = tty.flush();
+    let mut line = String::new();
+    let read = tty
+        .try_clone()
+        .map(|t| BufReader::new(t).read_line(&mut line));
+    if !echo {
+        stty(&tty, "echo");
+        let _ = writeln!(tty);
+    }
+    match read {
+        Ok(Ok(n)) if n > 0 => Some(line.trim_end_matches(['\r', '\n']).to_string()),
+        _ => None,
+    }
+}
+
+/// Runs `stty ARG` on the terminal (no termios bindings needed).
+fn stty(tty: &File, arg: &str) -> bool {
+    let Ok(input) = tty.try_clone() else {
+        return false;
+    };
+    Command::new("stty")
+        .arg(arg)
+        .stdin(input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct TtyPrompter {
+    gave_up: bool,
+}
+
+impl KeyboardInteractivePrompt for TtyPrompter {
+    fn prompt<'a>(
+        &mut self,
+        _user: &str,
+        instructions: &str,
+        prompts: &[Prompt<'a>],
+    ) -> Vec<String> {
+        if !instructions.is_empty() {
+            if let Ok(mut tty) = OpenOptions::new().write(true).open("/dev/tty") {
+                let _ = writeln!(tty, "{instructions}");
+            }
+        }
+        prompts
+            .iter()
+            .map(|p| match prompt_tty(&p.text, p.echo) {
+                Some(answer) => answer,
+                None => {
+                    self.gave_up = true;
+                    String::new()
+                }
+            })
+            .collect()
+    }
+}
+
+/// The writing end. Its `flush` does nothing on purpose: libssh2's
+/// `channel_flush` *discards unread incoming data* rather than pushing
+/// outgoing data, and a blocking write has already sent its packet.
+/// Dropping it sends EOF, as closing a pipe would.
+struct ChannelWriter {
+    stream: Stream,
+    channel: Channel,
+    eof_sent: Arc<AtomicBool>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.eof_sent.load(Ordering::Acquire) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        if !self.eof_sent.swap(true, Ordering::AcqRel) {
+            let _ = self.channel.send_eof();
+        }
+    }
+}
+
+struct SshWaiter {
+    name: String,
+    session: Session,
+    channel: Channel,
+    eof_sent: Arc<AtomicBool>,
+    tcp: TcpStream,
+}
+
+impl Waiter for SshWaiter {
+    fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
+        if !self.eof_sent.swap(true, Ordering::AcqRel) {
+            let _ = self.channel.send_eof();
+        }
+        // Whatever the remote still sends is dropped (it must not block on
+        // a full window), then its stderr is kept up to the cap.
+        let _ = io::copy(&mut self.channel.stream(0), &mut io::sink());
+        let mut stderr = read_capped(self.channel.stderr(), STDERR_CAP);
+        let closed = self.channel.wait_close();
+        let status = match self.channel.exit_signal() {
+            Ok(ssh2::ExitSignal {
+                exit_signal: Some(sig),
+                ..
+            }) => {
+                if !stderr.is_empty() && !stderr.ends_with('\n') {
+                    stderr.push('\n');
+                }
+                stderr.push_str(&format!("remote command killed by signal {sig}\n"));
+                None
+            }
+            _ => self.channel.exit_status().ok(),
+        };
+        let _ = self.session.disconnect(None, "done", None);
+        let _ = self.tcp.shutdown(Shutdown::Both);
+        closed.map_err(|e| Error::Other {
+            host: self.name.clone(),
+            what: format!("connection lost at the end: {}", e.message()),
+        })?;
+        Ok(Exit { status, stderr })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (raw, padded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes(), true), padded);
+            assert_eq!(base64(raw.as_bytes(), false), padded.trim_end_matches('='));
+        }
+    }
+
+    #[test]
+    fn key_type_from_blob() {
+        assert_eq!(
+            blob_key_type(b"\0\0\0\x0bssh-ed25519\0\0\0\x20..."),
+            Some("ssh-ed25519")
+        );
+        assert_eq!(blob_key_type(b"\0\0\0\x30short"), None);
+        assert_eq!(blob_key_type(b"\0\0"), None);
+        assert_eq!(blob_key_type(b"\xff\xff\xff\xffx"), None);
+    }
+
+    #[test]
+    fn encrypted_keys_are_recognised() {
+        let clear = "-----BEGIN OPENSSH PRIVATE KEY-----\n\
+            b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n\
+            -----END OPENSSH PRIVATE KEY-----\n";
+        let locked = "-----BEGIN OPENSSH PRIVATE KEY-----\n\
+            b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABD4tSRpYn\n\
+            -----END OPENSSH PRIVATE KEY-----\n";
+        assert!(!key_is_encrypted(clear));
+        assert!(key_is_encrypted(locked));
+        assert!(key_is_encrypted(
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
+        ));
+        assert!(!key_is_encrypted("-----BEGIN RSA PRIVATE KEY-----\nMIIE\n"));
+    }
+
+    #[test]
+    fn known_hosts_lines_match_like_openssh() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("known_hosts");
+        std::fs::write(
+            &file,
+            "# comment\n\
+             example.com,10.0.0.1 ssh-ed25519 AAAA1\n\
+             [example.com]:2222 ssh-rsa AAAA2\n\
+             *.corp,!bad.corp ecdsa-sha2-nistp256 AAAA3\n\
+             @revoked * ssh-ed25519 AAAA4\n\
+             garbage\n",
+        )
+        .unwrap();
+        let session = Session::new().unwrap();
+        let keys = |t: &str| -> Vec<String> {
+            known_keys(&session, &file, t)
+                .unwrap()
+                .into_iter()
+                .map(|k| k.key)
+                .collect()
+        };
+        assert_eq!(keys("example.com"), ["AAAA1", "AAAA4"]);
+        assert_eq!(keys("10.0.0.1"), ["AAAA1", "AAAA4"]);
+        assert_eq!(keys("[example.com]:2222"), ["AAAA2", "AAAA4"]);
+        assert_eq!(keys("a.corp"), ["AAAA3", "AAAA4"]);
+        assert_eq!(keys("bad.corp"), ["AAAA4"]);
+        assert!(known_keys(&session, &dir.path().join("missing"), "x")
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn hashed_known_hosts_entries_match() {
+        // `ssh-keygen -H` hashes the name (salt, HMAC-SHA1); libssh2 matches it.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("known_hosts");
+        std::fs::write(&file, "127.0.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n").unwrap();
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-H", "-f"])
+            .arg(&file)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            eprintln!("SKIP hashed_known_hosts_entries_match: ssh-keygen -H failed");
+            return;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("|1|"), "{text}");
+        let session = Session::new().unwrap();
+        let n = |t: &str| known_keys(&session, &file, t).unwrap().len();
+        assert_eq!(n("127.0.0.1"), 1);
+        assert_eq!(n("127.0.0.2"), 0);
+        assert_eq!(n("[127.0.0.1]:2222"), 0);
+    }
+
+    #[test]
+    fn appending_keeps_lines_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new/.ssh/known_hosts");
+        append_known_host(&file, "a k 1\n").unwrap();
+        std::fs::write(&file, "a k 1").unwrap();
+        append_known_host(&file, "b k 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "a k 1\nb k 2\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        assert_eq!(mode(&file), 0o600);
+    }
+
+    #[test]
+    fn identity_order_and_dedup() {
+        let env = LocalEnv {
+            home: Some("/h".into()),
+            user: Some("me".into()),
+            ..Default::default()
+        };
+        let opts = SshOptions {
+            identities: vec!["/k/one".into(), "/h/.ssh/id_rsa".into()],
+            ..Default::default()
+        };
+        let cfg = HostConfig {
+            identity_files: vec!["~/.ssh/id_%r_%h".into(), "/k/one".into()],
+            ..Default::default()
+        };
+        let got: Vec<_> = identity_files(&opts, &cfg, &env, "srv", "root", 22)
+            .into_iter()
+            .map(|(p, e)| (p.display().to_string(), e))
+            .collect();
+        let want = [
+            ("/k/one", true),
+            ("/h/.ssh/id_rsa", true),
+            ("/h/.ssh/id_root_srv", false),
+            ("/h/.ssh/id_ed25519", false),
+            ("/h/.ssh/id_ecdsa", false),
+        ];
+        let want: Vec<_> = want.iter().map(|(p, e)| (p.to_string(), *e)).collect();
+        assert_eq!(got, want);
+    }
+}
