@@ -576,9 +576,15 @@ mod tests {
             workers: 2,
             ..SendOptions::default()
         };
-        let stats =
-            send_chunks(img, &mut fw, &Limits::DEFAULT, &opts, &NoProgress, &AtomicBool::new(false))
-                .unwrap();
+        let stats = send_chunks(
+            img,
+            &mut fw,
+            &Limits::DEFAULT,
+            &opts,
+            &NoProgress,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         (fw.into_inner(), stats)
     }
 
@@ -634,7 +640,10 @@ mod tests {
             let (s, stats) = stream(&img, level);
             assert!(stats.chunks > 0);
             for format in [Format::Raw, Format::Qcow2] {
-                assert!(receive(&img, &s, format).unwrap() == bytes, "{seed} {format:?}");
+                assert!(
+                    receive(&img, &s, format).unwrap() == bytes,
+                    "{seed} {format:?}"
+                );
             }
         }
     }

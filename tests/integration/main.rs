@@ -11,5 +11,6 @@
 mod common;
 mod convert;
 mod formats;
+mod remote;
 mod sshd;
 mod transport;
