@@ -188,9 +188,19 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
         .exec(&opts.remote_command())
         .map_err(|e| ssh_err("cannot start the remote command", e))?;
 
+    // Blocking calls wake up every IO_POLL_MS: a write waiting for window
+    // space to a remote command that has exited (sshd then stops adjusting
+    // the window but does not close the channel while data keeps coming)
+    // would otherwise wait forever.
+    session.set_timeout(IO_POLL_MS);
     let eof_sent = Arc::new(AtomicBool::new(false));
     Ok(Connection {
-        reader: Box::new(BufReader::with_capacity(STREAM_BUFFER, channel.stream(0))),
+        reader: Box::new(BufReader::with_capacity(
+            STREAM_BUFFER,
+            ChannelReader {
+                stream: channel.stream(0),
+            },
+        )),
         writer: Box::new(BufWriter::with_capacity(
             STREAM_BUFFER,
             ChannelWriter {
@@ -797,12 +807,56 @@ struct ChannelWriter {
     eof_sent: Arc<AtomicBool>,
 }
 
+/// How often blocking channel calls wake up (see [`connect_with`]).
+const IO_POLL_MS: u32 = 1000;
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// The reading end: waits for data however long it takes (a timeout only
+/// wakes the call up).
+struct ChannelReader {
+    stream: Stream,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Err(e) if timed_out(&e) => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.eof_sent.load(Ordering::Acquire) {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        self.stream.write(buf)
+        loop {
+            match self.stream.write(buf) {
+                // No window space yet: fine while the remote command runs
+                // and reads. Once it has closed its output (exited), or has
+                // itself sent something this end has not read (an error,
+                // before exiting: libssh2 reports EOF only after that is
+                // read), nobody will read: waiting would be forever.
+                Err(e) if timed_out(&e) => {
+                    if self.channel.eof() || self.channel.read_window().available > 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the remote command closed the connection",
+                        ));
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -828,6 +882,8 @@ struct SshWaiter {
 
 impl Waiter for SshWaiter {
     fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
+        // The remote command has its EOF: it ends, and these calls return.
+        self.session.set_timeout(0);
         if !self.eof_sent.swap(true, Ordering::AcqRel) {
             let _ = self.channel.send_eof();
         }
