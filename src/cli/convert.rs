@@ -32,7 +32,7 @@ pub struct Args {
     pub target_is_zero: bool,
     pub no_space_check: bool,
     pub threads: Option<usize>,
-    pub compress_level: i32,
+    pub compress_level: Option<i32>,
     pub stats: bool,
     pub ssh: SshArgs,
     pub reporting: Reporting,

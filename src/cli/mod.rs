@@ -142,10 +142,10 @@ enum Command {
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
         /// zstd level of the data sent over the wire (1-19; 0 sends it
-        /// uncompressed)
-        #[arg(long, value_name = "N", default_value_t = crate::engine::remote::DEFAULT_LEVEL,
-              value_parser = clap::value_parser!(i32).range(-7..=19))]
-        compress_level: i32,
+        /// uncompressed). Default: start at 3 and adapt while sending, up
+        /// while the link is the bottleneck, down while the CPU is
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+        compress_level: Option<i32>,
         /// Print a transfer report (data read, bytes on the wire, ratio,
         /// time, rate)
         #[arg(long)]

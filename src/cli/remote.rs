@@ -67,6 +67,9 @@ impl SshArgs {
     }
 }
 
+/// SendRequest.level for "adaptive, from the default".
+pub(super) const AUTO_LEVEL: i8 = i8::MIN;
+
 type Reader = FrameReader<Box<dyn Read + Send>>;
 type Writer = FrameWriter<Box<dyn Write + Send>>;
 
@@ -117,11 +120,29 @@ impl Peer {
             )
         );
         let mut said = None;
+        let mut e = e;
         if broken {
-            // The peer may have sent an ERROR before it closed.
-            if let Ok((k, p)) = fr.read_frame() {
-                if let Ok(Message::Error(s)) = Message::decode(k, p, &Limits::DEFAULT) {
-                    said = Some(s);
+            // The peer may have sent an ERROR before it closed, or
+            // something that explains the failure better than a broken
+            // pipe does (a frame this end refuses, say).
+            for _ in 0..4 {
+                match fr.read_frame() {
+                    Ok((k, p)) => match Message::decode(k, p, &Limits::DEFAULT) {
+                        Ok(Message::Error(s)) => {
+                            said = Some(s);
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(pe) => {
+                            e = pe.into();
+                            break;
+                        }
+                    },
+                    Err(protocol::Error::Eof | protocol::Error::Read(_)) => break,
+                    Err(pe) => {
+                        e = pe.into();
+                        break;
+                    }
                 }
             }
         }
@@ -238,7 +259,8 @@ fn send_options(a: &Args, opts: &ConvertOptions) -> SendOptions {
     SendOptions {
         min_sparse: a.min_sparse,
         chunk: convert::grid(opts),
-        level: a.compress_level,
+        level: a.compress_level.unwrap_or(remote::DEFAULT_LEVEL),
+        adaptive: a.compress_level.is_none(),
         workers: opts.workers,
     }
 }
@@ -255,6 +277,8 @@ struct Stats {
     wire_bytes: u64,
     bytes_written: u64,
     clusters_compressed: u64,
+    /// zstd level at the end of the transfer (when this end sent).
+    level: Option<i32>,
     seconds: f64,
 }
 
@@ -278,6 +302,7 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
             "compression-ratio": (ratio * 1000.0).round() / 1000.0,
             "bytes-written": s.bytes_written,
             "compressed-clusters": s.clusters_compressed,
+            "compress-level": s.level,
             "seconds": s.seconds,
             "rate": rate.round(),
         });
@@ -295,6 +320,9 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
             human_size(s.wire_bytes),
             s.wire_bytes
         );
+        if let Some(l) = s.level {
+            println!("zstd level:    {l} (at the end)");
+        }
         println!("written:       {}", human_size(s.bytes_written));
         println!(
             "time:          {:.2} s ({}/s)",
@@ -431,6 +459,7 @@ pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
             wire_bytes: wire,
             bytes_written: done.bytes_written,
             clusters_compressed: done.clusters_compressed,
+            level: Some(sent.level),
             seconds: started.elapsed().as_secs_f64(),
         },
     )?;
@@ -454,7 +483,9 @@ pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
         min_sparse: a.min_sparse,
         chunk: convert::grid(&probe_opts) as u32,
         unit: 1u64 << probe_opts.cluster_bits,
-        level: a.compress_level.clamp(-7, 22) as i8,
+        level: a
+            .compress_level
+            .map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
     });
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
@@ -512,6 +543,7 @@ pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
             wire_bytes: wire,
             bytes_written: report.bytes_written,
             clusters_compressed: report.clusters_compressed,
+            level: None,
             seconds: started.elapsed().as_secs_f64(),
         },
     )?;
@@ -638,6 +670,7 @@ pub fn from_stdin(a: &Args, dst: &Path) -> Result<u8> {
             wire_bytes: fr.bytes,
             bytes_written: report.bytes_written,
             clusters_compressed: report.clusters_compressed,
+            level: None,
             seconds: started.elapsed().as_secs_f64(),
         },
     )?;

@@ -13,7 +13,7 @@ use anyhow::{anyhow, Result};
 
 use super::convert::engine_error;
 use super::progress::interrupt_flag;
-use super::remote::format_of;
+use super::remote::{format_of, AUTO_LEVEL};
 use super::{exit, output};
 use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
@@ -156,7 +156,12 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
     let opts = SendOptions {
         min_sparse: r.min_sparse,
         chunk,
-        level: i32::from(r.level),
+        level: if r.level == AUTO_LEVEL {
+            remote::DEFAULT_LEVEL
+        } else {
+            i32::from(r.level).clamp(0, 19)
+        },
+        adaptive: r.level == AUTO_LEVEL,
         ..SendOptions::default()
     };
     let cancel = interrupt_flag();

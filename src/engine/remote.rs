@@ -35,6 +35,9 @@ pub struct SendOptions {
     pub chunk: u64,
     /// zstd level; 0 sends payloads uncompressed.
     pub level: i32,
+    /// Tune the level while sending: up while the link is the bottleneck,
+    /// down while compression is (see [`LevelTuner`]).
+    pub adaptive: bool,
     pub workers: usize,
 }
 
@@ -44,6 +47,7 @@ impl Default for SendOptions {
             min_sparse: 4096,
             chunk: convert::CHUNK_BYTES,
             level: DEFAULT_LEVEL,
+            adaptive: false,
             workers: pipeline::default_workers(),
         }
     }
@@ -61,6 +65,8 @@ pub struct SendStats {
     /// CHUNK frame bytes (after compression, headers included).
     pub chunk_bytes: u64,
     pub chunks: u64,
+    /// The zstd level at the end (it moves when adaptive).
+    pub level: i32,
     pub elapsed: Duration,
 }
 
@@ -154,6 +160,7 @@ pub fn send_chunks<W: Write>(
         digest: StreamDigest::new(),
         data_sent: 0,
         chunk_bytes: 0,
+        tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
     };
     let stats = pipeline::run(
         &source,
@@ -171,6 +178,7 @@ pub fn send_chunks<W: Write>(
         digest: sink.digest.finish(),
     };
     let (data_sent, chunk_bytes, chunks) = (sink.data_sent, sink.chunk_bytes, end.chunks);
+    let final_level = level.load(Ordering::Relaxed);
     send_msg(fw, &Message::End(end))?;
     fw.flush()?;
     progress.finish();
@@ -180,6 +188,7 @@ pub fn send_chunks<W: Write>(
         data_sent,
         chunk_bytes,
         chunks,
+        level: final_level,
         elapsed: started.elapsed(),
     })
 }
@@ -294,6 +303,68 @@ struct FrameSink<'a, W: Write> {
     digest: StreamDigest,
     data_sent: u64,
     chunk_bytes: u64,
+    tuner: Option<LevelTuner>,
+}
+
+/// Picks the zstd level from what limits the transfer, measured on the
+/// writing thread: time blocked writing frames (the link, or the SSH
+/// cipher) against time waiting for the workers' next frame (reading and
+/// compressing). Over each window of frames, mostly writing means the CPU
+/// has room to compress harder, so fewer bytes cross the link; mostly
+/// waiting means compression holds the transfer back, so it gets lighter.
+pub struct LevelTuner {
+    level: Arc<AtomicI32>,
+    writing: Duration,
+    waiting: Duration,
+    frames: u32,
+    last: Option<Instant>,
+}
+
+/// Frames per decision (2 MiB cells: about 32 MiB of data).
+const TUNE_WINDOW: u32 = 16;
+/// The tuner stays within these levels (beyond 12 zstd slows down steeply
+/// for little gain on disk data).
+const TUNE_MIN: i32 = 1;
+const TUNE_MAX: i32 = 12;
+
+impl LevelTuner {
+    pub fn new(level: Arc<AtomicI32>) -> Self {
+        LevelTuner {
+            level,
+            writing: Duration::ZERO,
+            waiting: Duration::ZERO,
+            frames: 0,
+            last: None,
+        }
+    }
+
+    /// Records one frame: `waited` for it, then `wrote` it.
+    pub fn record(&mut self, waited: Duration, wrote: Duration) {
+        self.waiting += waited;
+        self.writing += wrote;
+        self.frames += 1;
+        if self.frames < TUNE_WINDOW {
+            return;
+        }
+        let total = (self.writing + self.waiting).as_secs_f64();
+        let busy = if total > 0.0 {
+            self.writing.as_secs_f64() / total
+        } else {
+            0.0
+        };
+        let l = self.level.load(Ordering::Relaxed);
+        let next = if busy > 0.85 {
+            (l + 1).min(TUNE_MAX)
+        } else if busy < 0.5 {
+            (l - 1).max(TUNE_MIN)
+        } else {
+            l
+        };
+        self.level.store(next, Ordering::Relaxed);
+        self.writing = Duration::ZERO;
+        self.waiting = Duration::ZERO;
+        self.frames = 0;
+    }
 }
 
 impl<W: Write> Sink for FrameSink<'_, W> {
@@ -303,7 +374,15 @@ impl<W: Write> Sink for FrameSink<'_, W> {
         let Some(frame) = f.frame else {
             return Ok(());
         };
+        let arrived = Instant::now();
         self.fw.write_built(&frame)?;
+        if let Some(t) = &mut self.tuner {
+            let done = Instant::now();
+            // The first frame's wait is the pipeline filling up.
+            let waited = t.last.map_or(Duration::ZERO, |l| arrived - l);
+            t.record(waited, done - arrived);
+            t.last = Some(done);
+        }
         self.digest.add(f.start, f.len, &f.hash);
         self.data_sent += f.raw_len;
         self.chunk_bytes += frame.len() as u64;
@@ -631,6 +710,30 @@ mod tests {
         let mut buf = vec![0u8; back.virtual_size() as usize];
         back.read_at(&mut buf, 0).unwrap();
         Ok(buf)
+    }
+
+    #[test]
+    fn tuner_raises_the_level_when_writing_dominates_and_lowers_it_when_waiting_does() {
+        let level = Arc::new(AtomicI32::new(3));
+        let mut t = LevelTuner::new(Arc::clone(&level));
+        let ms = Duration::from_millis;
+        for _ in 0..TUNE_WINDOW * 20 {
+            t.record(ms(1), ms(20)); // link-bound
+        }
+        assert_eq!(level.load(Ordering::Relaxed), TUNE_MAX);
+        for _ in 0..TUNE_WINDOW {
+            t.record(ms(10), ms(10)); // balanced: stays
+        }
+        assert_eq!(level.load(Ordering::Relaxed), TUNE_MAX);
+        for _ in 0..TUNE_WINDOW * 20 {
+            t.record(ms(20), ms(1)); // CPU-bound
+        }
+        assert_eq!(level.load(Ordering::Relaxed), TUNE_MIN);
+        // One window moves one step.
+        for _ in 0..TUNE_WINDOW {
+            t.record(ms(1), ms(20));
+        }
+        assert_eq!(level.load(Ordering::Relaxed), TUNE_MIN + 1);
     }
 
     #[test]

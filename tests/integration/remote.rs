@@ -733,7 +733,7 @@ fn oversized_length_from_a_peer_is_refused() {
     let rsh = env.path("evil-rsh");
     fs::write(
         &rsh,
-        format!("#!/bin/sh\ncat > /dev/null &\ncat {}\n", reply.display()),
+        format!("#!/bin/sh\ncat {}\ncat > /dev/null\n", reply.display()),
     )
     .unwrap();
     Command::new("chmod").arg("+x").arg(&rsh).status().unwrap();
