@@ -1,28 +1,32 @@
 //! `imgsync compare A B`: exit 0 identical, 1 different (the first
 //! differing offset is printed), 2 error. Output as `qemu-img compare`.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use imgsync_formats::Format;
 
 use super::convert::engine_error;
+use super::location::Location;
 use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine::compare::{self, Outcome};
 use crate::io::{open_image, OpenOptions};
 
 pub struct Args {
-    pub a: PathBuf,
-    pub b: PathBuf,
+    pub a: OsString,
+    pub b: OsString,
     pub format_a: Option<Format>,
     pub format_b: Option<Format>,
     pub reporting: Reporting,
     pub output: OutputFormat,
+    pub ssh: SshArgs,
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let open = |path: &PathBuf, format| {
+    let open = |path: &Path, format| {
         open_image(
             path,
             OpenOptions {
@@ -31,15 +35,48 @@ pub fn run(args: Args) -> Result<u8> {
             },
         )
     };
-    let a = open(&args.a, args.format_a)?;
-    let b = open(&args.b, args.format_b)?;
     let cancel = interrupt_flag();
     let bar = args.reporting.bar();
     let progress = progress_of(&bar);
-    let result = compare::compare(&a, &b, progress, &cancel);
+    let (outcome, size_mismatch) = match (Location::parse(&args.a)?, Location::parse(&args.b)?) {
+        (Location::Local(pa), Location::Local(pb)) => {
+            let a = open(&pa, args.format_a)?;
+            let b = open(&pb, args.format_b)?;
+            let result = compare::compare(&a, &b, progress, &cancel);
+            let (outcome, _stats) = result.map_err(|e| engine_error(e, &pa, &pb, Some(&pb)))?;
+            (outcome, a.virtual_size() != b.virtual_size())
+        }
+        // Contents are compared both ways alike: the remote side is pulled
+        // as a stream, whichever argument it is.
+        (Location::Local(pa), Location::Remote { host, path }) => {
+            let a = open(&pa, args.format_a)?;
+            remote::compare(
+                &a,
+                &pa,
+                &host,
+                &path,
+                args.format_b,
+                &args.ssh,
+                progress,
+                &cancel,
+            )?
+        }
+        (Location::Remote { host, path }, Location::Local(pb)) => {
+            let b = open(&pb, args.format_b)?;
+            remote::compare(
+                &b,
+                &pb,
+                &host,
+                &path,
+                args.format_a,
+                &args.ssh,
+                progress,
+                &cancel,
+            )?
+        }
+        (a, b) => bail!("{a} / {b}: compare needs at least one local image"),
+    };
     drop(bar);
-    let (outcome, _stats) = result.map_err(|e| engine_error(e, &args.a, &args.b, Some(&args.b)))?;
-    let size_mismatch = a.virtual_size() != b.virtual_size();
     match args.output {
         OutputFormat::Json => {
             let v = serde_json::json!({

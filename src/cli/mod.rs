@@ -15,7 +15,6 @@ mod serve;
 mod size;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -179,8 +178,12 @@ enum Command {
         reporting: progress::Reporting,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        a: PathBuf,
-        b: PathBuf,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
+        /// Image A: a path, [user@]host:PATH or ssh://...
+        a: OsString,
+        /// Image B: a path, [user@]host:PATH or ssh://...
+        b: OsString,
     },
     /// The far end of a remote transfer, speaking the imgsync protocol on
     /// stdin/stdout (started over SSH by imgsync, not by hand)
@@ -296,6 +299,7 @@ pub fn main() -> ExitCode {
             format_b,
             reporting,
             output,
+            ssh,
             a,
             b,
         } => compare::run(compare::Args {
@@ -305,6 +309,7 @@ pub fn main() -> ExitCode {
             format_b: format_b.map(Into::into),
             reporting,
             output,
+            ssh,
         }),
     };
     match result {

@@ -386,6 +386,64 @@ pub fn query(
     }
 }
 
+/// Compares local `local` with the image at `host:path`, pulled as a
+/// stream (only its data crosses). Returns the outcome and whether the
+/// virtual sizes differ.
+#[allow(clippy::too_many_arguments)]
+pub fn compare(
+    local: &Image,
+    local_path: &Path,
+    host: &Host,
+    path: &str,
+    format: Option<Format>,
+    ssh: &SshArgs,
+    progress: &dyn Progress,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<(crate::engine::compare::Outcome, bool)> {
+    use crate::engine::compare::{compare_chunks, Outcome};
+    use crate::engine::pipeline::{BufPool, Source};
+    let mut peer = Peer::connect(host, ssh)?;
+    let req = Request::Send(SendRequest {
+        path: path.as_bytes().to_vec(),
+        format: format.map(wire_format),
+        min_sparse: 512,
+        chunk: convert::CHUNK_BYTES as u32,
+        unit: 1 << 16,
+        level: AUTO_LEVEL,
+    });
+    let info = (|| {
+        send_msg(&mut peer.fw, &Message::Request(req))?;
+        peer.fw.flush()?;
+        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+    })();
+    let info = match info {
+        Ok(Message::Image(i)) => i,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(peer.fail(e)),
+    };
+    let pool = BufPool::new(2);
+    let limits = peer.limits;
+    let mut frames = remote::ChunkFrames::new(&mut peer.fr, limits, info.virtual_size, 1);
+    let chunks = (&mut frames).map(|job| job.and_then(|j| remote::FrameSource.chunk(j, &pool)));
+    let result = compare_chunks(local, info.virtual_size, chunks, progress, cancel);
+    let result = result.and_then(|o| {
+        if o == Outcome::Identical {
+            frames.check_end()?;
+        }
+        Ok(o)
+    });
+    match result {
+        Ok(o) => {
+            if o == Outcome::Identical {
+                peer.finish();
+            }
+            Ok((o, info.virtual_size != local.virtual_size()))
+        }
+        Err(e @ engine::Error::Protocol(_)) => Err(peer.fail(e)),
+        Err(e) => Err(engine_error(e, local_path, local_path, None)),
+    }
+}
+
 /// Local SRC to DST on a host.
 pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
     let started = Instant::now();

@@ -136,3 +136,72 @@ pub fn compare(
     progress.finish();
     Ok((Outcome::Identical, stats))
 }
+
+/// Compares `a` with another image that arrives as chunks in guest order
+/// (pulled from a host: only its data crosses the wire); ranges without a
+/// chunk read as zeros there. `b_size` is the other image's virtual size.
+pub fn compare_chunks<I>(
+    a: &Image,
+    b_size: u64,
+    chunks: I,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Outcome>
+where
+    I: Iterator<Item = Result<super::pipeline::Chunk>>,
+{
+    let end = a.virtual_size().max(b_size);
+    let mut sa = Side::new(a, Error::Source);
+    let mut buf = Vec::new();
+    let mut pos = 0u64;
+    progress.start(end);
+    for chunk in chunks {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let chunk = chunk?;
+        if let Some(offset) = a_nonzero(&mut sa, &mut buf, pos, chunk.start)? {
+            return Ok(Outcome::Differs { offset });
+        }
+        // A's bytes over the chunk (zeros past A's end).
+        let len = chunk.buf.len();
+        buf.clear();
+        buf.resize(len, 0);
+        let in_a = a.virtual_size().saturating_sub(chunk.start).min(len as u64) as usize;
+        if in_a > 0 {
+            sa.read(&mut buf[..in_a], chunk.start)?;
+        }
+        if let Some(i) = buf.iter().zip(chunk.buf.iter()).position(|(x, y)| x != y) {
+            return Ok(Outcome::Differs {
+                offset: chunk.start + i as u64,
+            });
+        }
+        progress.advance(chunk.end() - pos);
+        pos = chunk.end();
+    }
+    if let Some(offset) = a_nonzero(&mut sa, &mut buf, pos, end)? {
+        return Ok(Outcome::Differs { offset });
+    }
+    progress.finish();
+    Ok(Outcome::Identical)
+}
+
+/// The first non-zero byte of `a` in `[from, to)`, reading only its data.
+fn a_nonzero(sa: &mut Side<'_>, buf: &mut Vec<u8>, from: u64, to: u64) -> Result<Option<u64>> {
+    let mut pos = from;
+    let size = sa.image.virtual_size();
+    while pos < to.min(size) {
+        let (data, run_end) = sa.at(pos)?;
+        let stop = run_end.min(to).min(size).min(pos + COMPARE_CHUNK);
+        if data {
+            buf.clear();
+            buf.resize((stop - pos) as usize, 0);
+            sa.read(buf, pos)?;
+            if let Some(i) = buf.iter().position(|&x| x != 0) {
+                return Ok(Some(pos + i as u64));
+            }
+        }
+        pos = stop;
+    }
+    Ok(None)
+}

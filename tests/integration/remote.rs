@@ -817,3 +817,51 @@ fn info_map_and_check_of_a_remote_image_print_what_they_print_locally() {
         );
     }
 }
+
+#[test]
+fn compare_with_a_remote_image() {
+    let (env, sshd) = ssh_env!();
+    source_qcow2(&env, "src.qcow2");
+    env.qemu_img(&["convert", "-O", "raw", "src.qcow2", "same.raw"]);
+    env.qemu_img(&["convert", "-O", "raw", "src.qcow2", "other.raw"]);
+    // One byte inside a former hole, one inside data.
+    env.qemu_io("raw", "other.raw", &[Op::Pattern(9, 700 * MIB + 3, 1)]);
+    let src = env.path("src.qcow2");
+    for via in BOTH {
+        let cmp = |a: String, b: String| {
+            let mut args = vec!["compare".to_string()];
+            args.extend(ssh_args(&sshd, via, BIN));
+            args.push(a);
+            args.push(b);
+            run(&env, &sshd, &args, &[])
+        };
+        let out = cmp(src.display().to_string(), url(&sshd, &env.path("same.raw")));
+        assert_eq!(out.status.code(), Some(0), "{via:?}: {}", ok(&out, "same"));
+        let out = cmp(url(&sshd, &env.path("same.raw")), src.display().to_string());
+        assert_eq!(out.status.code(), Some(0), "{via:?}");
+        for (a, b) in [
+            (
+                src.display().to_string(),
+                url(&sshd, &env.path("other.raw")),
+            ),
+            (
+                url(&sshd, &env.path("other.raw")),
+                src.display().to_string(),
+            ),
+        ] {
+            let out = cmp(a, b);
+            assert_eq!(out.status.code(), Some(1), "{via:?}");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout.contains(&format!("offset {}!", 700 * MIB + 3)),
+                "{via:?}: {stdout}"
+            );
+        }
+        let out = cmp(src.display().to_string(), url(&sshd, &env.path("nope.raw")));
+        let line = assert_one_line_error(&out, "compare, missing remote");
+        assert!(
+            line.contains("127.0.0.1") && line.contains("nope.raw"),
+            "{line}"
+        );
+    }
+}
