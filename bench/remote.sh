@@ -55,9 +55,10 @@
 #   RUNS=1        runs per row, the best (lowest wall) is kept
 #   DROP=1        sync + drop page caches before each run (0: warm cache)
 #   LEVELS        --compress-level values of the built-in rows (default
-#                 "1 3 6" at 1gbit, "1 3 6 9 12" at 100mbit, "3" otherwise);
+#                 "auto 1 3 6" at 1gbit, "auto 1 3 6 9 12" at 100mbit);
+#                 auto = no --compress-level (imgsync's adaptive default),
 #                 0 = uncompressed
-#   EXT_LEVELS=3  levels of the -e (OpenSSH) rows
+#   EXT_LEVELS=auto  levels of the -e (OpenSSH) rows
 #   IMGSYNC       binary to measure (default: cargo build --release, then
 #                 target/release/imgsync); used on both ends
 #   CAP=900       per-run time limit, s (a timed-out run is a FAIL)
@@ -73,7 +74,7 @@ ROWS=${ROWS:-.}
 RUNS=${RUNS:-1}
 DROP=${DROP:-1}
 LEVELS=${LEVELS:-}
-EXT_LEVELS=${EXT_LEVELS:-3}
+EXT_LEVELS=${EXT_LEVELS:-auto}
 CAP=${CAP:-900}
 VERBOSE=${VERBOSE:-0}
 S=/tmp/bench-ssh
@@ -169,15 +170,19 @@ export TMPD=$OUT_DIR/tmp ID=$S/id_ed25519
 rows() {
     local rate=$1 lv levels=$LEVELS
     if [ -z "$levels" ]; then
-        case $rate in 1gbit) levels="1 3 6" ;; 100mbit) levels="1 3 6 9 12" ;; *) levels=3 ;; esac
+        case $rate in 1gbit) levels="auto 1 3 6" ;; 100mbit) levels="auto 1 3 6 9 12" ;; *) levels="auto 3" ;; esac
     fi
+    local flag
     for lv in $levels; do
+        # auto: no --compress-level (the level adapts while sending).
+        if [ "$lv" = auto ]; then flag=; else flag="--compress-level $lv"; fi
         printf 'imgsync-z%s\timgsync\traw\t%s\n' "$lv" \
-            "env -u SSH_AUTH_SOCK \"\$BIN\" convert -q --output json -O raw --compress-level $lv --known-hosts \"\$KH\" -i \"\$ID\" --ssh-config /dev/null --remote-imgsync \"\$SRV\" \"\$SRC\" \"ssh://root@\$RIP\$DST\" >\"\$JSON\""
+            "env -u SSH_AUTH_SOCK \"\$BIN\" convert -q --output json -O raw $flag --known-hosts \"\$KH\" -i \"\$ID\" --ssh-config /dev/null --remote-imgsync \"\$SRV\" \"\$SRC\" \"ssh://root@\$RIP\$DST\" >\"\$JSON\""
     done
     for lv in $EXT_LEVELS; do
+        if [ "$lv" = auto ]; then flag=; else flag="--compress-level $lv"; fi
         printf 'imgsync-ext-z%s\timgsync\traw\t%s\n' "$lv" \
-            "\"\$BIN\" convert -q --output json -O raw --compress-level $lv -e \"\$SSH\" --remote-imgsync \"\$SRV\" \"\$SRC\" \"dst:\$DST\" >\"\$JSON\""
+            "\"\$BIN\" convert -q --output json -O raw $flag -e \"\$SSH\" --remote-imgsync \"\$SRV\" \"\$SRC\" \"dst:\$DST\" >\"\$JSON\""
     done
     printf 'qemu-img-ssh\tpeer\traw\t%s\n' \
         "SSH_AUTH_SOCK=\$S/agent.sock QEMU_MODULE_DIR=\$QMOD LD_LIBRARY_PATH=\$QMOD/lib qemu-img convert -p -f raw -O raw \"\$SRC\" \"ssh://root@\$RIP\$DST\$QSSH_Q\""

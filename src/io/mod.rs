@@ -1,6 +1,7 @@
 //! Local I/O: files and block devices as [`formats::Storage`], allocation from
 //! SEEK_DATA/SEEK_HOLE, and opening images with their backing chains.
 
+pub mod cpu;
 pub mod file;
 pub mod open;
 pub mod output;
