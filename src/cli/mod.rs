@@ -141,7 +141,7 @@ enum Command {
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
         /// zstd level of the data sent over the wire (1-19; 0 sends it
-        /// uncompressed). Default: start at 3 and adapt while sending, up
+        /// uncompressed). Default: start at 1 and adapt while sending, up
         /// while the link is the bottleneck, down while the CPU is
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
         compress_level: Option<i32>,
