@@ -338,7 +338,7 @@ const TUNE_MAX: i32 = 9;
 /// time left idle.
 const BUSY_HIGH: f64 = 0.85;
 const BUSY_LOW: f64 = 0.5;
-const IDLE_HIGH: f64 = 0.3;
+const IDLE_HIGH: f64 = 0.4;
 const IDLE_LOW: f64 = 0.1;
 
 impl LevelTuner {
