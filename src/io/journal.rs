@@ -241,10 +241,7 @@ impl Journal {
     /// `.NAME.imgsync-journal` in `dir` (for block devices, whose directory
     /// is `/dev`).
     pub fn path_in(dir: &Path, dst: &Path) -> PathBuf {
-        let name = dst
-            .file_name()
-            .map(|n| n.as_bytes())
-            .unwrap_or(b"image");
+        let name = dst.file_name().map(|n| n.as_bytes()).unwrap_or(b"image");
         // Keep the journal's name within NAME_MAX.
         let keep = name.len().min(NAME_MAX - 1 - JOURNAL_SUFFIX.len());
         let mut s = Vec::with_capacity(NAME_MAX);
@@ -317,7 +314,11 @@ impl Journal {
     /// there is no journal (one left by an interrupted create, holding no
     /// complete header, is removed).
     pub fn open(path: &Path) -> Result<Option<Journal>, JournalError> {
-        let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(path, "opening the journal")(e)),
@@ -619,8 +620,7 @@ fn old_block_len(header: &JournalHeader, block: u64) -> Option<u64> {
 }
 
 fn check_header(h: &JournalHeader) -> Result<(), String> {
-    if !h.block_size.is_power_of_two()
-        || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&h.block_size)
+    if !h.block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&h.block_size)
     {
         return Err(format!(
             "block size {} is not a power of two from 4 KiB to 16 MiB",
@@ -694,11 +694,7 @@ fn decode_header(b: &[u8; HEADER_LEN], path: &Path) -> Result<JournalHeader, Jou
 
 /// The header, or `None` when the file is what an interrupted create
 /// leaves: shorter than a header, or an all-zero header and nothing more.
-fn read_header(
-    file: &File,
-    path: &Path,
-    len: u64,
-) -> Result<Option<JournalHeader>, JournalError> {
+fn read_header(file: &File, path: &Path, len: u64) -> Result<Option<JournalHeader>, JournalError> {
     let mut b = [0u8; HEADER_LEN];
     let have = len.min(HEADER_LEN as u64) as usize;
     file.read_exact_at(&mut b[..have], 0)
@@ -746,11 +742,15 @@ fn entry_crc(head: &[u8], data: &[u8]) -> u32 {
 }
 
 fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_be_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn be_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_be_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// A journal being read.
@@ -887,11 +887,7 @@ fn read_batch(
             if d.len() as u64 != expected {
                 return Err(corrupt(
                     body_at + at as u64,
-                    format!(
-                        "block {} holds {} bytes, not {expected}",
-                        e.block,
-                        d.len()
-                    ),
+                    format!("block {} holds {} bytes, not {expected}", e.block, d.len()),
                 ));
             }
         } else if end != at + ENTRY_HEADER_LEN {
@@ -1450,7 +1446,8 @@ mod tests {
         let mut j = Journal::create(&jpath, header(old.len() as u64, old.len() as u64)).unwrap();
         journal_blocks(&mut j, &old, &[0], 1);
         // Block 2's entry is torn: the sync never got to write block 2.
-        j.record(2, Some(&old[2 * B as usize..3 * B as usize])).unwrap();
+        j.record(2, Some(&old[2 * B as usize..3 * B as usize]))
+            .unwrap();
         j.sync().unwrap();
         let len = j.bytes();
         drop(j);
@@ -1498,7 +1495,11 @@ mod tests {
         assert!(jpath.exists());
 
         // Not a journal at all, and a future version.
-        std::fs::write(&jpath, b"#!/bin/sh\necho hello, this is not a journal at all\n").unwrap();
+        std::fs::write(
+            &jpath,
+            b"#!/bin/sh\necho hello, this is not a journal at all\n",
+        )
+        .unwrap();
         let e = Journal::open(&jpath).err().unwrap();
         assert!(matches!(e, JournalError::NotAJournal { .. }), "{e}");
         bytes[11] = 2;
@@ -1562,7 +1563,8 @@ mod tests {
         std::fs::write(&jpath, &bytes).unwrap();
         let e = Journal::open(&jpath).err().unwrap();
         assert!(
-            e.to_string().ends_with("block 5 is past the old image size"),
+            e.to_string()
+                .ends_with("block 5 is past the old image size"),
             "{e}"
         );
     }
@@ -1594,7 +1596,10 @@ mod tests {
         rollback(&dst, &jpath).unwrap();
         let e = rollback(&dst, &jpath).unwrap_err();
         assert!(matches!(e, JournalError::NotInProgress { .. }), "{e}");
-        assert_eq!(e.to_string(), format!("{}: no sync in progress", dst.display()));
+        assert_eq!(
+            e.to_string(),
+            format!("{}: no sync in progress", dst.display())
+        );
     }
 
     /// A crash during rollback (simulated: the journal is put back after a
@@ -1682,7 +1687,10 @@ mod tests {
         write_zeros(&f, 0, 100).unwrap();
         let got = std::fs::read(&p).unwrap();
         assert!(got[..100].iter().all(|&x| x == 0));
-        assert_eq!(&got[100..B as usize], &pattern(3, 3 * B as usize)[100..B as usize]);
+        assert_eq!(
+            &got[100..B as usize],
+            &pattern(3, 3 * B as usize)[100..B as usize]
+        );
         assert!(got[B as usize..].iter().all(|&x| x == 0));
         // A regular file is not a block device: BLKZEROOUT says so, and the
         // device order goes on to ZERO_RANGE or zeros.
@@ -1691,6 +1699,9 @@ mod tests {
         zero_device_range(&f, B, B).unwrap();
         let got = std::fs::read(&p).unwrap();
         assert!(got[B as usize..2 * B as usize].iter().all(|&x| x == 0));
-        assert_eq!(&got[..B as usize], &pattern(3, 3 * B as usize)[..B as usize]);
+        assert_eq!(
+            &got[..B as usize],
+            &pattern(3, 3 * B as usize)[..B as usize]
+        );
     }
 }
