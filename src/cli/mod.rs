@@ -13,6 +13,7 @@ mod progress;
 mod remote;
 mod serve;
 mod size;
+mod sync;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -185,6 +186,55 @@ enum Command {
         /// Image B: a path, [user@]host:PATH or ssh://...
         b: OsString,
     },
+    /// Make DST identical to SRC in place, sending only the blocks that differ
+    ///
+    /// DST is a raw file or block device, local or remote ([user@]host:PATH,
+    /// ssh://...); SRC is raw or qcow2 (a backing chain is seen flattened).
+    /// Both sides hash their non-zero blocks (keyed BLAKE3) as they stream;
+    /// holes on both sides are never read. A block's old content goes to an
+    /// undo journal beside DST (fsynced) before the block is overwritten: an
+    /// interrupted sync resumes when rerun, or `--rollback DST` restores the
+    /// previous image. DST absent: a full copy, appearing only when complete.
+    Sync {
+        /// Source format (probed when absent)
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Comparison block size
+        #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
+        block_size: u64,
+        /// Do not keep an undo journal: faster and needs no room for the
+        /// changed blocks' old content, but an interrupted sync leaves DST
+        /// partly updated with no way back (rerunning still completes it)
+        #[arg(long)]
+        no_journal: bool,
+        /// Restore DST as it was before an interrupted sync (from its
+        /// journal); takes only DST
+        #[arg(long)]
+        rollback: bool,
+        /// Do not check that the destination has room for the journal and
+        /// the new data
+        #[arg(long)]
+        no_space_check: bool,
+        /// zstd level of the blocks sent (default: adaptive from 1)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+        compress_level: Option<i32>,
+        /// Worker threads (default: one per core, at most 8)
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Print a report (blocks compared, sent, holes punched, bytes on
+        /// the wire, time)
+        #[arg(long)]
+        stats: bool,
+        #[command(flatten)]
+        ssh: remote::SshArgs,
+        #[command(flatten)]
+        reporting: progress::Reporting,
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// SRC DST (or DST alone with --rollback)
+        #[arg(required = true, num_args = 1..=2, value_name = "SRC DST")]
+        paths: Vec<OsString>,
+    },
     /// The far end of a remote transfer, speaking the imgsync protocol on
     /// stdin/stdout (started over SSH by imgsync, not by hand)
     Serve,
@@ -294,6 +344,33 @@ pub fn main() -> ExitCode {
             output,
         }),
         Command::Serve => serve::run(),
+        Command::Sync {
+            format,
+            block_size,
+            no_journal,
+            rollback,
+            no_space_check,
+            compress_level,
+            threads,
+            stats,
+            ssh,
+            reporting,
+            output,
+            paths,
+        } => sync::run(sync::Args {
+            paths,
+            format: format.map(Into::into),
+            block_size,
+            no_journal,
+            rollback,
+            no_space_check,
+            compress_level,
+            threads,
+            stats,
+            ssh,
+            reporting,
+            output,
+        }),
         Command::Compare {
             format,
             format_b,

@@ -444,6 +444,154 @@ pub fn compare(
     }
 }
 
+/// sync with DST on a host (push): the remote imgsync is the receiver.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_push(
+    image: &Image,
+    src: &Path,
+    host: &Host,
+    path: &str,
+    params: &crate::protocol::msg::SyncParams,
+    sopts: &crate::engine::sync::SyncSendOptions,
+    ssh: &SshArgs,
+    progress: &dyn Progress,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<(crate::engine::sync::SyncReport, u64)> {
+    use crate::protocol::msg::SyncReceiveRequest;
+    let mut peer = Peer::connect(host, ssh)?;
+    let req = Request::SyncReceive(SyncReceiveRequest {
+        path: path.as_bytes().to_vec(),
+        params: *params,
+    });
+    let limits = peer.limits;
+    let r = send_msg(&mut peer.fw, &Message::Request(req)).and_then(|_| {
+        crate::engine::sync::sync_send(
+            image,
+            &mut peer.fr,
+            &mut peer.fw,
+            &limits,
+            params,
+            sopts,
+            progress,
+            cancel,
+        )
+    });
+    match r {
+        Ok(report) => {
+            let wire = peer.fw.bytes + peer.fr.bytes;
+            peer.finish();
+            Ok((report, wire))
+        }
+        Err(e @ (engine::Error::Source(_) | engine::Error::Internal(_))) => {
+            drop(peer);
+            Err(engine_error(
+                e,
+                src,
+                Path::new(&location_name(host, path)),
+                None,
+            ))
+        }
+        Err(engine::Error::Interrupted) => {
+            drop(peer);
+            bail!(
+                "{}: interrupted; rerun the sync to resume it",
+                location_name(host, path)
+            );
+        }
+        Err(e) => Err(peer.fail(e)),
+    }
+}
+
+/// sync with SRC on a host (pull): this end is the receiver.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_pull(
+    host: &Host,
+    path: &str,
+    format: Option<Format>,
+    dst: &Path,
+    target: crate::engine::sync::Target,
+    block_size: u32,
+    key: [u8; 32],
+    journal: bool,
+    check_space: bool,
+    level: Option<i32>,
+    workers: usize,
+    ssh: &SshArgs,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<(crate::engine::sync::SyncReport, u64)> {
+    use crate::protocol::msg::{SyncParams, SyncSendRequest};
+    let mut peer = Peer::connect(host, ssh)?;
+    let req = Request::SyncSend(SyncSendRequest {
+        path: path.as_bytes().to_vec(),
+        format: format.map(wire_format),
+        block_size,
+        key,
+        level: level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
+    });
+    let info = (|| {
+        send_msg(&mut peer.fw, &Message::Request(req))?;
+        peer.fw.flush()?;
+        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+    })();
+    let info = match info {
+        Ok(Message::Image(i)) => i,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(peer.fail(e)),
+    };
+    let params = SyncParams {
+        block_size,
+        key,
+        src_size: info.virtual_size,
+        journal,
+        check_space,
+    };
+    let limits = peer.limits;
+    let r = crate::engine::sync::sync_receive(
+        target,
+        &mut peer.fr,
+        &mut peer.fw,
+        &limits,
+        &params,
+        &crate::engine::sync::SyncReceiveOptions { workers },
+        cancel,
+    );
+    let src_name = location_name(host, path);
+    match r {
+        Ok(done) => {
+            let wire = peer.fw.bytes + peer.fr.bytes;
+            peer.finish();
+            let report = crate::engine::sync::SyncReport {
+                src_size: info.virtual_size,
+                dst_existed: true,
+                resumed: false,
+                bytes_read: info.data_bytes,
+                blocks_compared: done.blocks_compared,
+                blocks_sent: done.blocks_written,
+                blocks_punched: done.blocks_punched,
+                data_sent: done.blocks_written * u64::from(block_size),
+                done,
+                elapsed: Default::default(),
+            };
+            Ok((report, wire))
+        }
+        Err(e @ engine::Error::Protocol(_)) => {
+            let e = peer.fail(e);
+            bail!(
+                "{} ({} is unchanged or can be resumed)",
+                super::output::one_line(&e),
+                dst.display()
+            );
+        }
+        Err(e) => {
+            // Tell the sender why, then report it here, named.
+            let _ = send_msg(&mut peer.fw, &Message::Error(e.to_string()));
+            let _ = peer.fw.flush();
+            drop(peer);
+            Err(engine_error(e, Path::new(&src_name), dst, None))
+        }
+    }
+}
+
 /// Local SRC to DST on a host.
 pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
     let started = Instant::now();

@@ -45,6 +45,8 @@ pub fn run() -> Result<u8> {
         Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
         Request::Send(r) => send(&mut fw, &limits, r),
         Request::Query(q) => query(&mut fw, q),
+        Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, r),
+        Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, r),
     };
     match result {
         Ok(()) => Ok(exit::OK),
@@ -223,4 +225,91 @@ impl<W: Write> FrameOut<'_, W> {
         let m = Message::Output(std::mem::take(&mut self.buf));
         send_msg(self.fw, &m).map_err(std::io::Error::other)
     }
+}
+
+/// sync push: DST is here.
+fn sync_receive(
+    fr: &mut Reader,
+    fw: &mut Writer,
+    limits: &Limits,
+    r: crate::protocol::msg::SyncReceiveRequest,
+) -> Result<()> {
+    let dst = path_of(&r.path);
+    let bs = r.params.block_size;
+    if !bs.is_power_of_two()
+        || !(crate::engine::sync::MIN_BLOCK..=crate::engine::sync::MAX_BLOCK).contains(&bs)
+    {
+        return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
+    }
+    let target = super::sync::open_target(&dst)?;
+    let cancel = interrupt_flag();
+    crate::engine::sync::sync_receive(
+        target,
+        fr,
+        fw,
+        limits,
+        &r.params,
+        &crate::engine::sync::SyncReceiveOptions {
+            workers: crate::engine::pipeline::default_workers(),
+        },
+        &cancel,
+    )
+    .map_err(|e| engine_error(e, Path::new("-"), &dst, None))?;
+    Ok(())
+}
+
+/// sync pull: SRC is here.
+fn sync_send(
+    fr: &mut Reader,
+    fw: &mut Writer,
+    limits: &Limits,
+    r: crate::protocol::msg::SyncSendRequest,
+) -> Result<()> {
+    let src = path_of(&r.path);
+    let bs = r.block_size;
+    if !bs.is_power_of_two()
+        || !(crate::engine::sync::MIN_BLOCK..=crate::engine::sync::MAX_BLOCK).contains(&bs)
+    {
+        return Err(anyhow!("{}: bad block size {bs} requested", src.display()));
+    }
+    let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
+    let image = open_image(
+        &src,
+        OpenOptions {
+            format: r.format.map(format_of),
+            allow_corrupt: false,
+        },
+    )?;
+    let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    send_msg(fw, &Message::Image(info)).map_err(named)?;
+    fw.flush().map_err(|e| named(e.into()))?;
+    let params = crate::protocol::msg::SyncParams {
+        block_size: bs,
+        key: r.key,
+        src_size: image.virtual_size(),
+        journal: true,
+        check_space: true,
+    };
+    let sopts = crate::engine::sync::SyncSendOptions {
+        level: if r.level == AUTO_LEVEL {
+            remote::DEFAULT_LEVEL
+        } else {
+            i32::from(r.level).clamp(0, 19)
+        },
+        adaptive: r.level == AUTO_LEVEL,
+        workers: crate::engine::pipeline::default_workers(),
+    };
+    let cancel = interrupt_flag();
+    crate::engine::sync::sync_send(
+        &image,
+        fr,
+        fw,
+        limits,
+        &params,
+        &sopts,
+        &NoProgress,
+        &cancel,
+    )
+    .map_err(named)?;
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod progress;
 pub mod remote;
 pub mod sink;
+pub mod sync;
 pub mod zero;
 
 use imgsync_formats as formats;

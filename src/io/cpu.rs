@@ -15,7 +15,10 @@ fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
     if fields.next()? != "cpu" {
         return None;
     }
-    let v: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
     if v.len() < 5 {
         return None;
     }

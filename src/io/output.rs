@@ -377,6 +377,49 @@ fn temp_name(name: &std::ffi::OsStr) -> OsString {
 
 /// BLKZEROOUT from linux/fs.h: `_IO(0x12, 127)`, argument `uint64_t[2]`
 /// (start, length), both multiples of the logical block size.
+/// Free bytes (for an unprivileged writer) on the file system holding
+/// `file`.
+pub fn free_space_of(file: &File) -> io::Result<u64> {
+    let st = rustix::fs::fstatvfs(file)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Free bytes on the file system holding the directory `dir`.
+pub fn free_space_at(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Makes `[offset, offset + len)` of an existing file or device read as
+/// zeros, releasing the space where it can. Files: a hole
+/// (FALLOC_FL_PUNCH_HOLE, size kept), else zeros written. Block devices:
+/// BLKZEROOUT (may unmap on thin devices), else zeros written.
+pub fn punch_range(file: &File, is_device: bool, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if is_device {
+        match blkzeroout(file, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(Errno::NOTTY) | Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return write_zeros(file, offset, len);
+    }
+    match rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
+            write_zeros(file, offset, len)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn blkzeroout(file: &File, offset: u64, len: u64) -> Result<(), Errno> {
     const BLKZEROOUT: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 127);
     // SAFETY: BLKZEROOUT reads a `uint64_t[2]` through the pointer the Setter

@@ -17,6 +17,14 @@ pub mod kind {
     pub const ERROR: u8 = 8;
     pub const OUTPUT: u8 = 9;
     pub const EXIT: u8 = 10;
+    pub const SYNC_INFO: u8 = 11;
+    pub const HASHES: u8 = 12;
+    pub const HASHES_END: u8 = 13;
+    pub const PLAN: u8 = 14;
+    pub const BLOCKS: u8 = 15;
+    pub const PUNCH: u8 = 16;
+    pub const SYNC_END: u8 = 17;
+    pub const SYNC_DONE: u8 = 18;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -31,6 +39,14 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::ERROR => "ERROR",
         kind::OUTPUT => "OUTPUT",
         kind::EXIT => "EXIT",
+        kind::SYNC_INFO => "SYNC_INFO",
+        kind::HASHES => "HASHES",
+        kind::HASHES_END => "HASHES_END",
+        kind::PLAN => "PLAN",
+        kind::BLOCKS => "BLOCKS",
+        kind::PUNCH => "PUNCH",
+        kind::SYNC_END => "SYNC_END",
+        kind::SYNC_DONE => "SYNC_DONE",
         _ => "unknown",
     }
 }
@@ -123,11 +139,83 @@ pub enum QueryCommand {
     Check = 3,
 }
 
+/// The parameters of a sync both ends share: the block size, the session's
+/// hash key (random per sync, so blocks cannot be crafted to collide), and
+/// the source's virtual size (DST's size after the sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncParams {
+    pub block_size: u32,
+    pub key: [u8; 32],
+    pub src_size: u64,
+    /// Keep an undo journal (off: `--no-journal`).
+    pub journal: bool,
+    pub check_space: bool,
+}
+
+/// Sync push: the server holds DST and receives the changed blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReceiveRequest {
+    pub path: Vec<u8>,
+    pub params: SyncParams,
+}
+
+/// Sync pull: the server holds SRC and sends; it answers with IMAGE, then
+/// the client (holding DST) starts the exchange with SYNC_INFO.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSendRequest {
+    pub path: Vec<u8>,
+    pub format: Option<WireFormat>,
+    pub block_size: u32,
+    pub key: [u8; 32],
+    pub level: i8,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Receive(ReceiveRequest),
     Send(SendRequest),
     Query(QueryRequest),
+    SyncReceive(SyncReceiveRequest),
+    SyncSend(SyncSendRequest),
+}
+
+/// What the receiver found at DST.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncInfo {
+    pub exists: bool,
+    pub dst_size: u64,
+    /// An interrupted sync's journal was found and is continued.
+    pub resumed: bool,
+}
+
+/// The sender's plan after comparing the hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub send_blocks: u64,
+    pub punch_blocks: u64,
+    /// Changed blocks that hold data on DST (journal entries, at most).
+    pub journal_blocks: u64,
+    /// Blocks sent where DST has a hole (new allocation, at most).
+    pub new_blocks: u64,
+}
+
+/// A run of whole blocks' new content (the last block of the image may be
+/// short), raw or zstd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocks {
+    pub first: u64,
+    pub count: u32,
+    pub zstd: bool,
+    pub raw_len: u32,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncDone {
+    pub blocks_compared: u64,
+    pub blocks_written: u64,
+    pub blocks_punched: u64,
+    pub journal_bytes: u64,
 }
 
 /// What the sender's image holds (from its metadata, before any data).
@@ -194,6 +282,24 @@ pub enum Message {
     Output(Vec<u8>),
     /// A query's exit status.
     Exit(u8),
+    SyncInfo(SyncInfo),
+    /// DST's non-zero blocks: (index, first 16 bytes of the keyed hash).
+    Hashes(Vec<(u64, [u8; 16])>),
+    /// The number of hashes sent.
+    HashesEnd(u64),
+    Plan(Plan),
+    Blocks(Blocks),
+    /// Blocks `[first, first + count)` become holes.
+    Punch {
+        first: u64,
+        count: u64,
+    },
+    /// The sender's digest of SRC's content and the blocks it sent.
+    SyncEnd {
+        digest: [u8; 32],
+        blocks: u64,
+    },
+    SyncDone(SyncDone),
 }
 
 impl Message {
@@ -209,6 +315,14 @@ impl Message {
             Message::Error(_) => kind::ERROR,
             Message::Output(_) => kind::OUTPUT,
             Message::Exit(_) => kind::EXIT,
+            Message::SyncInfo(_) => kind::SYNC_INFO,
+            Message::Hashes(_) => kind::HASHES,
+            Message::HashesEnd(_) => kind::HASHES_END,
+            Message::Plan(_) => kind::PLAN,
+            Message::Blocks(_) => kind::BLOCKS,
+            Message::Punch { .. } => kind::PUNCH,
+            Message::SyncEnd { .. } => kind::SYNC_END,
+            Message::SyncDone(_) => kind::SYNC_DONE,
         }
     }
 
@@ -287,6 +401,66 @@ impl Message {
             }
             Message::Output(b) => v.extend_from_slice(b),
             Message::Exit(c) => v.push(*c),
+            Message::Request(Request::SyncReceive(r)) => {
+                v.push(4);
+                put_bytes(v, &r.path);
+                v.extend_from_slice(&r.params.block_size.to_be_bytes());
+                v.extend_from_slice(&r.params.key);
+                v.extend_from_slice(&r.params.src_size.to_be_bytes());
+                v.push(u8::from(r.params.journal) | (u8::from(r.params.check_space) << 1));
+            }
+            Message::Request(Request::SyncSend(r)) => {
+                v.push(5);
+                put_bytes(v, &r.path);
+                v.push(r.format.map_or(0, |f| f as u8));
+                v.extend_from_slice(&r.block_size.to_be_bytes());
+                v.extend_from_slice(&r.key);
+                v.push(r.level as u8);
+            }
+            Message::SyncInfo(i) => {
+                v.push(u8::from(i.exists) | (u8::from(i.resumed) << 1));
+                v.extend_from_slice(&i.dst_size.to_be_bytes());
+            }
+            Message::Hashes(h) => {
+                v.extend_from_slice(&(h.len() as u32).to_be_bytes());
+                for (b, x) in h {
+                    v.extend_from_slice(&b.to_be_bytes());
+                    v.extend_from_slice(x);
+                }
+            }
+            Message::HashesEnd(n) => v.extend_from_slice(&n.to_be_bytes()),
+            Message::Plan(p) => {
+                for x in [
+                    p.send_blocks,
+                    p.punch_blocks,
+                    p.journal_blocks,
+                    p.new_blocks,
+                ] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+            }
+            Message::Blocks(b) => {
+                encode_blocks_head(v, b.first, b.count, b.zstd, b.raw_len);
+                v.extend_from_slice(&b.payload);
+            }
+            Message::Punch { first, count } => {
+                v.extend_from_slice(&first.to_be_bytes());
+                v.extend_from_slice(&count.to_be_bytes());
+            }
+            Message::SyncEnd { digest, blocks } => {
+                v.extend_from_slice(digest);
+                v.extend_from_slice(&blocks.to_be_bytes());
+            }
+            Message::SyncDone(d) => {
+                for x in [
+                    d.blocks_compared,
+                    d.blocks_written,
+                    d.blocks_punched,
+                    d.journal_bytes,
+                ] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+            }
         }
     }
 
@@ -360,6 +534,30 @@ impl Message {
                         json: d.u8()? != 0,
                     }))
                 }
+                4 => {
+                    let path = d.bytes(4096)?.to_vec();
+                    let block_size = d.u32()?;
+                    let key = d.array()?;
+                    let src_size = d.u64()?;
+                    let flags = d.u8()?;
+                    Message::Request(Request::SyncReceive(SyncReceiveRequest {
+                        path,
+                        params: SyncParams {
+                            block_size,
+                            key,
+                            src_size,
+                            journal: flags & 1 != 0,
+                            check_space: flags & 2 != 0,
+                        },
+                    }))
+                }
+                5 => Message::Request(Request::SyncSend(SyncSendRequest {
+                    path: d.bytes(4096)?.to_vec(),
+                    format: WireFormat::decode(d.u8()?, what)?,
+                    block_size: d.u32()?,
+                    key: d.array()?,
+                    level: d.u8()? as i8,
+                })),
                 op => return Err(malformed(what, format!("unknown operation {op}"))),
             },
             kind::IMAGE => Message::Image(ImageInfo {
@@ -386,6 +584,80 @@ impl Message {
             }
             kind::OUTPUT => Message::Output(d.rest().to_vec()),
             kind::EXIT => Message::Exit(d.u8()?),
+            kind::SYNC_INFO => {
+                let flags = d.u8()?;
+                Message::SyncInfo(SyncInfo {
+                    exists: flags & 1 != 0,
+                    resumed: flags & 2 != 0,
+                    dst_size: d.u64()?,
+                })
+            }
+            kind::HASHES => {
+                let n = d.u32()? as usize;
+                // 24 bytes each: a count beyond the frame is refused first.
+                if n > d.p.len() / 24 {
+                    return Err(malformed(what, format!("{n} hashes")));
+                }
+                let mut h = Vec::with_capacity(n);
+                for _ in 0..n {
+                    h.push((d.u64()?, d.array()?));
+                }
+                Message::Hashes(h)
+            }
+            kind::HASHES_END => Message::HashesEnd(d.u64()?),
+            kind::PLAN => Message::Plan(Plan {
+                send_blocks: d.u64()?,
+                punch_blocks: d.u64()?,
+                journal_blocks: d.u64()?,
+                new_blocks: d.u64()?,
+            }),
+            kind::BLOCKS => {
+                let first = d.u64()?;
+                let count = d.u32()?;
+                let zstd = match d.u8()? {
+                    0 => false,
+                    1 => true,
+                    e => return Err(malformed(what, format!("unknown encoding {e}"))),
+                };
+                let raw_len = d.u32()?;
+                if count == 0 || raw_len == 0 || raw_len > limits.max_chunk {
+                    return Err(malformed(
+                        what,
+                        format!(
+                            "{count} blocks of {raw_len} bytes (limit {})",
+                            limits.max_chunk
+                        ),
+                    ));
+                }
+                let payload = d.rest();
+                if !zstd && payload.len() != raw_len as usize {
+                    return Err(malformed(
+                        what,
+                        format!("{} payload bytes for {raw_len} raw bytes", payload.len()),
+                    ));
+                }
+                Message::Blocks(Blocks {
+                    first,
+                    count,
+                    zstd,
+                    raw_len,
+                    payload: payload.to_vec(),
+                })
+            }
+            kind::PUNCH => Message::Punch {
+                first: d.u64()?,
+                count: d.u64()?,
+            },
+            kind::SYNC_END => Message::SyncEnd {
+                digest: d.array()?,
+                blocks: d.u64()?,
+            },
+            kind::SYNC_DONE => Message::SyncDone(SyncDone {
+                blocks_compared: d.u64()?,
+                blocks_written: d.u64()?,
+                blocks_punched: d.u64()?,
+                journal_bytes: d.u64()?,
+            }),
             other => return Err(Error::UnknownType(other)),
         };
         d.finish()?;
@@ -407,6 +679,14 @@ impl Message {
         }
         Ok(m)
     }
+}
+
+/// The BLOCKS payload up to the data.
+pub fn encode_blocks_head(v: &mut Vec<u8>, first: u64, count: u32, zstd: bool, raw_len: u32) {
+    v.extend_from_slice(&first.to_be_bytes());
+    v.extend_from_slice(&count.to_be_bytes());
+    v.push(u8::from(zstd));
+    v.extend_from_slice(&raw_len.to_be_bytes());
 }
 
 /// A CHUNK frame's fields, borrowed (workers encode frames without
@@ -601,7 +881,8 @@ mod tests {
             if let Ok(short) = Message::decode(m.kind(), &v[..cut], &Limits::DEFAULT) {
                 // Only a CHUNK's zstd payload can be cut and still parse.
                 assert!(
-                    matches!(short, Message::Chunk(ref c) if c.zstd),
+                    matches!(short, Message::Chunk(ref c) if c.zstd)
+                        || matches!(short, Message::Blocks(ref b) if b.zstd),
                     "{cut}: {short:?}"
                 );
             }
@@ -666,6 +947,55 @@ mod tests {
             json: true,
         })));
         round_trip(Message::Exit(3));
+        let params = SyncParams {
+            block_size: 65536,
+            key: [3; 32],
+            src_size: 1 << 30,
+            journal: true,
+            check_space: false,
+        };
+        round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
+            path: b"/d".to_vec(),
+            params,
+        })));
+        round_trip(Message::Request(Request::SyncSend(SyncSendRequest {
+            path: b"/s".to_vec(),
+            format: None,
+            block_size: 4096,
+            key: [1; 32],
+            level: -128,
+        })));
+        round_trip(Message::SyncInfo(SyncInfo {
+            exists: true,
+            dst_size: 5,
+            resumed: true,
+        }));
+        round_trip(Message::Hashes(vec![(1, [2; 16]), (9, [3; 16])]));
+        round_trip(Message::HashesEnd(2));
+        round_trip(Message::Plan(Plan {
+            send_blocks: 1,
+            punch_blocks: 2,
+            journal_blocks: 3,
+            new_blocks: 4,
+        }));
+        round_trip(Message::Blocks(Blocks {
+            first: 7,
+            count: 2,
+            zstd: false,
+            raw_len: 3,
+            payload: vec![1, 2, 3],
+        }));
+        round_trip(Message::Punch { first: 1, count: 2 });
+        round_trip(Message::SyncEnd {
+            digest: [4; 32],
+            blocks: 6,
+        });
+        round_trip(Message::SyncDone(SyncDone {
+            blocks_compared: 1,
+            blocks_written: 2,
+            blocks_punched: 3,
+            journal_bytes: 4,
+        }));
     }
 
     #[test]

@@ -1,0 +1,335 @@
+//! `imgsync sync SRC DST`: make DST (a raw file or block device, local or
+//! remote) identical to SRC in place, sending only the blocks that differ,
+//! with an undo journal; `imgsync sync --rollback DST` undoes an
+//! interrupted sync.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use imgsync_formats::{Format, Storage};
+
+use super::convert::engine_error;
+use super::location::Location;
+use super::output::human_size;
+use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::remote::{self, SshArgs};
+use super::{exit, OutputFormat};
+use crate::engine::sync::{
+    self, SyncReceiveOptions, SyncReport, SyncSendOptions, Target, MAX_BLOCK, MIN_BLOCK,
+};
+use crate::engine::{self, pipeline};
+use crate::io::{journal, open_image, LocalFile, OpenOptions, Output};
+use crate::protocol::msg::SyncParams;
+use crate::protocol::{FrameReader, FrameWriter, Limits};
+
+pub struct Args {
+    pub paths: Vec<OsString>,
+    pub format: Option<Format>,
+    pub block_size: u64,
+    pub no_journal: bool,
+    pub rollback: bool,
+    pub no_space_check: bool,
+    pub compress_level: Option<i32>,
+    pub threads: Option<usize>,
+    pub stats: bool,
+    pub ssh: SshArgs,
+    pub reporting: Reporting,
+    pub output: OutputFormat,
+}
+
+pub fn run(a: Args) -> Result<u8> {
+    if a.rollback {
+        let [dst] = &a.paths[..] else {
+            bail!("--rollback takes one argument: the destination to restore");
+        };
+        return rollback(dst);
+    }
+    let [src, dst] = &a.paths[..] else {
+        bail!("sync needs SRC and DST (or --rollback DST)");
+    };
+    let bs = a.block_size;
+    if !bs.is_power_of_two() || !(u64::from(MIN_BLOCK)..=u64::from(MAX_BLOCK)).contains(&bs) {
+        bail!("--block-size {bs}: must be a power of two from 4k to 16M");
+    }
+    let src_loc = Location::parse(src)?;
+    let dst_loc = Location::parse(dst)?;
+    let workers = a.threads.unwrap_or_else(pipeline::default_workers);
+    let sopts = SyncSendOptions {
+        level: a.compress_level.unwrap_or(engine::remote::DEFAULT_LEVEL),
+        adaptive: a.compress_level.is_none(),
+        workers,
+    };
+    let cancel = interrupt_flag();
+    let started = Instant::now();
+    let report = match (&src_loc, &dst_loc) {
+        (Location::Local(s), Location::Local(d)) => {
+            let image = open_src(s, a.format)?;
+            let params = params(&a, image.virtual_size());
+            refuse_same(s, d)?;
+            let target = open_target(d)?;
+            local(&a, &image, s, d, target, &params, &sopts, &cancel)?
+        }
+        (Location::Local(s), Location::Remote { host, path }) => {
+            let image = open_src(s, a.format)?;
+            let params = params(&a, image.virtual_size());
+            let bar = a.reporting.bar();
+            let r = remote::sync_push(
+                &image,
+                s,
+                host,
+                path,
+                &params,
+                &sopts,
+                &a.ssh,
+                progress_of(&bar),
+                &cancel,
+            );
+            drop(bar);
+            r?
+        }
+        (Location::Remote { host, path }, Location::Local(d)) => {
+            let key = random_key()?;
+            let target = open_target(d)?;
+            remote::sync_pull(
+                host,
+                path,
+                a.format,
+                d,
+                target,
+                bs as u32,
+                key,
+                !a.no_journal,
+                !a.no_space_check,
+                a.compress_level,
+                workers,
+                &a.ssh,
+                &cancel,
+            )?
+        }
+        _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
+    };
+    let wire = report.1;
+    print_report(
+        &a,
+        &src_loc,
+        &dst_loc,
+        &report.0,
+        wire,
+        started.elapsed().as_secs_f64(),
+    )?;
+    Ok(exit::OK)
+}
+
+fn params(a: &Args, src_size: u64) -> SyncParams {
+    SyncParams {
+        block_size: a.block_size as u32,
+        key: random_key().unwrap_or([0x5a; 32]),
+        src_size,
+        journal: !a.no_journal,
+        check_space: !a.no_space_check,
+    }
+}
+
+/// The session's hash key: 32 bytes from the kernel's random source.
+pub fn random_key() -> Result<[u8; 32]> {
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut k))
+        .context("/dev/urandom")?;
+    Ok(k)
+}
+
+fn open_src(path: &Path, format: Option<Format>) -> Result<imgsync_formats::Image> {
+    Ok(open_image(
+        path,
+        OpenOptions {
+            format,
+            allow_corrupt: false,
+        },
+    )?)
+}
+
+fn refuse_same(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) {
+        if a.dev() == b.dev() && a.ino() == b.ino() {
+            bail!("{}: refusing to sync an image onto itself", dst.display());
+        }
+    }
+    Ok(())
+}
+
+/// DST as the receiver sees it: an existing raw file or block device, or
+/// a new output when absent. A qcow2 DST is refused for now.
+pub fn open_target(dst: &Path) -> Result<Target> {
+    let name = || dst.display().to_string();
+    let meta = match std::fs::metadata(dst) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Target::New(Output::create(dst).with_context(name)?));
+        }
+        Err(e) => return Err(anyhow!(e).context(name())),
+    };
+    let is_device = meta.file_type().is_block_device();
+    if !is_device && !meta.is_file() {
+        bail!("{}: not a regular file or block device", dst.display());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dst)
+        .with_context(name)?;
+    let mut magic = [0u8; 4];
+    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
+        && magic == *b"QFI\xfb"
+    {
+        bail!(
+            "{}: is a qcow2 image; sync updates raw images and block devices only for now (sync into a raw copy, or convert it)",
+            dst.display()
+        );
+    }
+    let size = LocalFile::open(dst)
+        .and_then(|f| f.size())
+        .with_context(name)?;
+    let image = open_src(dst, Some(Format::Raw))?;
+    Ok(Target::Existing {
+        file,
+        image,
+        is_device,
+        size,
+        journal_path: sync::journal_path(dst, is_device),
+    })
+}
+
+/// Both ends local: the receiver runs on a thread, joined to the sender by
+/// a socket pair (the same exchange as over SSH).
+#[allow(clippy::too_many_arguments)]
+fn local(
+    a: &Args,
+    image: &imgsync_formats::Image,
+    src: &Path,
+    dst: &Path,
+    target: Target,
+    params: &SyncParams,
+    sopts: &SyncSendOptions,
+    cancel: &AtomicBool,
+) -> Result<(SyncReport, u64)> {
+    let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+    let theirs_w = theirs.try_clone().context("socketpair")?;
+    let ours_w = ours.try_clone().context("socketpair")?;
+    let limits = Limits::DEFAULT;
+    let ropts = SyncReceiveOptions {
+        workers: sopts.workers,
+    };
+    let bar = a.reporting.bar();
+    let progress = progress_of(&bar);
+    let (sent, received) = std::thread::scope(|s| {
+        let receiver = s.spawn(move || {
+            let mut fr = FrameReader::new(theirs, limits.max_frame);
+            let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, theirs_w));
+            let r = sync::sync_receive(target, &mut fr, &mut fw, &limits, params, &ropts, cancel);
+            if let Err(e) = &r {
+                // Tell the sender, which may be waiting for us.
+                let _ = engine::remote::send_msg(
+                    &mut fw,
+                    &crate::protocol::Message::Error(e.to_string()),
+                );
+                let _ = fw.flush();
+            }
+            drop(fw);
+            drop(fr);
+            r
+        });
+        let mut fr = FrameReader::new(ours, limits.max_frame);
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, ours_w));
+        let sent = sync::sync_send(
+            image, &mut fr, &mut fw, &limits, params, sopts, progress, cancel,
+        );
+        // Unblock the receiver if the sender stopped early.
+        drop(fw);
+        drop(fr);
+        (sent, receiver.join())
+    });
+    drop(bar);
+    let received =
+        received.map_err(|_| anyhow!("internal error: the receiving thread panicked"))?;
+    match (sent, received) {
+        (Ok(r), Ok(_)) => Ok((r, 0)),
+        // The receiver's own error says more than the sender's view of it.
+        (_, Err(e)) => Err(engine_error(e, src, dst, None)),
+        (Err(e), Ok(_)) => Err(engine_error(e, src, dst, None)),
+    }
+}
+
+fn rollback(dst: &OsString) -> Result<u8> {
+    let dst = match Location::parse(dst)? {
+        Location::Local(p) => p,
+        l => bail!("{l}: --rollback works on a local destination (run it on that host)"),
+    };
+    let is_device = std::fs::metadata(&dst)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let jpath = sync::journal_path(&dst, is_device);
+    if !jpath.exists() {
+        bail!(
+            "{}: no interrupted sync to roll back ({} not found)",
+            dst.display(),
+            jpath.display()
+        );
+    }
+    let r = journal::rollback(&dst, &jpath)
+        .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    eprintln!(
+        "imgsync: {}: rolled back to the image before the sync ({} blocks restored)",
+        dst.display(),
+        r.entries
+    );
+    Ok(exit::OK)
+}
+
+fn print_report(
+    a: &Args,
+    src: &Location,
+    dst: &Location,
+    r: &SyncReport,
+    wire: u64,
+    seconds: f64,
+) -> Result<()> {
+    if a.output == OutputFormat::Json {
+        let v = serde_json::json!({
+            "source": src.to_string(),
+            "destination": dst.to_string(),
+            "virtual-size": r.src_size,
+            "destination-existed": r.dst_existed,
+            "resumed": r.resumed,
+            "bytes-read": r.bytes_read,
+            "blocks-compared": r.blocks_compared,
+            "blocks-sent": r.blocks_sent,
+            "blocks-written": r.done.blocks_written,
+            "holes-punched": r.blocks_punched,
+            "data-sent": r.data_sent,
+            "wire-bytes": wire,
+            "journal-bytes": r.done.journal_bytes,
+            "seconds": seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if a.stats {
+        println!("blocks compared: {}", r.blocks_compared);
+        println!(
+            "blocks sent:     {} ({})",
+            r.blocks_sent,
+            human_size(r.data_sent)
+        );
+        println!("holes punched:   {}", r.blocks_punched);
+        println!("data read:       {}", human_size(r.bytes_read));
+        println!("on the wire:     {} ({wire} bytes)", human_size(wire));
+        println!("time:            {seconds:.2} s");
+    }
+    Ok(())
+}

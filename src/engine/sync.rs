@@ -1,0 +1,1174 @@
+//! sync: make DST identical to SRC in place, sending only the blocks whose
+//! content differs. Both ends walk their images in guest order: the
+//! receiver (DST) hashes its non-zero blocks and streams the hashes, the
+//! sender (SRC) hashes its own in the same pipeline as convert reads and
+//! compares as the hashes arrive, building a plan (runs of blocks to send
+//! or to punch). No round trip per block and no whole-image hash table:
+//! memory follows the number of changed runs. Holes and zero ranges on
+//! both sides are never read.
+//!
+//! The receiver journals a block's old content (fsynced) before writing it,
+//! so an interruption can be resumed (rerun: blocks already written compare
+//! equal) or rolled back (`io::journal`). At the end it checks a digest of
+//! its content against the sender's: the sum (mod 2^256) of the keyed
+//! BLAKE3 hashes of every non-zero block with its index. The receiver
+//! starts from the sum over DST's hashed blocks and replaces each changed
+//! block's old hash by its new one, so no block is read twice.
+//!
+//! The exchange (docs/protocol.md), receiver R and sender S:
+//! R: SYNC_INFO, HASHES*, HASHES_END; S: PLAN; R: READY; S: PUNCH*,
+//! BLOCKS*, SYNC_END; R: SYNC_DONE. Each end only reads or only writes in a
+//! phase, as the libssh2 transport needs.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imgsync_formats::Image;
+
+use super::pipeline::{self, BufPool, Chunk, Encoder, ImageSource, PipelineOptions, Sink, Source};
+use super::plan;
+use super::remote::{recv_msg, send_msg, LevelTuner};
+use super::zero::{is_zero, Segment};
+use super::{Error, Progress, Result};
+use crate::io::journal::{self, Journal, JournalHeader};
+use crate::protocol::msg::{encode_blocks_head, kind, Plan, SyncDone, SyncInfo, SyncParams};
+use crate::protocol::{self, frame, FrameReader, FrameWriter, Limits, Message};
+
+/// Default block size (`--block-size`).
+pub const DEFAULT_BLOCK: u32 = 64 << 10;
+/// Block sizes accepted.
+pub const MIN_BLOCK: u32 = 4 << 10;
+pub const MAX_BLOCK: u32 = 16 << 20;
+
+/// Hash entries per HASHES frame.
+const HASHES_PER_FRAME: usize = 4096;
+/// Data per BLOCKS frame (whole blocks; one block when blocks are larger).
+const BLOCKS_BYTES: u64 = 2 << 20;
+/// The receiver applies (journals, syncs, writes) in batches of this much.
+const APPLY_BATCH: u64 = 32 << 20;
+
+/// The keyed hash of block `index` (None: all zeros, which counts as a
+/// hole on both sides).
+pub fn block_hash(key: &[u8; 32], index: u64, data: &[u8]) -> Option<[u8; 32]> {
+    if is_zero(data) {
+        return None;
+    }
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&index.to_le_bytes());
+    h.update(data);
+    Some(*h.finalize().as_bytes())
+}
+
+fn short(h: &[u8; 32]) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s.copy_from_slice(&h[..16]);
+    s
+}
+
+/// The sum of block hashes, as a 256-bit little-endian integer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SumDigest([u64; 4]);
+
+impl SumDigest {
+    fn limbs(h: &[u8; 32]) -> [u64; 4] {
+        let mut l = [0u64; 4];
+        for (i, c) in h.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            l[i] = u64::from_le_bytes(a);
+        }
+        l
+    }
+    pub fn add(&mut self, h: &[u8; 32]) {
+        let b = Self::limbs(h);
+        let mut carry = 0u64;
+        for (x, y) in self.0.iter_mut().zip(b) {
+            let (s1, c1) = x.overflowing_add(y);
+            let (s2, c2) = s1.overflowing_add(carry);
+            *x = s2;
+            carry = u64::from(c1) + u64::from(c2);
+        }
+    }
+    pub fn sub(&mut self, h: &[u8; 32]) {
+        let b = Self::limbs(h);
+        let mut borrow = 0u64;
+        for (x, y) in self.0.iter_mut().zip(b) {
+            let (d1, b1) = x.overflowing_sub(y);
+            let (d2, b2) = d1.overflowing_sub(borrow);
+            *x = d2;
+            borrow = u64::from(b1) + u64::from(b2);
+        }
+    }
+    pub fn bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, l) in self.0.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&l.to_le_bytes());
+        }
+        out
+    }
+}
+
+fn blocks_of(size: u64, bs: u64) -> u64 {
+    size.div_ceil(bs)
+}
+
+/// Worker side of both ends' hashing: the non-zero blocks of a cell, with
+/// their keyed hashes. Blocks are measured against `size` (SRC's virtual
+/// size on both ends); a DST shorter than that reads as zeros past its end.
+struct BlockHasher {
+    key: [u8; 32],
+    bs: u64,
+    size: u64,
+    scratch: Vec<u8>,
+}
+
+impl Encoder for BlockHasher {
+    type Output = (Vec<(u64, [u8; 32])>, u64);
+
+    fn encode(&mut self, chunk: Chunk) -> Result<(Vec<(u64, [u8; 32])>, u64)> {
+        let mut out = Vec::new();
+        let bs = self.bs;
+        let first = chunk.start / bs;
+        let last = blocks_of(chunk.end().min(self.size), bs);
+        let mut blocks = 0;
+        for b in first..last {
+            let from = b * bs;
+            let to = ((b + 1) * bs).min(self.size);
+            // Skip blocks without data in this chunk (holes read as zeros).
+            let touched = chunk
+                .segments
+                .iter()
+                .any(|s| s.data && s.offset < to && s.end() > from);
+            if !touched {
+                continue;
+            }
+            blocks += 1;
+            let in_chunk = to.min(chunk.end());
+            let bytes =
+                &chunk.buf[(from - chunk.start) as usize..(in_chunk - chunk.start) as usize];
+            let h = if in_chunk < to {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(bytes);
+                self.scratch.resize((to - from) as usize, 0);
+                block_hash(&self.key, b, &self.scratch)
+            } else {
+                block_hash(&self.key, b, bytes)
+            };
+            if let Some(h) = h {
+                out.push((b, h));
+            }
+        }
+        Ok((out, blocks))
+    }
+}
+
+fn grid(bs: u64) -> u64 {
+    (2u64 << 20).max(bs)
+}
+
+fn hash_pipeline<S: Sink<Item = (Vec<(u64, [u8; 32])>, u64)>>(
+    image: &Image,
+    params: &SyncParams,
+    sink: &mut S,
+    workers: usize,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<pipeline::PipelineStats> {
+    let bs = u64::from(params.block_size);
+    let source = ImageSource {
+        image,
+        min_sparse: 0,
+    };
+    pipeline::run(
+        &source,
+        plan::jobs(image, grid(bs)),
+        || {
+            Ok(BlockHasher {
+                key: params.key,
+                bs,
+                size: params.src_size,
+                scratch: Vec::new(),
+            })
+        },
+        sink,
+        PipelineOptions { workers },
+        progress,
+        cancel,
+    )
+}
+
+// ------------------------------------------------------------------ sender
+
+#[derive(Clone, Copy, Debug)]
+pub struct SyncSendOptions {
+    pub level: i32,
+    pub adaptive: bool,
+    pub workers: usize,
+}
+
+/// What a sync did (the sender's view, with the receiver's SYNC_DONE).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncReport {
+    pub src_size: u64,
+    pub dst_existed: bool,
+    pub resumed: bool,
+    /// SRC data bytes read (hashing and sending).
+    pub bytes_read: u64,
+    /// SRC blocks holding data that were compared (hashed).
+    pub blocks_compared: u64,
+    pub blocks_sent: u64,
+    pub blocks_punched: u64,
+    /// Block data sent (before compression).
+    pub data_sent: u64,
+    pub done: SyncDone,
+    pub elapsed: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Send,
+    Punch,
+}
+
+/// Runs of blocks to send or punch, merged as they are appended.
+#[derive(Default)]
+struct RunList {
+    runs: Vec<(u64, u64, Op)>,
+}
+
+impl RunList {
+    fn push(&mut self, b: u64, op: Op) {
+        if let Some(last) = self.runs.last_mut() {
+            if last.2 == op && last.0 + last.1 == b {
+                last.1 += 1;
+                return;
+            }
+        }
+        self.runs.push((b, 1, op));
+    }
+}
+
+/// Merges SRC's block hashes (in order, from the pipeline) with DST's (in
+/// order, from the receiver) into the plan.
+struct MergeSink<'a, R: Read> {
+    fr: &'a mut FrameReader<R>,
+    limits: Limits,
+    /// DST hashes received, not yet matched.
+    pending: std::collections::VecDeque<(u64, [u8; 16])>,
+    dst_done: bool,
+    dst_count: u64,
+    src_blocks: u64,
+    runs: RunList,
+    plan: Plan,
+    digest: SumDigest,
+    compared: u64,
+}
+
+impl<R: Read> MergeSink<'_, R> {
+    /// The next DST hash, reading HASHES frames as needed.
+    fn peek(&mut self) -> Result<Option<(u64, [u8; 16])>> {
+        while self.pending.is_empty() && !self.dst_done {
+            match recv_any(self.fr, &self.limits)? {
+                Message::Hashes(h) => {
+                    let mut last = self.pending.back().map(|p| p.0);
+                    for (b, x) in h {
+                        if last.is_some_and(|l| b <= l) || b >= self.src_blocks {
+                            return Err(bad("HASHES", format!("block {b} out of order or range")));
+                        }
+                        last = Some(b);
+                        self.pending.push_back((b, x));
+                        self.dst_count += 1;
+                    }
+                }
+                Message::HashesEnd(n) => {
+                    if n != self.dst_count {
+                        return Err(bad(
+                            "HASHES_END",
+                            format!("{n} hashes announced, {} received", self.dst_count),
+                        ));
+                    }
+                    self.dst_done = true;
+                }
+                m => return Err(unexpected("HASHES", &m)),
+            }
+        }
+        Ok(self.pending.front().copied())
+    }
+
+    /// DST blocks before `b` that SRC does not hold: punched.
+    fn punch_before(&mut self, b: u64) -> Result<()> {
+        while let Some((d, _)) = self.peek()? {
+            if d >= b {
+                break;
+            }
+            self.pending.pop_front();
+            self.runs.push(d, Op::Punch);
+            self.plan.punch_blocks += 1;
+            self.plan.journal_blocks += 1;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Sink for MergeSink<'_, R> {
+    type Item = (Vec<(u64, [u8; 32])>, u64);
+
+    fn put(&mut self, (blocks, compared): (Vec<(u64, [u8; 32])>, u64)) -> Result<()> {
+        self.compared += compared;
+        for (b, h) in blocks {
+            self.digest.add(&h);
+            self.punch_before(b)?;
+            match self.peek()? {
+                Some((d, dh)) if d == b => {
+                    self.pending.pop_front();
+                    if dh != short(&h) {
+                        self.runs.push(b, Op::Send);
+                        self.plan.send_blocks += 1;
+                        self.plan.journal_blocks += 1;
+                    }
+                }
+                _ => {
+                    // A hole (or zeros) on DST: sent without comparing.
+                    self.runs.push(b, Op::Send);
+                    self.plan.send_blocks += 1;
+                    self.plan.new_blocks += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad(what: &'static str, why: String) -> Error {
+    protocol::Error::Malformed { what, why }.into()
+}
+
+fn unexpected(expected: &'static str, m: &Message) -> Error {
+    match m {
+        Message::Error(s) => protocol::Error::Remote(s.clone()).into(),
+        m => protocol::Error::Unexpected {
+            expected,
+            got: m.name(),
+        }
+        .into(),
+    }
+}
+
+fn recv_any<R: Read>(fr: &mut FrameReader<R>, limits: &Limits) -> Result<Message> {
+    let (k, p) = fr.read_frame()?;
+    Ok(Message::decode(k, p, limits)?)
+}
+
+/// The sending end: SRC is `image`. The receiver has been told `params`
+/// (in REQUEST, or by the caller when both ends are local).
+#[allow(clippy::too_many_arguments)]
+pub fn sync_send<R: Read, W: Write>(
+    image: &Image,
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    params: &SyncParams,
+    opts: &SyncSendOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<SyncReport> {
+    let started = Instant::now();
+    let bs = u64::from(params.block_size);
+    // Whatever the caller sent (REQUEST) must reach the receiver first.
+    fw.flush()?;
+    let info = match recv_msg(fr, limits, kind::SYNC_INFO)? {
+        Message::SyncInfo(i) => i,
+        m => return Err(unexpected("SYNC_INFO", &m)),
+    };
+    let summary = plan::summarize(image, 1)?;
+    progress.start(summary.data_bytes);
+    let mut merge = MergeSink {
+        fr,
+        limits: *limits,
+        pending: Default::default(),
+        dst_done: !info.exists,
+        dst_count: 0,
+        src_blocks: blocks_of(params.src_size, bs),
+        runs: RunList::default(),
+        plan: Plan::default(),
+        digest: SumDigest::default(),
+        compared: 0,
+    };
+    let stats = hash_pipeline(image, params, &mut merge, opts.workers, progress, cancel)?;
+    merge.punch_before(u64::MAX)?;
+    let MergeSink {
+        fr,
+        runs,
+        plan,
+        digest,
+        compared,
+        ..
+    } = merge;
+    send_msg(fw, &Message::Plan(plan))?;
+    fw.flush()?;
+    recv_msg(fr, limits, kind::READY)?;
+
+    // Punches first (they carry no data), then the blocks through the
+    // pipeline: read, compress, frame on the workers; write in order.
+    for &(first, count, op) in &runs.runs {
+        if op == Op::Punch {
+            send_msg(fw, &Message::Punch { first, count })?;
+        }
+    }
+    let per_frame = (BLOCKS_BYTES / bs).max(1);
+    let mut seq = 0u64;
+    let jobs = runs
+        .runs
+        .iter()
+        .filter(|r| r.2 == Op::Send)
+        .flat_map(|&(first, count, _)| {
+            (0..count.div_ceil(per_frame)).map(move |i| {
+                let f = first + i * per_frame;
+                (f, per_frame.min(first + count - f))
+            })
+        })
+        .map(|(first, count)| {
+            let j = RunJob { seq, first, count };
+            seq += 1;
+            Ok(j)
+        });
+    let level = Arc::new(AtomicI32::new(opts.level));
+    let mut sink = BlocksSink {
+        fw,
+        sent: 0,
+        data: 0,
+        tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
+        last: None,
+    };
+    let source = RunSource {
+        image,
+        bs,
+        size: params.src_size,
+    };
+    let sent_stats = pipeline::run(
+        &source,
+        jobs,
+        || BlocksEncoder::new(Arc::clone(&level), bs),
+        &mut sink,
+        PipelineOptions {
+            workers: opts.workers,
+        },
+        &super::NoProgress,
+        cancel,
+    )?;
+    let (blocks_sent, data_sent) = (sink.sent, sink.data);
+    send_msg(
+        fw,
+        &Message::SyncEnd {
+            digest: digest.bytes(),
+            blocks: blocks_sent,
+        },
+    )?;
+    fw.flush()?;
+    let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
+        Message::SyncDone(d) => d,
+        m => return Err(unexpected("SYNC_DONE", &m)),
+    };
+    progress.finish();
+    Ok(SyncReport {
+        src_size: params.src_size,
+        dst_existed: info.exists,
+        resumed: info.resumed,
+        bytes_read: stats.bytes_read + sent_stats.bytes_read,
+        blocks_compared: compared,
+        blocks_sent,
+        blocks_punched: plan.punch_blocks,
+        data_sent,
+        done,
+        elapsed: started.elapsed(),
+    })
+}
+
+struct RunJob {
+    seq: u64,
+    first: u64,
+    count: u64,
+}
+
+struct RunSource<'a> {
+    image: &'a Image,
+    bs: u64,
+    size: u64,
+}
+
+impl Source for RunSource<'_> {
+    type Job = RunJob;
+    fn seq(job: &RunJob) -> u64 {
+        job.seq
+    }
+    fn prepare(&self, job: &RunJob) {
+        self.image
+            .will_need(job.first * self.bs, job.count * self.bs);
+    }
+    fn chunk(&self, job: RunJob, pool: &Arc<BufPool>) -> Result<Chunk> {
+        let start = job.first * self.bs;
+        let end = ((job.first + job.count) * self.bs).min(self.size);
+        if end <= start {
+            return Err(Error::Internal(format!(
+                "block run {} past the end",
+                job.first
+            )));
+        }
+        let mut buf = pool.get((end - start) as usize);
+        self.image.read_at(&mut buf, start).map_err(Error::Source)?;
+        Ok(Chunk {
+            seq: job.seq,
+            start,
+            buf,
+            segments: vec![Segment {
+                offset: start,
+                len: end - start,
+                data: true,
+            }],
+            data_bytes: end - start,
+            zero_bytes: 0,
+        })
+    }
+}
+
+struct BlocksEncoder {
+    level: Arc<AtomicI32>,
+    ctx: zstd::bulk::Compressor<'static>,
+    ctx_level: i32,
+    bs: u64,
+    packed: Vec<u8>,
+}
+
+impl BlocksEncoder {
+    fn new(level: Arc<AtomicI32>, bs: u64) -> Result<Self> {
+        let l = level.load(Ordering::Relaxed).max(1);
+        Ok(BlocksEncoder {
+            ctx: zstd::bulk::Compressor::new(l)
+                .map_err(|e| Error::Internal(format!("zstd: {e}")))?,
+            ctx_level: l,
+            level,
+            bs,
+            packed: Vec::new(),
+        })
+    }
+}
+
+/// A BLOCKS frame, its block count and raw bytes.
+type EncodedBlocks = (Vec<u8>, u64, u64);
+
+impl Encoder for BlocksEncoder {
+    type Output = EncodedBlocks;
+    fn encode(&mut self, chunk: Chunk) -> Result<EncodedBlocks> {
+        let raw: &[u8] = &chunk.buf;
+        let first = chunk.start / self.bs;
+        let count = (raw.len() as u64).div_ceil(self.bs);
+        let level = self.level.load(Ordering::Relaxed);
+        let mut zstd = false;
+        if level > 0 {
+            if level != self.ctx_level {
+                self.ctx
+                    .set_compression_level(level)
+                    .map_err(|e| Error::Internal(format!("zstd level {level}: {e}")))?;
+                self.ctx_level = level;
+            }
+            self.packed.clear();
+            self.packed
+                .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            let n = self
+                .ctx
+                .compress_to_buffer(raw, &mut self.packed)
+                .map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+            zstd = n < raw.len();
+        }
+        let payload: &[u8] = if zstd { &self.packed } else { raw };
+        let f = frame::build(kind::BLOCKS, |v| {
+            v.reserve(payload.len() + 32);
+            encode_blocks_head(v, first, count as u32, zstd, raw.len() as u32);
+            v.extend_from_slice(payload);
+        });
+        Ok((f, count, raw.len() as u64))
+    }
+}
+
+struct BlocksSink<'a, W: Write> {
+    fw: &'a mut FrameWriter<W>,
+    sent: u64,
+    data: u64,
+    tuner: Option<LevelTuner>,
+    last: Option<Instant>,
+}
+
+impl<W: Write> Sink for BlocksSink<'_, W> {
+    type Item = EncodedBlocks;
+    fn put(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
+        let arrived = Instant::now();
+        self.fw.write_built(&f)?;
+        if let Some(t) = &mut self.tuner {
+            let done = Instant::now();
+            t.record(
+                self.last.map_or(Duration::ZERO, |l| arrived - l),
+                done - arrived,
+            );
+            self.last = Some(done);
+        }
+        self.sent += count;
+        self.data += raw;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// Where the receiver keeps a block device's journal (/dev is not
+/// durable): this directory.
+pub const DEVICE_JOURNAL_DIR: &str = "/var/tmp";
+
+/// The journal path for DST.
+pub fn journal_path(dst: &Path, is_device: bool) -> PathBuf {
+    if is_device {
+        journal::path_in(Path::new(DEVICE_JOURNAL_DIR), dst)
+    } else {
+        Journal::path_for(dst)
+    }
+}
+
+fn jerr(e: journal::JournalError) -> Error {
+    Error::Dest(std::io::Error::other(e))
+}
+
+/// What the receiving end works on.
+#[allow(clippy::large_enum_variant)] // one per sync
+pub enum Target {
+    /// An existing raw file or block device, updated in place.
+    Existing {
+        file: File,
+        /// DST read through the format layer (hashing).
+        image: Image,
+        is_device: bool,
+        size: u64,
+        journal_path: PathBuf,
+    },
+    /// DST did not exist: a new output, linked into place at the end.
+    New(crate::io::Output),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SyncReceiveOptions {
+    pub workers: usize,
+}
+
+/// The receiving end: DST is `target`; SRC's size, block size and key are
+/// in `params`. Returns what it reports in SYNC_DONE.
+pub fn sync_receive<R: Read + Send, W: Write>(
+    target: Target,
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    params: &SyncParams,
+    opts: &SyncReceiveOptions,
+    cancel: &AtomicBool,
+) -> Result<SyncDone> {
+    let bs = u64::from(params.block_size);
+    let src_blocks = blocks_of(params.src_size, bs);
+    // An interrupted sync's journal: continued (its entries hold the
+    // original content), if it was made with this block size.
+    let mut journal = None;
+    let (exists, dst_size) = match &target {
+        Target::Existing {
+            size,
+            journal_path,
+            is_device,
+            ..
+        } => {
+            if *is_device && params.src_size > *size {
+                return Err(Error::DeviceTooSmall {
+                    need: params.src_size,
+                    device: *size,
+                });
+            }
+            if let Some(j) = Journal::open(journal_path).map_err(jerr)? {
+                if j.header().block_size != params.block_size {
+                    return Err(Error::Dest(std::io::Error::other(format!(
+                        "an interrupted sync with --block-size {} is in progress ({}); rerun it with that block size or roll it back with `imgsync sync --rollback`",
+                        j.header().block_size,
+                        journal_path.display()
+                    ))));
+                }
+                journal = Some(j);
+            }
+            (true, *size)
+        }
+        Target::New(_) => (false, 0),
+    };
+    let resumed = journal.is_some();
+    send_msg(
+        fw,
+        &Message::SyncInfo(SyncInfo {
+            exists,
+            dst_size,
+            resumed,
+        }),
+    )?;
+    let mut digest = SumDigest::default();
+    let mut compared = 0;
+    if let Target::Existing { image, .. } = &target {
+        let mut sink = HashSink {
+            fw: &mut *fw,
+            batch: Vec::new(),
+            sent: 0,
+            digest: SumDigest::default(),
+            src_blocks,
+        };
+        hash_pipeline(
+            image,
+            params,
+            &mut sink,
+            opts.workers,
+            &super::NoProgress,
+            cancel,
+        )?;
+        sink.flush()?;
+        digest = sink.digest;
+        compared = sink.sent;
+        send_msg(fw, &Message::HashesEnd(compared))?;
+    }
+    fw.flush()?;
+    let plan = match recv_msg(fr, limits, kind::PLAN)? {
+        Message::Plan(p) => p,
+        m => return Err(unexpected("PLAN", &m)),
+    };
+    // Room for the journal and the new allocation, before anything changes.
+    let journal_need = if params.journal && exists {
+        journal::space_needed(params.block_size, plan.journal_blocks)
+    } else {
+        0
+    };
+    let alloc_need = plan.new_blocks.saturating_mul(bs);
+    match &target {
+        Target::Existing {
+            file,
+            is_device,
+            journal_path,
+            ..
+        } => {
+            if params.check_space {
+                let dir = match journal_path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                let jfree = crate::io::output::free_space_at(dir).map_err(Error::Dest)?;
+                let dfree = if *is_device {
+                    u64::MAX
+                } else {
+                    crate::io::output::free_space_of(file).map_err(Error::Dest)?
+                };
+                let same_fs = !*is_device;
+                let need_dst = if same_fs {
+                    alloc_need + journal_need
+                } else {
+                    alloc_need
+                };
+                if journal_need > jfree || need_dst > dfree {
+                    return Err(Error::NoSpace {
+                        need: need_dst.max(journal_need),
+                        free: dfree.min(jfree),
+                    });
+                }
+            }
+        }
+        Target::New(out) => {
+            if params.check_space {
+                let free = out.free_space().map_err(Error::Dest)?;
+                if alloc_need > free {
+                    return Err(Error::NoSpace {
+                        need: alloc_need,
+                        free,
+                    });
+                }
+            }
+        }
+    }
+    // A resumed sync's journal knows DST's size before the first run (the
+    // file may have grown since).
+    let old_size = journal.as_ref().map_or(dst_size, |j| j.header().old_size);
+    let mut applier = Applier {
+        target: &target,
+        journal: None,
+        bs,
+        src_size: params.src_size,
+        old_size,
+        key: params.key,
+        digest,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        written: 0,
+        punched: 0,
+    };
+    match &target {
+        Target::Existing {
+            file,
+            is_device,
+            journal_path,
+            ..
+        } => {
+            let changes = plan.send_blocks + plan.punch_blocks > 0 || params.src_size != dst_size;
+            if params.journal && changes {
+                applier.journal = Some(match journal {
+                    Some(j) => j,
+                    None => Journal::create(
+                        journal_path,
+                        JournalHeader {
+                            block_size: params.block_size,
+                            old_size: dst_size,
+                            new_size: params.src_size,
+                            sync_id: [0; 32],
+                        },
+                    )
+                    .map_err(jerr)?,
+                });
+            } else if let Some(j) = journal {
+                applier.journal = Some(j);
+            }
+            if !*is_device && params.src_size > dst_size {
+                file.set_len(params.src_size).map_err(Error::Dest)?;
+            }
+        }
+        Target::New(out) => out.set_len(params.src_size).map_err(Error::Dest)?,
+    }
+    send_msg(fw, &Message::Ready)?;
+    fw.flush()?;
+
+    let mut zstd_buf = Vec::new();
+    let end = loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        match recv_any(fr, limits)? {
+            Message::Blocks(b) => {
+                let last = b.first.checked_add(u64::from(b.count));
+                let want = last.map(|l| {
+                    (l.min(src_blocks) * bs).min(params.src_size)
+                        - (b.first * bs).min(params.src_size)
+                });
+                if last.is_none_or_past(src_blocks) || want != Some(u64::from(b.raw_len)) {
+                    return Err(bad(
+                        "BLOCKS",
+                        format!(
+                            "{} blocks at {} of {} bytes do not fit the image",
+                            b.count, b.first, b.raw_len
+                        ),
+                    ));
+                }
+                let data: Vec<u8> = if b.zstd {
+                    zstd_buf.clear();
+                    zstd_buf.reserve(b.raw_len as usize);
+                    let n =
+                        zstd::zstd_safe::decompress(&mut zstd_buf, &b.payload).map_err(|c| {
+                            bad(
+                                "BLOCKS",
+                                format!("zstd: {}", zstd::zstd_safe::get_error_name(c)),
+                            )
+                        })?;
+                    if n != b.raw_len as usize {
+                        return Err(bad(
+                            "BLOCKS",
+                            format!("{n} bytes decompressed, {} expected", b.raw_len),
+                        ));
+                    }
+                    std::mem::take(&mut zstd_buf)
+                } else {
+                    b.payload
+                };
+                applier.put_blocks(b.first, data)?;
+            }
+            Message::Punch { first, count } => {
+                let last = first.checked_add(count);
+                if count == 0 || last.is_none_or_past(src_blocks) {
+                    return Err(bad("PUNCH", format!("{count} blocks at {first}")));
+                }
+                applier.put_punch(first, count)?;
+            }
+            Message::SyncEnd { digest, blocks } => break (digest, blocks),
+            m => return Err(unexpected("BLOCKS", &m)),
+        }
+    };
+    applier.flush()?;
+    applier.finish_size()?;
+    let (src_digest, _) = end;
+    if applier.digest.bytes() != src_digest {
+        return Err(Error::Dest(std::io::Error::other(
+            "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
+        )));
+    }
+    let journal_bytes = applier.journal.as_ref().map_or(0, |j| j.bytes());
+    let (written, punched) = (applier.written, applier.punched);
+    if let Some(j) = applier.journal.take() {
+        j.remove().map_err(jerr)?;
+    }
+    drop(applier);
+    if let Target::New(out) = target {
+        out.commit().map_err(Error::Dest)?;
+    }
+    let done = SyncDone {
+        blocks_compared: compared,
+        blocks_written: written,
+        blocks_punched: punched,
+        journal_bytes,
+    };
+    send_msg(fw, &Message::SyncDone(done))?;
+    fw.flush()?;
+    Ok(done)
+}
+
+trait PastEnd {
+    fn is_none_or_past(&self, end: u64) -> bool;
+}
+
+impl PastEnd for Option<u64> {
+    fn is_none_or_past(&self, end: u64) -> bool {
+        match self {
+            None => true,
+            Some(v) => *v > end,
+        }
+    }
+}
+
+/// Receiver side of the hashing: HASHES frames of DST's non-zero blocks.
+struct HashSink<'a, W: Write> {
+    fw: &'a mut FrameWriter<W>,
+    batch: Vec<(u64, [u8; 16])>,
+    sent: u64,
+    digest: SumDigest,
+    src_blocks: u64,
+}
+
+impl<W: Write> HashSink<'_, W> {
+    fn flush(&mut self) -> Result<()> {
+        if !self.batch.is_empty() {
+            let m = Message::Hashes(std::mem::take(&mut self.batch));
+            send_msg(self.fw, &m)?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Sink for HashSink<'_, W> {
+    type Item = (Vec<(u64, [u8; 32])>, u64);
+    fn put(&mut self, (blocks, _): (Vec<(u64, [u8; 32])>, u64)) -> Result<()> {
+        for (b, h) in blocks {
+            if b >= self.src_blocks {
+                continue;
+            }
+            self.digest.add(&h);
+            self.batch.push((b, short(&h)));
+            self.sent += 1;
+            if self.batch.len() >= HASHES_PER_FRAME {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Change {
+    Write(u64, Vec<u8>),
+    Punch(u64, u64),
+}
+
+/// Applies changes in batches: journal the old content of every block in
+/// the batch, make the journal durable, then write.
+struct Applier<'a> {
+    target: &'a Target,
+    journal: Option<Journal>,
+    bs: u64,
+    src_size: u64,
+    old_size: u64,
+    key: [u8; 32],
+    digest: SumDigest,
+    batch: Vec<Change>,
+    batch_bytes: u64,
+    written: u64,
+    punched: u64,
+}
+
+impl Applier<'_> {
+    fn put_blocks(&mut self, first: u64, data: Vec<u8>) -> Result<()> {
+        self.batch_bytes += data.len() as u64;
+        self.batch.push(Change::Write(first, data));
+        if self.batch_bytes >= APPLY_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn put_punch(&mut self, first: u64, count: u64) -> Result<()> {
+        self.batch.push(Change::Punch(first, count));
+        self.batch_bytes += count.saturating_mul(self.bs).min(APPLY_BATCH);
+        if self.batch_bytes >= APPLY_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn file(&self) -> Option<&File> {
+        match self.target {
+            Target::Existing { file, .. } => Some(file),
+            Target::New(_) => None,
+        }
+    }
+
+    /// Block `b`'s current content over `[b*bs, b*bs + len)`, zeros past
+    /// the file's end.
+    fn read_old(&self, file: &File, b: u64, len: u64) -> Result<Vec<u8>> {
+        let from = b * self.bs;
+        let mut buf = vec![0u8; len as usize];
+        let file_len = match self.target {
+            Target::Existing {
+                is_device: true,
+                size,
+                ..
+            } => *size,
+            _ => file.metadata().map_err(Error::Dest)?.len(),
+        };
+        let avail = file_len.saturating_sub(from).min(len) as usize;
+        if avail > 0 {
+            file.read_exact_at(&mut buf[..avail], from)
+                .map_err(Error::Dest)?;
+        }
+        Ok(buf)
+    }
+
+    /// Journals block `b`'s old content and takes its hash out of the
+    /// digest.
+    fn retire(&mut self, b: u64) -> Result<()> {
+        let Some(file) = self.file() else {
+            return Ok(());
+        };
+        let from = b * self.bs;
+        let hash_len = (self.src_size.saturating_sub(from)).min(self.bs);
+        let old_len = (self.old_size.saturating_sub(from)).min(self.bs);
+        let old = self.read_old(file, b, hash_len.max(old_len))?;
+        if let Some(h) = block_hash(&self.key, b, &old[..hash_len as usize]) {
+            self.digest.sub(&h);
+        }
+        if let Some(j) = &mut self.journal {
+            let content = &old[..old_len as usize];
+            let entry = if old_len == 0 || is_zero(content) {
+                None
+            } else {
+                Some(content)
+            };
+            j.record(b, entry).map_err(jerr)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for c in &batch {
+            match *c {
+                Change::Write(first, ref data) => {
+                    let n = (data.len() as u64).div_ceil(self.bs);
+                    for b in first..first + n {
+                        self.retire(b)?;
+                    }
+                }
+                Change::Punch(first, count) => {
+                    for b in first..first + count {
+                        self.retire(b)?;
+                    }
+                }
+            }
+        }
+        if let Some(j) = &mut self.journal {
+            j.sync().map_err(jerr)?;
+        }
+        for c in batch {
+            match c {
+                Change::Write(first, data) => {
+                    let off = first * self.bs;
+                    for (i, block) in data.chunks(self.bs as usize).enumerate() {
+                        if let Some(h) = block_hash(&self.key, first + i as u64, block) {
+                            self.digest.add(&h);
+                        }
+                    }
+                    match self.target {
+                        Target::Existing { file, .. } => {
+                            file.write_all_at(&data, off).map_err(Error::Dest)?
+                        }
+                        Target::New(out) => {
+                            use imgsync_formats::WriteStorage;
+                            out.write_all_at(&data, off).map_err(Error::Dest)?
+                        }
+                    }
+                    self.written += (data.len() as u64).div_ceil(self.bs);
+                }
+                Change::Punch(first, count) => {
+                    let off = first * self.bs;
+                    let len = (count * self.bs).min(self.src_size.max(self.old_size) - off);
+                    if let Target::Existing {
+                        file, is_device, ..
+                    } = self.target
+                    {
+                        crate::io::output::punch_range(file, *is_device, off, len)
+                            .map_err(Error::Dest)?;
+                    }
+                    self.punched += count;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// DST's size becomes SRC's: a shrink first journals the data past
+    /// the new end. Then DST is made durable.
+    fn finish_size(&mut self) -> Result<()> {
+        let Target::Existing {
+            file, is_device, ..
+        } = self.target
+        else {
+            return Ok(());
+        };
+        if !*is_device && self.src_size < self.old_size {
+            if self.journal.is_some() {
+                let first = self.src_size / self.bs;
+                let last = blocks_of(self.old_size, self.bs);
+                let f = crate::io::LocalFile::from_file(file.try_clone().map_err(Error::Dest)?)
+                    .map_err(Error::Dest)?;
+                let mut pos = first * self.bs;
+                while let Some((a, e)) =
+                    imgsync_formats::Storage::next_data(&f, pos).map_err(Error::Dest)?
+                {
+                    if a >= self.old_size {
+                        break;
+                    }
+                    for b in (a / self.bs).max(first)..blocks_of(e, self.bs).min(last) {
+                        let from = b * self.bs;
+                        let len = self.old_size.saturating_sub(from).min(self.bs);
+                        let old = self.read_old(file, b, len)?;
+                        let entry = (!is_zero(&old)).then_some(&old[..]);
+                        if let Some(j) = &mut self.journal {
+                            j.record(b, entry).map_err(jerr)?;
+                        }
+                    }
+                    pos = e;
+                }
+                if let Some(j) = &mut self.journal {
+                    j.sync().map_err(jerr)?;
+                }
+            }
+            file.set_len(self.src_size).map_err(Error::Dest)?;
+        }
+        file.sync_all().map_err(Error::Dest)?;
+        Ok(())
+    }
+}
