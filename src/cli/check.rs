@@ -34,6 +34,22 @@ pub fn run_to(
             allow_corrupt: true,
         },
     )?;
+    if let Some(j) = super::sync::journal_of(path) {
+        // Consistent metadata, inconsistent content: part old, part new.
+        match output {
+            OutputFormat::Json => writeln!(
+                out,
+                "{}",
+                json!({"filename": path.display().to_string(), "sync-in-progress": true, "sync-journal": j.display().to_string(), "check-errors": 0, "corruptions": 1, "leaks": 0})
+            )?,
+            OutputFormat::Human => writeln!(
+                out,
+                "The image is in the middle of an interrupted sync (journal {}): part of it is updated, part is not. Rerun the sync to complete it, or roll it back with imgsync sync --rollback.",
+                j.display()
+            )?,
+        }
+        return Ok(exit::CORRUPT);
+    }
     let Some(q) = image.qcow2() else {
         // A raw image has no metadata that could be inconsistent.
         match output {

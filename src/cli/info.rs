@@ -118,6 +118,11 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
         }
     }
     o.insert("dirty-flag".into(), json!(dirty));
+    if let Some(j) = super::sync::journal_of(path) {
+        // imgsync's own key: an interrupted sync left DST partly updated.
+        o.insert("sync-in-progress".into(), json!(true));
+        o.insert("sync-journal".into(), json!(j.display().to_string()));
+    }
     Ok(Value::Object(o))
 }
 
@@ -174,6 +179,12 @@ fn print_human(out: &mut dyn Write, info: &Value) -> Result<()> {
     }
     if get("dirty-flag").as_bool() == Some(true) {
         writeln!(out, "dirty flag: true")?;
+    }
+    if let Some(j) = get("sync-journal").as_str() {
+        writeln!(
+            out,
+            "sync in progress: yes (journal {j}): the image is partly updated; rerun the sync to complete it, or imgsync sync --rollback to restore it"
+        )?;
     }
     Ok(())
 }

@@ -267,6 +267,15 @@ fn local(
     }
 }
 
+/// The journal of an interrupted sync of `dst`, if there is one.
+pub fn journal_of(dst: &Path) -> Option<std::path::PathBuf> {
+    let is_device = std::fs::metadata(dst)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let j = sync::journal_path(dst, is_device);
+    j.symlink_metadata().is_ok().then_some(j)
+}
+
 fn rollback(dst: &OsString) -> Result<u8> {
     let dst = match Location::parse(dst)? {
         Location::Local(p) => p,
