@@ -1172,3 +1172,69 @@ impl Applier<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_sum_is_order_free_and_subtraction_undoes_addition() {
+        let key = [7u8; 32];
+        let h: Vec<[u8; 32]> = (0..5u64)
+            .map(|i| block_hash(&key, i, &[i as u8 + 1; 100]).unwrap())
+            .collect();
+        let mut a = SumDigest::default();
+        let mut b = SumDigest::default();
+        for x in &h {
+            a.add(x);
+        }
+        for x in h.iter().rev() {
+            b.add(x);
+        }
+        assert_eq!(a, b);
+        // Replacing block 2's hash by another and back.
+        let other = block_hash(&key, 2, &[9; 100]).unwrap();
+        a.sub(&h[2]);
+        a.add(&other);
+        assert_ne!(a, b);
+        a.sub(&other);
+        a.add(&h[2]);
+        assert_eq!(a, b);
+        // Carries: 0xff.. + 1 wraps across all limbs.
+        let mut c = SumDigest([u64::MAX; 4]);
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        c.add(&one);
+        assert_eq!(c, SumDigest::default());
+        c.sub(&one);
+        assert_eq!(c, SumDigest([u64::MAX; 4]));
+    }
+
+    #[test]
+    fn block_hash_depends_on_key_index_and_content_and_zero_is_none() {
+        let k1 = [1u8; 32];
+        let k2 = [2u8; 32];
+        assert_eq!(block_hash(&k1, 0, &[0; 4096]), None);
+        let a = block_hash(&k1, 0, &[1; 4096]);
+        assert!(a.is_some());
+        assert_ne!(a, block_hash(&k2, 0, &[1; 4096]));
+        assert_ne!(a, block_hash(&k1, 1, &[1; 4096]));
+        let mut last = [1u8; 4096];
+        last[4095] = 2;
+        assert_ne!(a, block_hash(&k1, 0, &last));
+    }
+
+    #[test]
+    fn runs_merge_adjacent_blocks_of_one_kind() {
+        let mut r = RunList::default();
+        for b in [1, 2, 3] {
+            r.push(b, Op::Send);
+        }
+        r.push(4, Op::Punch);
+        r.push(6, Op::Punch);
+        assert_eq!(
+            r.runs,
+            vec![(1, 3, Op::Send), (4, 1, Op::Punch), (6, 1, Op::Punch)]
+        );
+    }
+}
