@@ -180,11 +180,24 @@ pub fn open_target(dst: &Path) -> Result<Target> {
     if !is_device && !meta.is_file() {
         bail!("{}: not a regular file or block device", dst.display());
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dst)
-        .with_context(name)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if is_device {
+        // O_EXCL on a block device: refused while it is mounted or held
+        // by another exclusive user (as convert does).
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_EXCL);
+    }
+    let file = opts.open(dst).map_err(|e| {
+        if is_device && e.raw_os_error() == Some(libc::EBUSY) {
+            anyhow!(
+                "{}: the device is in use (mounted?); refusing to write to it",
+                dst.display()
+            )
+        } else {
+            anyhow!(e).context(name())
+        }
+    })?;
     let mut magic = [0u8; 4];
     if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
         && magic == *b"QFI\xfb"
