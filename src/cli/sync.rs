@@ -272,6 +272,13 @@ fn local(
     drop(bar);
     let received =
         received.map_err(|_| anyhow!("internal error: the receiving thread panicked"))?;
+    let interrupted = |e: &engine::Error| matches!(e, engine::Error::Interrupted);
+    if matches!(&received, Err(e) if interrupted(e)) || matches!(&sent, Err(e) if interrupted(e)) {
+        bail!(
+            "{}: interrupted; rerun the sync to resume it, or roll it back with imgsync sync --rollback",
+            dst.display()
+        );
+    }
     match (sent, received) {
         (Ok(r), Ok(_)) => Ok((r, 0)),
         // The receiver's own error says more than the sender's view of it.
