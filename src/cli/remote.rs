@@ -557,18 +557,19 @@ pub fn sync_pull(
     );
     let src_name = location_name(host, path);
     match r {
-        Ok(done) => {
+        Ok(got) => {
             let wire = peer.fw.bytes + peer.fr.bytes;
             peer.finish();
+            let done = got.done;
             let report = crate::engine::sync::SyncReport {
                 src_size: info.virtual_size,
-                dst_existed: true,
-                resumed: false,
-                bytes_read: info.data_bytes,
+                dst_existed: got.existed,
+                resumed: got.resumed,
+                bytes_read: got.src_bytes_read,
                 blocks_compared: done.blocks_compared,
                 blocks_sent: done.blocks_written,
                 blocks_punched: done.blocks_punched,
-                data_sent: done.blocks_written * u64::from(block_size),
+                data_sent: got.data,
                 done,
                 elapsed: Default::default(),
             };

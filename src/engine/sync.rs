@@ -467,6 +467,7 @@ pub fn sync_send<R: Read, W: Write>(
         &Message::SyncEnd {
             digest: digest.bytes(),
             blocks: blocks_sent,
+            bytes_read: stats.bytes_read + sent_stats.bytes_read,
         },
     )?;
     fw.flush()?;
@@ -664,6 +665,20 @@ pub struct SyncReceiveOptions {
 
 /// The receiving end: DST is `target`; SRC's size, block size and key are
 /// in `params`. Returns what it reports in SYNC_DONE.
+/// What the receiving end did (a pull reports from here).
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub done: SyncDone,
+    /// DST existed (else it was created, as convert does).
+    pub existed: bool,
+    /// An interrupted sync's journal was found and continued.
+    pub resumed: bool,
+    /// Bytes of SRC the sender read (as it reported).
+    pub src_bytes_read: u64,
+    /// Bytes of block content received (before compression).
+    pub data: u64,
+}
+
 pub fn sync_receive<R: Read + Send, W: Write>(
     target: Target,
     fr: &mut FrameReader<R>,
@@ -672,7 +687,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     params: &SyncParams,
     opts: &SyncReceiveOptions,
     cancel: &AtomicBool,
-) -> Result<SyncDone> {
+) -> Result<Received> {
     let bs = u64::from(params.block_size);
     let src_blocks = blocks_of(params.src_size, bs);
     // An interrupted sync's journal: continued (its entries hold the
@@ -806,6 +821,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         digest,
         batch: Vec::new(),
         batch_bytes: 0,
+        old_data: Default::default(),
         written: 0,
         punched: 0,
     };
@@ -844,6 +860,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     fw.flush()?;
 
     let mut zstd_buf = Vec::new();
+    let mut data_bytes = 0u64;
     let end = loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
@@ -884,6 +901,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                 } else {
                     b.payload
                 };
+                data_bytes += data.len() as u64;
                 applier.put_blocks(b.first, data)?;
             }
             Message::Punch { first, count } => {
@@ -893,20 +911,22 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                 }
                 applier.put_punch(first, count)?;
             }
-            Message::SyncEnd { digest, blocks } => break (digest, blocks),
+            Message::SyncEnd {
+                digest, bytes_read, ..
+            } => break (digest, bytes_read),
             m => return Err(unexpected("BLOCKS", &m)),
         }
     };
     applier.flush()?;
     applier.finish_size()?;
-    let (src_digest, _) = end;
+    let (src_digest, src_read) = end;
     if applier.digest.bytes() != src_digest {
         return Err(Error::Dest(std::io::Error::other(
             "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
         )));
     }
     let journal_bytes = applier.journal.as_ref().map_or(0, |j| j.bytes());
-    let (written, punched) = (applier.written, applier.punched);
+    let (written, punched, data) = (applier.written, applier.punched, data_bytes);
     if let Some(j) = applier.journal.take() {
         j.remove().map_err(jerr)?;
     }
@@ -922,7 +942,13 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     };
     send_msg(fw, &Message::SyncDone(done))?;
     fw.flush()?;
-    Ok(done)
+    Ok(Received {
+        done,
+        existed: exists,
+        resumed,
+        src_bytes_read: src_read,
+        data,
+    })
 }
 
 trait PastEnd {
@@ -992,8 +1018,22 @@ struct Applier<'a> {
     digest: SumDigest,
     batch: Vec<Change>,
     batch_bytes: u64,
+    /// Blocks of this batch whose old content holds data (the others read
+    /// as zeros: their zero parts need no writing).
+    old_data: std::collections::HashSet<u64>,
     written: u64,
     punched: u64,
+}
+
+/// Within a written block, zero runs of this size are left as holes (or
+/// punched), so DST is as sparse as SRC.
+const SPARSE_UNIT: usize = 4096;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Write,
+    Punch,
+    Skip,
 }
 
 impl Applier<'_> {
@@ -1044,7 +1084,7 @@ impl Applier<'_> {
     }
 
     /// Journals block `b`'s old content and takes its hash out of the
-    /// digest.
+    /// digest; notes whether it held data.
     fn retire(&mut self, b: u64) -> Result<()> {
         let Some(file) = self.file() else {
             return Ok(());
@@ -1055,6 +1095,9 @@ impl Applier<'_> {
         let old = self.read_old(file, b, hash_len.max(old_len))?;
         if let Some(h) = block_hash(&self.key, b, &old[..hash_len as usize]) {
             self.digest.sub(&h);
+        }
+        if !is_zero(&old) {
+            self.old_data.insert(b);
         }
         if let Some(j) = &mut self.journal {
             let content = &old[..old_len as usize];
@@ -1101,15 +1144,7 @@ impl Applier<'_> {
                             self.digest.add(&h);
                         }
                     }
-                    match self.target {
-                        Target::Existing { file, .. } => {
-                            file.write_all_at(&data, off).map_err(Error::Dest)?
-                        }
-                        Target::New(out) => {
-                            use imgsync_formats::WriteStorage;
-                            out.write_all_at(&data, off).map_err(Error::Dest)?
-                        }
-                    }
+                    self.write_sparse(off, &data)?;
                     self.written += (data.len() as u64).div_ceil(self.bs);
                 }
                 Change::Punch(first, count) => {
@@ -1126,7 +1161,61 @@ impl Applier<'_> {
                 }
             }
         }
+        self.old_data.clear();
         Ok(())
+    }
+
+    /// Writes `data` at `off`, leaving its zero runs (in SPARSE_UNIT
+    /// pieces) as holes: skipped where DST's old block read as zeros,
+    /// punched where it held data.
+    fn write_sparse(&self, off: u64, data: &[u8]) -> Result<()> {
+        let act = |i: usize, piece: &[u8]| {
+            if !is_zero(piece) {
+                Act::Write
+            } else if self.old_data.contains(&((off + i as u64) / self.bs)) {
+                Act::Punch
+            } else {
+                Act::Skip
+            }
+        };
+        let mut run: Option<(usize, Act)> = None;
+        for (k, piece) in data.chunks(SPARSE_UNIT).enumerate() {
+            let i = k * SPARSE_UNIT;
+            let a = act(i, piece);
+            match run {
+                Some((_, r)) if r == a => {}
+                _ => {
+                    if let Some((start, r)) = run {
+                        self.apply(r, off + start as u64, &data[start..i])?;
+                    }
+                    run = Some((i, a));
+                }
+            }
+        }
+        if let Some((start, r)) = run {
+            self.apply(r, off + start as u64, &data[start..])?;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, act: Act, off: u64, bytes: &[u8]) -> Result<()> {
+        match (act, self.target) {
+            (Act::Skip, _) | (Act::Punch, Target::New(_)) => Ok(()),
+            (Act::Write, Target::Existing { file, .. }) => {
+                file.write_all_at(bytes, off).map_err(Error::Dest)
+            }
+            (Act::Write, Target::New(out)) => {
+                use imgsync_formats::WriteStorage;
+                out.write_all_at(bytes, off).map_err(Error::Dest)
+            }
+            (
+                Act::Punch,
+                Target::Existing {
+                    file, is_device, ..
+                },
+            ) => crate::io::output::punch_range(file, *is_device, off, bytes.len() as u64)
+                .map_err(Error::Dest),
+        }
     }
 
     /// DST's size becomes SRC's: a shrink first journals the data past

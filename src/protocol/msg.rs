@@ -298,6 +298,8 @@ pub enum Message {
     SyncEnd {
         digest: [u8; 32],
         blocks: u64,
+        /// Bytes of SRC the sender read (for the receiver's report).
+        bytes_read: u64,
     },
     SyncDone(SyncDone),
 }
@@ -447,9 +449,14 @@ impl Message {
                 v.extend_from_slice(&first.to_be_bytes());
                 v.extend_from_slice(&count.to_be_bytes());
             }
-            Message::SyncEnd { digest, blocks } => {
+            Message::SyncEnd {
+                digest,
+                blocks,
+                bytes_read,
+            } => {
                 v.extend_from_slice(digest);
                 v.extend_from_slice(&blocks.to_be_bytes());
+                v.extend_from_slice(&bytes_read.to_be_bytes());
             }
             Message::SyncDone(d) => {
                 for x in [
@@ -651,6 +658,7 @@ impl Message {
             kind::SYNC_END => Message::SyncEnd {
                 digest: d.array()?,
                 blocks: d.u64()?,
+                bytes_read: d.u64()?,
             },
             kind::SYNC_DONE => Message::SyncDone(SyncDone {
                 blocks_compared: d.u64()?,
@@ -989,6 +997,7 @@ mod tests {
         round_trip(Message::SyncEnd {
             digest: [4; 32],
             blocks: 6,
+            bytes_read: 7,
         });
         round_trip(Message::SyncDone(SyncDone {
             blocks_compared: 1,
