@@ -2,7 +2,10 @@
 //!   formats: reading raw and qcow2 images (info, map, guest bytes, check),
 //!            and converting every case (convert's oracle in `common`);
 //!   convert: convert and compare on their own (zero detection, atomic
-//!            output, free space, signals, block devices).
+//!            output, free space, signals, block devices);
+//!   remote:  convert over a real sshd, both transports;
+//!   sync:    imgsync sync locally and over sshd (change patterns,
+//!            interruptions, rollback, a small file system).
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -13,4 +16,5 @@ mod convert;
 mod formats;
 mod remote;
 mod sshd;
+mod sync;
 mod transport;

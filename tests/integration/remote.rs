@@ -18,14 +18,14 @@ use crate::sshd::Sshd;
 const BIN: &str = env!("CARGO_BIN_EXE_imgsync");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Via {
+pub(crate) enum Via {
     /// The built-in libssh2 client.
     Builtin,
     /// `-e "ssh ..."` (OpenSSH's client).
     External,
 }
 
-const BOTH: [Via; 2] = [Via::Builtin, Via::External];
+pub(crate) const BOTH: [Via; 2] = [Via::Builtin, Via::External];
 
 /// A test's temp dir and its own sshd, or return after a SKIP line.
 macro_rules! ssh_env {
@@ -37,12 +37,12 @@ macro_rules! ssh_env {
 }
 
 /// `ssh://127.0.0.1:PORT/abs/path` for a path in the test's dir.
-fn url(sshd: &Sshd, path: &Path) -> String {
+pub(crate) fn url(sshd: &Sshd, path: &Path) -> String {
     format!("ssh://127.0.0.1:{}{}", sshd.port(), path.display())
 }
 
 /// The transport options for `via`, with `remote` as the remote imgsync.
-fn ssh_args(sshd: &Sshd, via: Via, remote: &str) -> Vec<String> {
+pub(crate) fn ssh_args(sshd: &Sshd, via: Via, remote: &str) -> Vec<String> {
     let mut a = vec!["--remote-imgsync".to_string(), remote.to_string()];
     match via {
         Via::Builtin => {
@@ -62,7 +62,7 @@ fn ssh_args(sshd: &Sshd, via: Via, remote: &str) -> Vec<String> {
 }
 
 /// Runs imgsync in the test dir, blind to the real ~/.ssh and agent.
-fn run(env: &Env, sshd: &Sshd, args: &[String], envs: &[(&str, &str)]) -> Output {
+pub(crate) fn run(env: &Env, sshd: &Sshd, args: &[String], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args).current_dir(env.root());
     sshd.env(&mut cmd);
@@ -81,7 +81,7 @@ fn convert(env: &Env, sshd: &Sshd, via: Via, extra: &[&str], src: &str, dst: &st
     run(env, sshd, &args, &[])
 }
 
-fn ok(out: &Output, what: &str) -> String {
+pub(crate) fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
         "{what}: {} {}",
@@ -91,7 +91,7 @@ fn ok(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn same(env: &Env, a: &Path, b: &Path) {
+pub(crate) fn same(env: &Env, a: &Path, b: &Path) {
     let out = env.run(
         "qemu-img",
         &[
@@ -125,7 +125,7 @@ fn format_of(env: &Env, p: &Path) -> String {
 }
 
 /// Files in `dir` (a failed transfer must leave none behind).
-fn entries(dir: &Path) -> Vec<String> {
+pub(crate) fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -153,7 +153,7 @@ fn source_qcow2(env: &Env, name: &str) -> u64 {
     3 * MIB + 2 * MIB + 5 * MIB + 64 * KIB
 }
 
-fn json(out: &Output) -> Value {
+pub(crate) fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "bad JSON ({e}): {} / {}",
@@ -523,7 +523,7 @@ fn remote_filesystem_too_small_fails_before_writing() {
 }
 
 /// A remote imgsync that records its PID, then runs the real one.
-fn pid_script(sshd: &Sshd, name: &str, env_prefix: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn pid_script(sshd: &Sshd, name: &str, env_prefix: &str) -> (PathBuf, PathBuf) {
     let pidfile = sshd.path(&format!("{name}.pid"));
     let script = sshd.script(
         name,
@@ -639,7 +639,7 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
     }
 }
 
-fn wait_for_pid(pidfile: &Path) -> String {
+pub(crate) fn wait_for_pid(pidfile: &Path) -> String {
     let mut pid = String::new();
     wait_until(
         || {
@@ -654,7 +654,7 @@ fn wait_for_pid(pidfile: &Path) -> String {
     pid
 }
 
-fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+pub(crate) fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < Duration::from_secs(60), "timed out: {what}");

@@ -1,0 +1,758 @@
+//! `imgsync sync`: DST made identical to SRC in place, locally and over a real
+//! sshd (both transports, push and pull). Each change pattern is held to
+//! qemu-img compare and to the report's counts (what was sent and punched);
+//! interruptions (the process or the remote end killed at several points)
+//! are held to "rerun gives SRC" and "--rollback gives the old DST, byte for
+//! byte".
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Tmpfs, KIB, MIB};
+use crate::remote::{
+    entries, json, ok, pid_script, run, ssh_args, url, wait_for_pid, wait_until, Via, BOTH,
+};
+use crate::sshd::Sshd;
+
+const BIN: &str = env!("CARGO_BIN_EXE_imgsync");
+const BS: u64 = 64 * KIB;
+
+/// The base image every pattern starts from: 256 MiB virtual, 16 data runs
+/// of 512 KiB (8 MiB of data) at 16 MiB steps.
+const BASE_SIZE: u64 = 256 * MIB;
+
+fn base(path: &Path) {
+    let f = File::create(path).unwrap();
+    for i in 0..16u64 {
+        f.write_all_at(
+            &random_bytes(512 * KIB as usize, 100 + i, true),
+            i * 16 * MIB,
+        )
+        .unwrap();
+    }
+    f.set_len(BASE_SIZE).unwrap();
+}
+
+/// `cp --sparse=always`: the copy keeps the holes.
+fn copy(a: &Path, b: &Path) {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn punch(path: &Path, off: u64, len: u64) {
+    let st = Command::new("fallocate")
+        .args([
+            "--punch-hole",
+            "-o",
+            &off.to_string(),
+            "-l",
+            &len.to_string(),
+        ])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn write_at(path: &Path, off: u64, data: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, off).unwrap();
+}
+
+/// qemu-img compare exits 0 and the sizes are equal (compare alone lets a
+/// longer image pass when its tail is zeros).
+fn identical(env: &Env, a: &Path, b: &Path, what: &str) {
+    let out = env.run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &a.display().to_string(),
+            &b.display().to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{what}: qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::metadata(a).unwrap().len(),
+        fs::metadata(b).unwrap().len(),
+        "{what}: sizes"
+    );
+}
+
+fn sync_local(env: &Env, args: &[&str]) -> Output {
+    let mut a = vec!["sync", "-q", "--output", "json"];
+    a.extend_from_slice(args);
+    env.imgsync(&a)
+}
+
+fn report(out: &Output, what: &str) -> Value {
+    ok(out, what);
+    json(out)
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// A change pattern: what it does to SRC (a copy of the base) and what the
+/// sync must then send and punch, in blocks.
+struct Pattern {
+    name: &'static str,
+    change: fn(&Path),
+    sent: u64,
+    punched: u64,
+}
+
+const PATTERNS: &[Pattern] = &[
+    Pattern {
+        name: "identical",
+        change: |_| {},
+        sent: 0,
+        punched: 0,
+    },
+    Pattern {
+        // Five 4 KiB writes, in five different blocks.
+        name: "scattered-4k",
+        change: |p| {
+            for i in 0..5u64 {
+                write_at(
+                    p,
+                    i * 48 * MIB + (i + 1) * 20 * KIB,
+                    &random_bytes(4 * KIB as usize, 900 + i, false),
+                );
+            }
+        },
+        sent: 5,
+        punched: 0,
+    },
+    Pattern {
+        // 1 MiB into a former hole, and a 4 KiB write in the last block.
+        name: "new-data-in-holes",
+        change: |p| {
+            write_at(p, 100 * MIB, &random_bytes(MIB as usize, 7, true));
+            write_at(
+                p,
+                BASE_SIZE - 4 * KIB,
+                &random_bytes(4 * KIB as usize, 8, true),
+            );
+        },
+        sent: 17,
+        punched: 0,
+    },
+    Pattern {
+        // Two data runs discarded (guest TRIM): holes in SRC over DST data.
+        name: "discarded",
+        change: |p| {
+            punch(p, 16 * MIB, 512 * KIB);
+            punch(p, 64 * MIB + 128 * KIB, 256 * KIB);
+        },
+        sent: 0,
+        punched: 12,
+    },
+    Pattern {
+        // Written zeros are zeros too: punched on DST, not sent.
+        name: "zeroed",
+        change: |p| write_at(p, 32 * MIB, &vec![0; 128 * KIB as usize]),
+        sent: 0,
+        punched: 2,
+    },
+    Pattern {
+        name: "first-byte",
+        change: |p| {
+            let f = File::open(p).unwrap();
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, 48 * MIB + BS).unwrap();
+            write_at(p, 48 * MIB + BS, &[b[0] ^ 0x5a]);
+        },
+        sent: 1,
+        punched: 0,
+    },
+    Pattern {
+        name: "last-byte",
+        change: |p| {
+            let f = File::open(p).unwrap();
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, 80 * MIB + 3 * BS - 1).unwrap();
+            write_at(p, 80 * MIB + 3 * BS - 1, &[b[0] ^ 0xa5]);
+        },
+        sent: 1,
+        punched: 0,
+    },
+    Pattern {
+        // Grown by 64 MiB with 256 KiB of data at its new end.
+        name: "grown",
+        change: |p| {
+            write_at(
+                p,
+                BASE_SIZE + 64 * MIB - 256 * KIB,
+                &random_bytes(256 * KIB as usize, 11, true),
+            );
+        },
+        sent: 4,
+        punched: 0,
+    },
+    Pattern {
+        // Shrunk to 100 MiB + 1 KiB: the data beyond goes, and the last
+        // partial block is compared as it is.
+        name: "shrunk",
+        change: |p| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(100 * MIB + KIB)
+                .unwrap()
+        },
+        sent: 0,
+        punched: 0,
+    },
+];
+
+#[test]
+fn change_patterns_local() {
+    let env = qemu_env!();
+    base(&env.path("base.raw"));
+    let base_data = data_regions(&env.path("base.raw"));
+    assert_eq!(base_data, 8 * MIB);
+    for p in PATTERNS {
+        let (src, dst) = (
+            env.path(&format!("{}.src", p.name)),
+            env.path(&format!("{}.dst", p.name)),
+        );
+        copy(&env.path("base.raw"), &src);
+        copy(&env.path("base.raw"), &dst);
+        (p.change)(&src);
+        let r = report(
+            &sync_local(
+                &env,
+                &[&src.display().to_string(), &dst.display().to_string()],
+            ),
+            p.name,
+        );
+        identical(&env, &src, &dst, p.name);
+        assert_eq!(n(&r, "blocks-sent"), p.sent, "{}: {r}", p.name);
+        assert_eq!(n(&r, "holes-punched"), p.punched, "{}: {r}", p.name);
+        assert_eq!(r["destination-existed"], true, "{}: {r}", p.name);
+        assert_eq!(r["resumed"], false, "{}: {r}", p.name);
+        // DST is no less sparse than SRC, and only what differs is written.
+        assert!(
+            data_regions(&dst) <= data_regions(&src).max(base_data),
+            "{}: DST allocation {} > SRC {}",
+            p.name,
+            data_regions(&dst),
+            data_regions(&src)
+        );
+        assert_eq!(n(&r, "blocks-written"), p.sent, "{}: {r}", p.name);
+        assert!(n(&r, "data-sent") <= p.sent * BS, "{}: {r}", p.name);
+        // Both sides' data blocks are compared; holes on both never read.
+        assert!(
+            n(&r, "bytes-read") <= 2 * (base_data + 2 * MIB),
+            "{}: {r}",
+            p.name
+        );
+        // Nothing is left beside DST.
+        assert!(
+            !env.path(&format!(".{}.dst.imgsync-journal", p.name))
+                .exists(),
+            "{}: journal left",
+            p.name
+        );
+    }
+    // A discarded range is a hole on DST again.
+    assert!(data_regions(&env.path("discarded.dst")) <= base_data - 768 * KIB);
+    // Syncing again sends nothing.
+    let r = report(
+        &sync_local(&env, &["scattered-4k.src", "scattered-4k.dst"]),
+        "again",
+    );
+    assert_eq!(n(&r, "blocks-sent"), 0, "{r}");
+    assert_eq!(n(&r, "data-sent"), 0, "{r}");
+}
+
+#[test]
+fn qcow2_source_with_compressed_clusters_and_absent_destination() {
+    let env = qemu_env!();
+    base(&env.path("base.raw"));
+    copy(&env.path("base.raw"), &env.path("new.raw"));
+    write_at(
+        &env.path("new.raw"),
+        200 * MIB,
+        &random_bytes(MIB as usize, 3, true),
+    );
+    write_at(
+        &env.path("new.raw"),
+        5 * KIB,
+        &random_bytes(4 * KIB as usize, 4, false),
+    );
+    env.qemu_img(&["convert", "-c", "-O", "qcow2", "new.raw", "new.qcow2"]);
+    let map = env.qemu_json(&["map", "--output=json", "new.qcow2"]);
+    assert!(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["compressed"] == true),
+        "no compressed cluster: {map}"
+    );
+    // An existing raw DST: only the two changed places cross.
+    copy(&env.path("base.raw"), &env.path("dst.raw"));
+    let r = report(&sync_local(&env, &["new.qcow2", "dst.raw"]), "qcow2 -> raw");
+    identical(
+        &env,
+        &env.path("new.raw"),
+        &env.path("dst.raw"),
+        "qcow2 -> raw",
+    );
+    assert_eq!(n(&r, "blocks-sent"), 17, "{r}");
+    // DST absent: a full copy, sparse.
+    let r = report(&sync_local(&env, &["new.qcow2", "fresh.raw"]), "absent");
+    identical(&env, &env.path("new.raw"), &env.path("fresh.raw"), "absent");
+    assert_eq!(r["destination-existed"], false, "{r}");
+    assert_eq!(data_regions(&env.path("fresh.raw")), 9 * MIB);
+    assert_eq!(n(&r, "blocks-sent"), 9 * MIB / BS, "{r}");
+}
+
+#[test]
+fn block_size_is_honoured() {
+    let env = qemu_env!();
+    base(&env.path("src.raw"));
+    copy(&env.path("src.raw"), &env.path("dst.raw"));
+    write_at(&env.path("src.raw"), 3 * MIB + 10, b"x");
+    for (bs, sent) in [("4k", 1), ("1M", 1)] {
+        copy(&env.path("dst.raw"), &env.path("d.raw"));
+        let r = report(
+            &sync_local(&env, &["--block-size", bs, "src.raw", "d.raw"]),
+            bs,
+        );
+        identical(&env, &env.path("src.raw"), &env.path("d.raw"), bs);
+        assert_eq!(n(&r, "blocks-sent"), sent, "{bs}: {r}");
+        let want = if bs == "4k" { 4 * KIB } else { MIB };
+        assert!(n(&r, "blocks-compared") >= 8 * MIB / want, "{bs}: {r}");
+        fs::remove_file(env.path("d.raw")).unwrap();
+    }
+    for bad in ["3k", "2k", "32M"] {
+        let line = assert_one_line_error(
+            &env.imgsync(&["sync", "--block-size", bad, "src.raw", "dst.raw"]),
+            bad,
+        );
+        assert!(line.contains("--block-size"), "{line}");
+    }
+}
+
+#[test]
+fn refusals_are_one_line_errors() {
+    let env = qemu_env!();
+    base(&env.path("a.raw"));
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "d.qcow2", "256M"]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["sync", "a.raw", "d.qcow2"], "qcow2"),
+        (&["sync", "a.raw", "a.raw"], "a.raw"),
+        (&["sync", "missing.raw", "x.raw"], "missing.raw"),
+        (&["sync", "a.raw", "nodir/x.raw"], "nodir"),
+        (&["sync", "--rollback", "a.raw"], "no interrupted sync"),
+        (&["sync", "a.raw"], "SRC and DST"),
+    ];
+    for (args, want) in cases {
+        let line = assert_one_line_error(&env.imgsync(args), &format!("{args:?}"));
+        assert!(line.contains(want), "{args:?}: {line}");
+    }
+    assert!(!env.path("x.raw").exists());
+    // The qcow2 DST is untouched.
+    let info = env.qemu_json(&["info", "--output=json", "d.qcow2"]);
+    assert_eq!(info["format"], "qcow2");
+}
+
+/// SRC with 96 MiB of incompressible data that all differs from DST's, so a
+/// sync takes long enough to be killed at chosen points.
+fn big_pair(env: &Env) {
+    let (src, old) = (env.path("src.raw"), env.path("old.raw"));
+    for (p, seed) in [(&src, 1u64), (&old, 1000)] {
+        let f = File::create(p).unwrap();
+        for i in 0..24u64 {
+            f.write_all_at(
+                &random_bytes(4 * MIB as usize, seed + i, false),
+                i * 16 * MIB,
+            )
+            .unwrap();
+        }
+        f.set_len(512 * MIB).unwrap();
+    }
+    // The old image is longer: the rollback must restore its size too.
+    File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_len(600 * MIB)
+        .unwrap();
+}
+
+fn wchar(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("wchar: ")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn kill9(pid: &str) {
+    Command::new("kill").args(["-KILL", pid]).status().unwrap();
+}
+
+#[test]
+fn killed_local_sync_resumes_or_rolls_back() {
+    let env = qemu_env!();
+    big_pair(&env);
+    let journal = env.path(".dst.raw.imgsync-journal");
+    // Killed after writing 1 MiB (journal), 60 MiB and 150 MiB (journal and
+    // DST): each time, --rollback restores the old image, and a killed run
+    // followed by a rerun gives SRC.
+    for at in [MIB, 60 * MIB, 150 * MIB] {
+        for then_rollback in [true, false] {
+            copy(&env.path("old.raw"), &env.path("dst.raw"));
+            let mut child = Command::new(BIN)
+                .args(["sync", "-q", "--compress-level", "0", "src.raw", "dst.raw"])
+                .current_dir(env.root())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            wait_until(
+                || wchar(pid) > at || child.try_wait().unwrap().is_some(),
+                "sync writes",
+            );
+            kill9(&pid.to_string());
+            let st = child.wait().unwrap();
+            assert!(st.code().is_none(), "at {at}: sync ended before the kill");
+            assert!(journal.exists(), "at {at}: no journal");
+            // info and check say the image is mid-sync.
+            let info = env.imgsync_json(&["info", "--output", "json", "dst.raw"]);
+            assert!(info["sync-journal"].is_string(), "{info}");
+            let check = env.imgsync(&["check", "dst.raw"]);
+            assert_eq!(check.status.code(), Some(3), "at {at}: check");
+            assert!(String::from_utf8_lossy(&check.stdout).contains("interrupted sync"));
+            if then_rollback {
+                let out = env.imgsync(&["sync", "--rollback", "dst.raw"]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                identical(&env, &env.path("old.raw"), &env.path("dst.raw"), "rollback");
+                assert!(!journal.exists(), "at {at}: journal left after rollback");
+            } else {
+                let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "rerun");
+                assert_eq!(r["resumed"], true, "at {at}: {r}");
+                identical(&env, &env.path("src.raw"), &env.path("dst.raw"), "rerun");
+                assert!(!journal.exists(), "at {at}: journal left after rerun");
+            }
+        }
+    }
+}
+
+#[test]
+fn interrupted_local_sync_says_how_to_go_on() {
+    let env = qemu_env!();
+    big_pair(&env);
+    copy(&env.path("old.raw"), &env.path("dst.raw"));
+    let child = Command::new(BIN)
+        .args(["sync", "--compress-level", "0", "src.raw", "dst.raw"])
+        .current_dir(env.root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_until(|| wchar(pid) > 20 * MIB, "sync writes");
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let line = assert_one_line_error(&out, "SIGINT");
+    assert!(
+        line.contains("dst.raw") && line.contains("--rollback"),
+        "{line}"
+    );
+    let out = env.imgsync(&["sync", "--rollback", "dst.raw"]);
+    assert!(out.status.success());
+    identical(&env, &env.path("old.raw"), &env.path("dst.raw"), "rollback");
+}
+
+#[test]
+fn small_filesystem_journal_room() {
+    let env = qemu_env!();
+    let Some(_fs) = Tmpfs::mount(env.path("small"), "48M") else {
+        return;
+    };
+    // 2 GiB virtual, 16 MiB of data: a full copy fits in 48 MiB.
+    let src = env.path("src.raw");
+    let f = File::create(&src).unwrap();
+    for i in 0..16u64 {
+        f.write_all_at(&random_bytes(MIB as usize, i, false), i * 100 * MIB)
+            .unwrap();
+    }
+    f.set_len(2048 * MIB).unwrap();
+    let dst = env.path("small/dst.raw");
+    report(
+        &sync_local(&env, &["src.raw", "small/dst.raw"]),
+        "full copy into small fs",
+    );
+    identical(&env, &src, &dst, "full copy");
+    // Half the data changes: 8 MiB journal + in place: fits.
+    for i in 0..8u64 {
+        f.write_all_at(&random_bytes(MIB as usize, 50 + i, false), i * 100 * MIB)
+            .unwrap();
+    }
+    let r = report(&sync_local(&env, &["src.raw", "small/dst.raw"]), "half");
+    identical(&env, &src, &dst, "half");
+    assert_eq!(n(&r, "blocks-sent"), 8 * MIB / BS, "{r}");
+    // 30 MiB of new data and all 16 MiB changed: 16 MiB of journal and
+    // 30 MiB more allocation do not fit in what is left. Fails before
+    // changing anything.
+    copy(&dst, &env.path("before.raw"));
+    for i in 0..16u64 {
+        f.write_all_at(&random_bytes(MIB as usize, 200 + i, false), i * 100 * MIB)
+            .unwrap();
+    }
+    for i in 0..30u64 {
+        f.write_all_at(
+            &random_bytes(MIB as usize, 300 + i, false),
+            i * 50 * MIB + 1800 * MIB,
+        )
+        .unwrap();
+    }
+    f.set_len(4096 * MIB).unwrap();
+    let out = sync_local(&env, &["src.raw", "small/dst.raw"]);
+    let line = assert_one_line_error(&out, "no room");
+    assert!(line.contains("dst.raw") && line.contains("free"), "{line}");
+    identical(&env, &env.path("before.raw"), &dst, "untouched");
+    assert_eq!(entries(&env.path("small")), vec!["dst.raw".to_string()]);
+}
+
+// Over SSH (a real sshd; both transports; push and pull)
+
+fn sync_remote(env: &Env, sshd: &Sshd, via: Via, remote: &str, src: &str, dst: &str) -> Output {
+    let mut a = vec![
+        "sync".to_string(),
+        "-q".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    a.extend(ssh_args(sshd, via, remote));
+    a.push(src.into());
+    a.push(dst.into());
+    run(env, sshd, &a, &[])
+}
+
+#[test]
+fn change_patterns_over_ssh_push_and_pull() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    base(&env.path("base.raw"));
+    let chosen = [
+        "identical",
+        "scattered-4k",
+        "discarded",
+        "grown",
+        "shrunk",
+        "last-byte",
+    ];
+    for via in BOTH {
+        for p in PATTERNS.iter().filter(|p| chosen.contains(&p.name)) {
+            for push in [true, false] {
+                let what = format!("{via:?} {} {}", if push { "push" } else { "pull" }, p.name);
+                let (src, dst) = (env.path("src.raw"), env.path("dst.raw"));
+                copy(&env.path("base.raw"), &src);
+                copy(&env.path("base.raw"), &dst);
+                (p.change)(&src);
+                let out = if push {
+                    sync_remote(&env, &sshd, via, BIN, "src.raw", &url(&sshd, &dst))
+                } else {
+                    sync_remote(&env, &sshd, via, BIN, &url(&sshd, &src), "dst.raw")
+                };
+                let r = report(&out, &what);
+                identical(&env, &src, &dst, &what);
+                assert_eq!(n(&r, "blocks-sent"), p.sent, "{what}: {r}");
+                assert_eq!(n(&r, "holes-punched"), p.punched, "{what}: {r}");
+                assert!(n(&r, "data-sent") <= p.sent * BS, "{what}: {r}");
+                if p.name == "identical" {
+                    // Nothing but hashes (and the handshake) crosses:
+                    // 128 data blocks, a few KiB.
+                    assert!(n(&r, "wire-bytes") < 32 * KIB, "{what}: {r}");
+                }
+                assert_eq!(
+                    entries(env.root())
+                        .into_iter()
+                        .filter(|e| e.contains("imgsync"))
+                        .collect::<Vec<_>>(),
+                    Vec::<String>::new(),
+                    "{what}"
+                );
+            }
+        }
+        // DST absent, pushed and pulled: full copies.
+        let (src, dst) = (env.path("base.raw"), env.path("fresh.raw"));
+        let r = report(
+            &sync_remote(&env, &sshd, via, BIN, "base.raw", &url(&sshd, &dst)),
+            "push absent",
+        );
+        identical(&env, &src, &dst, "push absent");
+        assert_eq!(r["destination-existed"], false);
+        fs::remove_file(&dst).unwrap();
+        report(
+            &sync_remote(&env, &sshd, via, BIN, &url(&sshd, &src), "fresh.raw"),
+            "pull absent",
+        );
+        identical(&env, &src, &dst, "pull absent");
+        assert!(data_regions(&dst) <= 8 * MIB);
+        fs::remove_file(&dst).unwrap();
+    }
+}
+
+#[test]
+fn killed_remote_end_then_rerun_or_rollback() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    big_pair(&env);
+    let journal = env.path(".dst.raw.imgsync-journal");
+    for via in BOTH {
+        for (push, at) in [(true, 8 * MIB), (true, 100 * MIB), (false, 40 * MIB)] {
+            for then_rollback in [false, true] {
+                let what = format!(
+                    "{via:?} {} killed at {} MiB, then {}",
+                    if push {
+                        "push: receiver"
+                    } else {
+                        "pull: sender"
+                    },
+                    at / MIB,
+                    if then_rollback { "rollback" } else { "rerun" }
+                );
+                copy(&env.path("old.raw"), &env.path("dst.raw"));
+                let (script, pidfile) = pid_script(&sshd, &format!("k-{via:?}-{push}-{at}"), "");
+                let _ = fs::remove_file(&pidfile);
+                let mut a = vec![
+                    "sync".to_string(),
+                    "-q".into(),
+                    "--compress-level".into(),
+                    "0".into(),
+                ];
+                a.extend(ssh_args(&sshd, via, &script.display().to_string()));
+                if push {
+                    a.push("src.raw".into());
+                    a.push(url(&sshd, &env.path("dst.raw")));
+                } else {
+                    a.push(url(&sshd, &env.path("src.raw")));
+                    a.push("dst.raw".into());
+                }
+                let mut cmd = Command::new(BIN);
+                cmd.args(&a)
+                    .current_dir(env.root())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                sshd.env(&mut cmd);
+                let child = cmd.spawn().unwrap();
+                let pid = wait_for_pid(&pidfile);
+                // The receiver (local on pull) has written `at` bytes.
+                let watch = if push {
+                    pid.parse().unwrap()
+                } else {
+                    child.id()
+                };
+                wait_until(|| wchar(watch) > at, &what);
+                kill9(&pid);
+                let out = child.wait_with_output().unwrap();
+                let line = assert_one_line_error(&out, &what);
+                assert!(line.contains("127.0.0.1"), "{what}: {line}");
+                assert!(journal.exists(), "{what}: no journal");
+                if then_rollback {
+                    let out = env.imgsync(&["sync", "--rollback", "dst.raw"]);
+                    assert!(out.status.success(), "{what}");
+                    identical(&env, &env.path("old.raw"), &env.path("dst.raw"), &what);
+                } else {
+                    let out = if push {
+                        sync_remote(
+                            &env,
+                            &sshd,
+                            via,
+                            BIN,
+                            "src.raw",
+                            &url(&sshd, &env.path("dst.raw")),
+                        )
+                    } else {
+                        sync_remote(
+                            &env,
+                            &sshd,
+                            via,
+                            BIN,
+                            &url(&sshd, &env.path("src.raw")),
+                            "dst.raw",
+                        )
+                    };
+                    let r = report(&out, &what);
+                    assert_eq!(r["resumed"], true, "{what}: {r}");
+                    identical(&env, &env.path("src.raw"), &env.path("dst.raw"), &what);
+                }
+                assert!(!journal.exists(), "{what}: journal left");
+            }
+        }
+    }
+}
+
+#[test]
+fn remote_errors_name_the_host() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    base(&env.path("a.raw"));
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "d.qcow2", "256M"]);
+    for via in BOTH {
+        let out = sync_remote(
+            &env,
+            &sshd,
+            via,
+            BIN,
+            "a.raw",
+            &url(&sshd, &env.path("d.qcow2")),
+        );
+        let line = assert_one_line_error(&out, "qcow2 DST");
+        assert!(
+            line.contains("127.0.0.1") && line.contains("qcow2"),
+            "{line}"
+        );
+        let out = sync_remote(
+            &env,
+            &sshd,
+            via,
+            BIN,
+            &url(&sshd, &env.path("nope.raw")),
+            "x.raw",
+        );
+        let line = assert_one_line_error(&out, "missing remote SRC");
+        assert!(
+            line.contains("127.0.0.1") && line.contains("nope.raw"),
+            "{line}"
+        );
+        assert!(!env.path("x.raw").exists());
+    }
+}
