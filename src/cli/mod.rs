@@ -207,6 +207,12 @@ enum Command {
         /// partly updated with no way back (rerunning still completes it)
         #[arg(long)]
         no_journal: bool,
+        /// Read and hash all of DST instead of trusting the hashes kept
+        /// from the last sync (.NAME.imgsync-hashes beside DST, used only
+        /// while DST's size, inode and change time are as that sync left
+        /// them)
+        #[arg(long)]
+        checksum: bool,
         /// Restore DST as it was before an interrupted sync (from its
         /// journal); takes only DST
         #[arg(long)]
@@ -348,6 +354,7 @@ pub fn main() -> ExitCode {
             format,
             block_size,
             no_journal,
+            checksum,
             rollback,
             no_space_check,
             compress_level,
@@ -362,6 +369,7 @@ pub fn main() -> ExitCode {
             format: format.map(Into::into),
             block_size,
             no_journal,
+            checksum,
             rollback,
             no_space_check,
             compress_level,

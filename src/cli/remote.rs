@@ -514,6 +514,7 @@ pub fn sync_pull(
     key: [u8; 32],
     journal: bool,
     check_space: bool,
+    reread: bool,
     level: Option<i32>,
     workers: usize,
     ssh: &SshArgs,
@@ -544,15 +545,17 @@ pub fn sync_pull(
         src_size: info.virtual_size,
         journal,
         check_space,
+        reread,
     };
     let limits = peer.limits;
+    let cache = super::sync::cache_of(dst, &target);
     let r = crate::engine::sync::sync_receive(
         target,
         &mut peer.fr,
         &mut peer.fw,
         &limits,
         &params,
-        &crate::engine::sync::SyncReceiveOptions { workers },
+        &crate::engine::sync::SyncReceiveOptions { workers, cache },
         cancel,
     );
     let src_name = location_name(host, path);
@@ -565,6 +568,7 @@ pub fn sync_pull(
                 src_size: info.virtual_size,
                 dst_existed: got.existed,
                 resumed: got.resumed,
+                dst_cached: got.cached,
                 bytes_read: got.src_bytes_read,
                 blocks_compared: done.blocks_compared,
                 blocks_sent: done.blocks_written,

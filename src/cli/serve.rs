@@ -242,6 +242,7 @@ fn sync_receive(
         return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
     }
     let target = super::sync::open_target(&dst)?;
+    let cache = super::sync::cache_of(&dst, &target);
     let cancel = interrupt_flag();
     crate::engine::sync::sync_receive(
         target,
@@ -251,6 +252,7 @@ fn sync_receive(
         &r.params,
         &crate::engine::sync::SyncReceiveOptions {
             workers: crate::engine::pipeline::default_workers(),
+            cache,
         },
         &cancel,
     )
@@ -289,6 +291,7 @@ fn sync_send(
         src_size: image.virtual_size(),
         journal: true,
         check_space: true,
+        reread: false,
     };
     let sopts = crate::engine::sync::SyncSendOptions {
         level: if r.level == AUTO_LEVEL {

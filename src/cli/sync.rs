@@ -33,6 +33,7 @@ pub struct Args {
     pub format: Option<Format>,
     pub block_size: u64,
     pub no_journal: bool,
+    pub checksum: bool,
     pub rollback: bool,
     pub no_space_check: bool,
     pub compress_level: Option<i32>,
@@ -70,14 +71,14 @@ pub fn run(a: Args) -> Result<u8> {
     let report = match (&src_loc, &dst_loc) {
         (Location::Local(s), Location::Local(d)) => {
             let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size());
+            let params = params(&a, image.virtual_size())?;
             refuse_same(s, d)?;
             let target = open_target(d)?;
             local(&a, &image, s, d, target, &params, &sopts, &cancel)?
         }
         (Location::Local(s), Location::Remote { host, path }) => {
             let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size());
+            let params = params(&a, image.virtual_size())?;
             let bar = a.reporting.bar();
             let r = remote::sync_push(
                 &image,
@@ -106,6 +107,7 @@ pub fn run(a: Args) -> Result<u8> {
                 key,
                 !a.no_journal,
                 !a.no_space_check,
+                a.checksum,
                 a.compress_level,
                 workers,
                 &a.ssh,
@@ -126,13 +128,24 @@ pub fn run(a: Args) -> Result<u8> {
     Ok(exit::OK)
 }
 
-fn params(a: &Args, src_size: u64) -> SyncParams {
-    SyncParams {
+fn params(a: &Args, src_size: u64) -> Result<SyncParams> {
+    Ok(SyncParams {
         block_size: a.block_size as u32,
-        key: random_key().unwrap_or([0x5a; 32]),
+        key: random_key()?,
         src_size,
         journal: !a.no_journal,
         check_space: !a.no_space_check,
+        reread: a.checksum,
+    })
+}
+
+/// DST's path for its hash cache (`io::hashcache`); block devices have none.
+pub fn cache_of(dst: &Path, target: &Target) -> Option<std::path::PathBuf> {
+    match target {
+        Target::Existing {
+            is_device: true, ..
+        } => None,
+        _ => Some(dst.to_path_buf()),
     }
 }
 
@@ -239,6 +252,7 @@ fn local(
     let limits = Limits::DEFAULT;
     let ropts = SyncReceiveOptions {
         workers: sopts.workers,
+        cache: cache_of(dst, &target),
     };
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
@@ -337,6 +351,7 @@ fn print_report(
             "virtual-size": r.src_size,
             "destination-existed": r.dst_existed,
             "resumed": r.resumed,
+            "destination-hashes": if r.dst_cached { "cache" } else if r.dst_existed { "read" } else { "none" },
             "bytes-read": r.bytes_read,
             "blocks-compared": r.blocks_compared,
             "blocks-sent": r.blocks_sent,
@@ -357,6 +372,16 @@ fn print_report(
         );
         println!("holes punched:   {}", r.blocks_punched);
         println!("data read:       {}", human_size(r.bytes_read));
+        if r.dst_existed {
+            println!(
+                "DST hashes:      {}",
+                if r.dst_cached {
+                    "from the last sync's cache (DST not read)"
+                } else {
+                    "read from DST"
+                }
+            );
+        }
         println!("on the wire:     {} ({wire} bytes)", human_size(wire));
         println!("time:            {seconds:.2} s");
     }

@@ -35,6 +35,7 @@ use super::plan;
 use super::remote::{recv_msg, send_msg, LevelTuner};
 use super::zero::{is_zero, Segment};
 use super::{Error, Progress, Result};
+use crate::io::hashcache;
 use crate::io::journal::{self, Journal, JournalHeader};
 use crate::protocol::msg::{encode_blocks_head, kind, Plan, SyncDone, SyncInfo, SyncParams};
 use crate::protocol::{self, frame, FrameReader, FrameWriter, Limits, Message};
@@ -217,6 +218,8 @@ pub struct SyncReport {
     pub src_size: u64,
     pub dst_existed: bool,
     pub resumed: bool,
+    /// DST's hashes came from its hash cache (DST was not read).
+    pub dst_cached: bool,
     /// SRC data bytes read (hashing and sending).
     pub bytes_read: u64,
     /// SRC blocks holding data that were compared (hashed).
@@ -385,6 +388,11 @@ pub fn sync_send<R: Read, W: Write>(
         Message::SyncInfo(i) => i,
         m => return Err(unexpected("SYNC_INFO", &m)),
     };
+    // The receiver's key: the request's, or its hash cache's.
+    let params = &SyncParams {
+        key: info.key,
+        ..*params
+    };
     let summary = plan::summarize(image, 1)?;
     progress.start(summary.data_bytes);
     let mut merge = MergeSink {
@@ -480,6 +488,7 @@ pub fn sync_send<R: Read, W: Write>(
         src_size: params.src_size,
         dst_existed: info.exists,
         resumed: info.resumed,
+        dst_cached: info.cached,
         bytes_read: stats.bytes_read + sent_stats.bytes_read,
         blocks_compared: compared,
         blocks_sent,
@@ -658,9 +667,12 @@ pub enum Target {
     New(crate::io::Output),
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SyncReceiveOptions {
     pub workers: usize,
+    /// DST's path, for its hash cache (`io::hashcache`): None for block
+    /// devices or when no cache is kept.
+    pub cache: Option<PathBuf>,
 }
 
 /// The receiving end: DST is `target`; SRC's size, block size and key are
@@ -673,6 +685,8 @@ pub struct Received {
     pub existed: bool,
     /// An interrupted sync's journal was found and continued.
     pub resumed: bool,
+    /// DST's hashes came from its hash cache (DST was not read).
+    pub cached: bool,
     /// Bytes of SRC the sender read (as it reported).
     pub src_bytes_read: u64,
     /// Bytes of block content received (before compression).
@@ -721,14 +735,50 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         Target::New(_) => (false, 0),
     };
     let resumed = journal.is_some();
+    // DST's hash cache, if it still describes DST (not after an
+    // interruption: DST changed since). A cache not used is removed
+    // before DST changes; a new one is written at the end.
+    let cache_path = opts.cache.as_deref().map(hashcache::path_for);
+    let mut cache = None;
+    if let (Some(cp), Target::Existing { file, .. }) = (&cache_path, &target) {
+        if !resumed && !params.reread {
+            cache = hashcache::Cache::open(cp, file, params.block_size, params.src_size);
+        }
+        if cache.is_none() {
+            match std::fs::remove_file(cp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Dest(e)),
+            }
+        }
+    }
+    let params = &SyncParams {
+        key: cache.as_ref().map_or(params.key, |c| c.key()),
+        ..*params
+    };
+    let was_cached = cache.is_some();
     send_msg(
         fw,
         &Message::SyncInfo(SyncInfo {
             exists,
             dst_size,
             resumed,
+            cached: cache.is_some(),
+            key: params.key,
         }),
     )?;
+    // DST's hashes before the sync, kept for the new cache.
+    let spool_dir = cache_path.as_deref().and_then(Path::parent).map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    });
+    let mut old_hashes = match spool_dir {
+        Some(d) => Some(hashcache::Spool::new_in(d).map_err(Error::Dest)?),
+        None => None,
+    };
     let mut digest = SumDigest::default();
     let mut compared = 0;
     if let Target::Existing { image, .. } = &target {
@@ -738,15 +788,31 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             sent: 0,
             digest: SumDigest::default(),
             src_blocks,
+            spool: old_hashes.as_mut(),
         };
-        hash_pipeline(
-            image,
-            params,
-            &mut sink,
-            opts.workers,
-            &super::NoProgress,
-            cancel,
-        )?;
+        if let Some(c) = &mut cache {
+            let mut v = Vec::new();
+            loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+                c.read_batch(&mut v, HASHES_PER_FRAME)
+                    .map_err(Error::Dest)?;
+                if v.is_empty() {
+                    break;
+                }
+                sink.put((std::mem::take(&mut v), 0))?;
+            }
+        } else {
+            hash_pipeline(
+                image,
+                params,
+                &mut sink,
+                opts.workers,
+                &super::NoProgress,
+                cancel,
+            )?;
+        }
         sink.flush()?;
         digest = sink.digest;
         compared = sink.sent;
@@ -822,6 +888,11 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         batch: Vec::new(),
         batch_bytes: 0,
         old_data: Default::default(),
+        changed: match spool_dir {
+            Some(d) => Some(hashcache::Spool::new_in(d).map_err(Error::Dest)?),
+            None => None,
+        },
+        punched_runs: Vec::new(),
         written: 0,
         punched: 0,
     };
@@ -930,9 +1001,31 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     if let Some(j) = applier.journal.take() {
         j.remove().map_err(jerr)?;
     }
+    let changed = applier.changed.take();
+    let punched_runs = std::mem::take(&mut applier.punched_runs);
     drop(applier);
-    if let Target::New(out) = target {
-        out.commit().map_err(Error::Dest)?;
+    let dst_file = match target {
+        Target::New(out) => {
+            out.commit().map_err(Error::Dest)?;
+            opts.cache.as_deref().and_then(|p| File::open(p).ok())
+        }
+        Target::Existing { file, .. } => Some(file),
+    };
+    // The new hash cache: an optimisation, so a failure only means the
+    // next sync reads DST.
+    if let (Some(cp), Some(f), Some(mut old), Some(mut changed)) =
+        (&cache_path, &dst_file, old_hashes, changed)
+    {
+        let _ = hashcache::write(
+            cp,
+            f,
+            params.block_size,
+            params.key,
+            src_blocks,
+            &mut old,
+            &mut changed,
+            &punched_runs,
+        );
     }
     let done = SyncDone {
         blocks_compared: compared,
@@ -946,6 +1039,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         done,
         existed: exists,
         resumed,
+        cached: was_cached,
         src_bytes_read: src_read,
         data,
     })
@@ -971,6 +1065,7 @@ struct HashSink<'a, W: Write> {
     sent: u64,
     digest: SumDigest,
     src_blocks: u64,
+    spool: Option<&'a mut hashcache::Spool>,
 }
 
 impl<W: Write> HashSink<'_, W> {
@@ -993,6 +1088,9 @@ impl<W: Write> Sink for HashSink<'_, W> {
             self.digest.add(&h);
             self.batch.push((b, short(&h)));
             self.sent += 1;
+            if let Some(s) = &mut self.spool {
+                s.push(b, Some(&h)).map_err(Error::Dest)?;
+            }
             if self.batch.len() >= HASHES_PER_FRAME {
                 self.flush()?;
             }
@@ -1021,6 +1119,10 @@ struct Applier<'a> {
     /// Blocks of this batch whose old content holds data (the others read
     /// as zeros: their zero parts need no writing).
     old_data: std::collections::HashSet<u64>,
+    /// For the new hash cache: each block written (its new hash, none
+    /// when zero), and the runs punched.
+    changed: Option<hashcache::Spool>,
+    punched_runs: Vec<(u64, u64)>,
     written: u64,
     punched: u64,
 }
@@ -1140,8 +1242,12 @@ impl Applier<'_> {
                 Change::Write(first, data) => {
                     let off = first * self.bs;
                     for (i, block) in data.chunks(self.bs as usize).enumerate() {
-                        if let Some(h) = block_hash(&self.key, first + i as u64, block) {
-                            self.digest.add(&h);
+                        let h = block_hash(&self.key, first + i as u64, block);
+                        if let Some(h) = &h {
+                            self.digest.add(h);
+                        }
+                        if let Some(s) = &mut self.changed {
+                            s.push(first + i as u64, h.as_ref()).map_err(Error::Dest)?;
                         }
                     }
                     self.write_sparse(off, &data)?;
@@ -1158,6 +1264,9 @@ impl Applier<'_> {
                             .map_err(Error::Dest)?;
                     }
                     self.punched += count;
+                    if self.changed.is_some() {
+                        self.punched_runs.push((first, count));
+                    }
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod file;
+pub mod hashcache;
 pub mod journal;
 pub mod open;
 pub mod output;

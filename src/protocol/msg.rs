@@ -150,6 +150,9 @@ pub struct SyncParams {
     /// Keep an undo journal (off: `--no-journal`).
     pub journal: bool,
     pub check_space: bool,
+    /// Read and hash all of DST even when its hash cache is valid
+    /// (`--checksum`).
+    pub reread: bool,
 }
 
 /// Sync push: the server holds DST and receives the changed blocks.
@@ -186,6 +189,10 @@ pub struct SyncInfo {
     pub dst_size: u64,
     /// An interrupted sync's journal was found and is continued.
     pub resumed: bool,
+    /// DST's hashes come from its hash cache (DST is not read).
+    pub cached: bool,
+    /// The key both ends hash with: the request's, or the cache's.
+    pub key: [u8; 32],
 }
 
 /// The sender's plan after comparing the hashes.
@@ -409,7 +416,11 @@ impl Message {
                 v.extend_from_slice(&r.params.block_size.to_be_bytes());
                 v.extend_from_slice(&r.params.key);
                 v.extend_from_slice(&r.params.src_size.to_be_bytes());
-                v.push(u8::from(r.params.journal) | (u8::from(r.params.check_space) << 1));
+                v.push(
+                    u8::from(r.params.journal)
+                        | (u8::from(r.params.check_space) << 1)
+                        | (u8::from(r.params.reread) << 2),
+                );
             }
             Message::Request(Request::SyncSend(r)) => {
                 v.push(5);
@@ -420,8 +431,9 @@ impl Message {
                 v.push(r.level as u8);
             }
             Message::SyncInfo(i) => {
-                v.push(u8::from(i.exists) | (u8::from(i.resumed) << 1));
+                v.push(u8::from(i.exists) | (u8::from(i.resumed) << 1) | (u8::from(i.cached) << 2));
                 v.extend_from_slice(&i.dst_size.to_be_bytes());
+                v.extend_from_slice(&i.key);
             }
             Message::Hashes(h) => {
                 v.extend_from_slice(&(h.len() as u32).to_be_bytes());
@@ -555,6 +567,7 @@ impl Message {
                             src_size,
                             journal: flags & 1 != 0,
                             check_space: flags & 2 != 0,
+                            reread: flags & 4 != 0,
                         },
                     }))
                 }
@@ -596,7 +609,9 @@ impl Message {
                 Message::SyncInfo(SyncInfo {
                     exists: flags & 1 != 0,
                     resumed: flags & 2 != 0,
+                    cached: flags & 4 != 0,
                     dst_size: d.u64()?,
+                    key: d.array()?,
                 })
             }
             kind::HASHES => {
@@ -961,6 +976,7 @@ mod tests {
             src_size: 1 << 30,
             journal: true,
             check_space: false,
+            reread: true,
         };
         round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
             path: b"/d".to_vec(),
@@ -977,6 +993,8 @@ mod tests {
             exists: true,
             dst_size: 5,
             resumed: true,
+            cached: true,
+            key: [7; 32],
         }));
         round_trip(Message::Hashes(vec![(1, [2; 16]), (9, [3; 16])]));
         round_trip(Message::HashesEnd(2));

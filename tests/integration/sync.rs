@@ -463,6 +463,7 @@ fn killed_local_sync_resumes_or_rolls_back() {
             } else {
                 let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "rerun");
                 assert_eq!(r["resumed"], true, "at {at}: {r}");
+                assert_eq!(r["destination-hashes"], "read", "at {at}: {r}");
                 identical(&env, &env.path("src.raw"), &env.path("dst.raw"), "rerun");
                 assert!(!journal.exists(), "at {at}: journal left after rerun");
             }
@@ -547,7 +548,87 @@ fn small_filesystem_journal_room() {
     let line = assert_one_line_error(&out, "no room");
     assert!(line.contains("dst.raw") && line.contains("free"), "{line}");
     identical(&env, &env.path("before.raw"), &dst, "untouched");
+    // Nothing beside DST (its hash cache, stale with SRC's new size, was
+    // removed before anything else).
     assert_eq!(entries(&env.path("small")), vec!["dst.raw".to_string()]);
+}
+
+/// Writes one byte of `path` in place (a change behind imgsync's back).
+fn poke(path: &Path, off: u64) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 1], off).unwrap();
+}
+
+#[test]
+fn hash_cache_is_used_only_while_dst_is_unchanged() {
+    let env = qemu_env!();
+    base(&env.path("src.raw"));
+    let (src, dst) = (env.path("src.raw"), env.path("dst.raw"));
+    let cache = env.path(".dst.raw.imgsync-hashes");
+    let hashes = |r: &Value| r["destination-hashes"].as_str().unwrap().to_string();
+    // DST absent: a full copy, and the cache of what it wrote.
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "first");
+    assert_eq!(hashes(&r), "none");
+    assert!(cache.exists());
+    // Unchanged DST: its hashes come from the cache, DST is not read.
+    write_at(&src, 5 * MIB, b"new");
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "cached");
+    assert_eq!(hashes(&r), "cache", "{r}");
+    assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+    identical(&env, &src, &dst, "cached");
+    // The cache follows the sync (written, punched, grown blocks).
+    punch(&src, 0, 512 * KIB);
+    write_at(&src, BASE_SIZE + MIB - 512, &[7; 512]);
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "cached 2");
+    assert_eq!(hashes(&r), "read", "size changed: {r}");
+    write_at(&src, 7 * MIB, b"x");
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "cached 3");
+    assert_eq!(hashes(&r), "cache", "{r}");
+    assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+    identical(&env, &src, &dst, "cached 3");
+    // DST changed behind imgsync's back (same size): the cache is stale,
+    // DST is read and the change undone.
+    for off in [16 * MIB + 100, 5 * MIB] {
+        poke(&dst, off);
+        let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "poked");
+        assert_eq!(hashes(&r), "read", "{r}");
+        assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+        identical(&env, &src, &dst, "poked");
+    }
+    // --checksum reads DST whatever the cache says.
+    let r = report(
+        &sync_local(&env, &["--checksum", "src.raw", "dst.raw"]),
+        "checksum",
+    );
+    assert_eq!(hashes(&r), "read", "{r}");
+    assert_eq!(n(&r, "blocks-sent"), 0, "{r}");
+    // Another block size: not used.
+    let r = report(
+        &sync_local(&env, &["--block-size", "128k", "src.raw", "dst.raw"]),
+        "bs",
+    );
+    assert_eq!(hashes(&r), "read", "{r}");
+    // A damaged cache is not used.
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "again");
+    assert_eq!(hashes(&r), "read", "block size back: {r}");
+    let mut bytes = fs::read(&cache).unwrap();
+    let at = bytes.len() - 50;
+    bytes[at] ^= 0xff;
+    fs::write(&cache, &bytes).unwrap();
+    poke(&src, 48 * MIB + 7);
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "damaged");
+    assert_eq!(hashes(&r), "read", "{r}");
+    assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+    identical(&env, &src, &dst, "damaged");
+    // That sync left a valid cache again.
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "after");
+    assert_eq!(hashes(&r), "cache", "{r}");
 }
 
 // Over SSH (a real sshd; both transports; push and pull)
@@ -604,7 +685,7 @@ fn change_patterns_over_ssh_push_and_pull() {
                 assert_eq!(
                     entries(env.root())
                         .into_iter()
-                        .filter(|e| e.contains("imgsync"))
+                        .filter(|e| e.contains("imgsync") && !e.ends_with("imgsync-hashes"))
                         .collect::<Vec<_>>(),
                     Vec::<String>::new(),
                     "{what}"
@@ -619,6 +700,13 @@ fn change_patterns_over_ssh_push_and_pull() {
         );
         identical(&env, &src, &dst, "push absent");
         assert_eq!(r["destination-existed"], false);
+        // Again: DST's hashes from its cache on the remote end.
+        let r = report(
+            &sync_remote(&env, &sshd, via, BIN, "base.raw", &url(&sshd, &dst)),
+            "push again",
+        );
+        assert_eq!(r["destination-hashes"], "cache", "{r}");
+        assert_eq!(n(&r, "blocks-sent"), 0, "{r}");
         fs::remove_file(&dst).unwrap();
         report(
             &sync_remote(&env, &sshd, via, BIN, &url(&sshd, &src), "fresh.raw"),
@@ -626,6 +714,12 @@ fn change_patterns_over_ssh_push_and_pull() {
         );
         identical(&env, &src, &dst, "pull absent");
         assert!(data_regions(&dst) <= 8 * MIB);
+        let r = report(
+            &sync_remote(&env, &sshd, via, BIN, &url(&sshd, &src), "fresh.raw"),
+            "pull again",
+        );
+        assert_eq!(r["destination-hashes"], "cache", "{r}");
+        assert_eq!(r["destination-existed"], true, "{r}");
         fs::remove_file(&dst).unwrap();
     }
 }
