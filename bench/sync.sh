@@ -14,7 +14,12 @@
 #   imgsync-sync-ext   -e "ssh -F /tmp/bench-ssh/ssh_config" ... dst:DST (old)
 #   rsync-sparse-inplace-nowhole  rsync -a --sparse --inplace --no-whole-file (old)
 #   rsync-sparse       rsync -a --sparse (old)  (peer lines exactly as tools.sh's delta rows)
-#   imgsync-nochange   built-in client: imgsync sync disk.raw onto DST = a copy of disk.raw
+#   imgsync-sync-cached  as imgsync-sync, DST seeded by an (untimed) imgsync sync
+#                      of disk.raw, as after last night's sync: DST's hash
+#                      cache is valid, so DST is not read
+#   imgsync-nochange   built-in client: imgsync sync disk.raw onto DST = disk.raw
+#                      seeded by imgsync sync (the nightly case: nothing changed)
+#   imgsync-nochange-checksum   the same with --checksum (DST read and hashed)
 #   read-src           reference: readalloc.py disk.raw (reads only the
 #                      allocated extents; the harness's physical-limit reference)
 #   imgsync-sync-local, imgsync-nochange-local   (info, no goal) the same
@@ -26,7 +31,8 @@
 # /usr/bin/time), imgsync's --output json (blocks-sent, data-sent,
 # wire-bytes, journal-bytes), and correctness: `qemu-img compare SRC DST` must
 # exit 0, else the row is a FAIL (the script goes on and exits 1 at the end).
-# Files left in DST's folder besides DST (e.g. a journal) are noted.
+# Files left in DST's folder besides DST and its hash cache (e.g. a journal)
+# are noted.
 #
 # Fairness: every command is timed as CMD; then `sync -f DST` (in the
 # destination namespace for remote rows), both inside the timed region. The
@@ -219,9 +225,11 @@ export BIN SRV KH SSH SSHCFG RIP S SYNC_ARGS SHARED
 export ID=$S/id_ed25519
 # PC: the client's command prefix (perf record with PERF=1)
 PC=
-# lines "name<TAB>kind<TAB>src<TAB>where<TAB>command"
+# lines "name<TAB>kind<TAB>src<TAB>where<TAB>command[<TAB>seed]"
 #   kind imgsync|peer|ref|info; src changed|raw; where src (namespace isrc,
-#   DST seeded with disk.raw, remote) | local (host, DST seeded) | ref (host, no DST)
+#   DST seeded with disk.raw, remote) | local (host, DST seeded) | ref (host, no DST);
+#   seed copy (default: allocation-preserving copy) | imgsync (imgsync sync
+#   disk.raw DST on the host, leaving DST's hash cache)
 rows() {
     local bi="env -u SSH_AUTH_SOCK \$PC \"\$BIN\" sync -q --output json \$SYNC_ARGS --known-hosts \"\$KH\" -i \"\$ID\" --ssh-config /dev/null --remote-imgsync \"\$SRV\" \"\$SRC\" \"ssh://root@\$RIP\$DST\" >\"\$JSON\""
     local lo="\$PC \"\$BIN\" sync -q --output json \$SYNC_ARGS \"\$SRC\" \"\$DST\" >\"\$JSON\""
@@ -232,7 +240,9 @@ rows() {
         "rsync -a --sparse --inplace --no-whole-file -e \"\$SSH\" \"\$SRC\" \"dst:\$DST\""
     printf 'rsync-sparse\tpeer\tchanged\tsrc\t%s\n' \
         "rsync -a --sparse -e \"\$SSH\" \"\$SRC\" \"dst:\$DST\""
-    printf 'imgsync-nochange\timgsync\traw\tsrc\t%s\n' "$bi"
+    printf 'imgsync-sync-cached\timgsync\tchanged\tsrc\t%s\timgsync\n' "$bi"
+    printf 'imgsync-nochange\timgsync\traw\tsrc\t%s\timgsync\n' "$bi"
+    printf 'imgsync-nochange-checksum\tinfo\traw\tsrc\t%s\timgsync\n' "${bi/sync -q/sync -q --checksum}"
     printf 'read-src\tref\traw\tref\t%s\n' "python3 \"\$SHARED/readalloc.py\" \"\$SRC\""
     printf 'imgsync-sync-local\tinfo\tchanged\tlocal\t%s\n' "$lo"
     printf 'imgsync-nochange-local\tinfo\traw\tlocal\t%s\n' "$lo"
@@ -249,7 +259,7 @@ cpu() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", a + b}'; }
 
 # run_row NAME KIND SRCKIND WHERE CMD: RUNS runs, keep the best correct one.
 run_row() {
-    local name=$1 kind=$2 srck=$3 where=$4 cmd=$5
+    local name=$1 kind=$2 srck=$3 where=$4 cmd=$5 seed=${6:-copy}
     local dstdir=$OUT_DIR/dst/$name run log ctime rc t0 t1 a0 b0 a1 b1 wall wire ok out left
     export DST=$dstdir/disk.raw JSON=$OUT_DIR/logs/$name.json
     if [ "$srck" = changed ]; then export SRC=$CHANGED; else export SRC=$RAW; fi
@@ -263,7 +273,9 @@ run_row() {
         log=$OUT_DIR/logs/$name-run$run.log ctime=$OUT_DIR/client.time
         rm -rf "$dstdir"; mkdir -p "$dstdir"
         rm -f "$JSON" "$SRV_TIME" "$ctime"
-        if [ "$where" != ref ]; then
+        if [ "$where" != ref ] && [ "$seed" = imgsync ]; then
+            "$BIN" sync -q "$RAW" "$DST" || die "seeding $DST (imgsync sync) failed"
+        elif [ "$where" != ref ]; then
             python3 "$SHARED/mkimage.py" copy "$RAW" "$DST" && touch -r "$RAW" "$DST" ||
                 die "seeding $DST failed"
         fi
@@ -299,7 +311,7 @@ run_row() {
                 ok=FAIL FAILED=1
                 NOTE[$name]="qemu-img compare: $(echo "$out" | head -n 1)"
             fi
-            left=$(cd "$dstdir" && ls -A | grep -vx disk.raw | tr '\n' ' ')
+            left=$(cd "$dstdir" && ls -A | grep -vx -e disk.raw -e .disk.raw.imgsync-hashes | tr '\n' ' ')
         else
             left=
             NOTE[$name]=$(tail -n 1 "$log")
@@ -345,9 +357,9 @@ REPORT=$OUT_DIR/report.md
     echo "wall includes 'sync -f DST' (in the destination namespace); wire = both directions on the veth; RSS/CPU client = the whole client command with children (ssh included), server = imgsync serve only (sshd not included); DST seeded untimed with an allocation-preserving copy of disk.raw."
 } | tee "$REPORT"
 
-while IFS=$'\t' read -r -u 3 name kind srck where cmd; do
+while IFS=$'\t' read -r -u 3 name kind srck where cmd seed; do
     [[ "$name" =~ $ROWS ]] || continue
-    run_row "$name" "$kind" "$srck" "$where" "$cmd"
+    run_row "$name" "$kind" "$srck" "$where" "$cmd" "$seed"
 done 3< <(rows)
 
 # ---------------------------------------------------------------- goals + table

@@ -297,10 +297,14 @@ pub fn write(
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let result = (|| {
+        // 0600: the file holds the hash key.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tmp);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&[0u8; HEADER_LEN])?;
