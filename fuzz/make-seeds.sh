@@ -38,3 +38,37 @@ for target in qcow2_header image_map_read; do
     cp "$tmp"/*.qcow2 "corpus/$target/"
 done
 ls -l corpus/image_map_read
+
+# sync_files: a torn journal of a killed `imgsync sync --block-size 4k`
+# (mode byte 0) and a hash cache left by a sync (mode byte 1, block size
+# byte 4 = 64 KiB, then the size << 4, little-endian).
+cargo build -q --manifest-path ../Cargo.toml
+bin=../target/debug/imgsync
+python3 - "$tmp" <<'PY'
+import os, random, sys
+for name, seed in (("a.raw", 1), ("b.raw", 2)):
+    f = os.open(os.path.join(sys.argv[1], name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    r = random.Random(seed)
+    for i in range(64):
+        os.pwrite(f, r.randbytes(1 << 20), i * (4 << 20))
+    os.ftruncate(f, 512 << 20)
+    os.close(f)
+PY
+mkdir -p corpus/sync_files
+"$bin" sync -q --block-size 4k "$tmp/a.raw" "$tmp/b.raw" &
+pid=$!
+j=$tmp/.b.raw.imgsync-journal
+for _ in $(seq 500); do
+    if [ -s "$j" ] && [ "$(stat -c %s "$j")" -gt 200000 ]; then kill -9 $pid; break; fi
+    sleep 0.01
+done
+wait $pid || true
+{ printf '\x00'; head -c 150000 "$j"; } >corpus/sync_files/journal-torn
+cp --sparse=always "$tmp/a.raw" "$tmp/c.raw"
+"$bin" sync -q "$tmp/a.raw" "$tmp/c.raw"
+python3 - "$tmp/.c.raw.imgsync-hashes" corpus/sync_files/hashes-64k <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+open(sys.argv[2], "wb").write(b"\x01\x04" + struct.pack("<Q", (512 << 20) << 4) + d)
+PY
+ls -l corpus/sync_files

@@ -548,7 +548,7 @@ fn rchar(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn wchar(pid: &str) -> u64 {
+pub(crate) fn wchar(pid: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Tmpfs, KIB, MIB};
 use crate::remote::{
-    entries, json, ok, pid_script, run, ssh_args, url, wait_for_pid, wait_until, Via, BOTH,
+    entries, json, ok, pid_script, run, ssh_args, url, wait_for_pid, wait_until, wchar, Via, BOTH,
 };
 use crate::sshd::Sshd;
 
@@ -402,18 +402,6 @@ fn big_pair(env: &Env) {
         .unwrap();
 }
 
-fn wchar(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("wchar: ")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
 fn kill9(pid: &str) {
     Command::new("kill").args(["-KILL", pid]).status().unwrap();
 }
@@ -438,7 +426,7 @@ fn killed_local_sync_resumes_or_rolls_back() {
                 .unwrap();
             let pid = child.id();
             wait_until(
-                || wchar(pid) > at || child.try_wait().unwrap().is_some(),
+                || wchar(&pid.to_string()) > at || child.try_wait().unwrap().is_some(),
                 "sync writes",
             );
             kill9(&pid.to_string());
@@ -484,7 +472,7 @@ fn interrupted_local_sync_says_how_to_go_on() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    wait_until(|| wchar(pid) > 20 * MIB, "sync writes");
+    wait_until(|| wchar(&pid.to_string()) > 20 * MIB, "sync writes");
     Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()
@@ -770,11 +758,11 @@ fn killed_remote_end_then_rerun_or_rollback() {
                 let pid = wait_for_pid(&pidfile);
                 // The receiver (local on pull) has written `at` bytes.
                 let watch = if push {
-                    pid.parse().unwrap()
+                    pid.clone()
                 } else {
-                    child.id()
+                    child.id().to_string()
                 };
-                wait_until(|| wchar(watch) > at, &what);
+                wait_until(|| wchar(&watch) > at, &what);
                 kill9(&pid);
                 let out = child.wait_with_output().unwrap();
                 let line = assert_one_line_error(&out, &what);
