@@ -776,7 +776,9 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         }
     });
     let mut old_hashes = match spool_dir {
-        Some(d) => Some(hashcache::Spool::new_in(d).map_err(Error::Dest)?),
+        // The cache is an optimisation: no room or no write access for
+        // it only means no cache.
+        Some(d) => hashcache::Spool::new_in(d).ok(),
         None => None,
     };
     let mut digest = SumDigest::default();
@@ -889,7 +891,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         batch_bytes: 0,
         old_data: Default::default(),
         changed: match spool_dir {
-            Some(d) => Some(hashcache::Spool::new_in(d).map_err(Error::Dest)?),
+            Some(d) => hashcache::Spool::new_in(d).ok(),
             None => None,
         },
         punched_runs: Vec::new(),
@@ -1089,7 +1091,7 @@ impl<W: Write> Sink for HashSink<'_, W> {
             self.batch.push((b, short(&h)));
             self.sent += 1;
             if let Some(s) = &mut self.spool {
-                s.push(b, Some(&h)).map_err(Error::Dest)?;
+                s.push(b, Some(&h));
             }
             if self.batch.len() >= HASHES_PER_FRAME {
                 self.flush()?;
@@ -1247,7 +1249,7 @@ impl Applier<'_> {
                             self.digest.add(h);
                         }
                         if let Some(s) = &mut self.changed {
-                            s.push(first + i as u64, h.as_ref()).map_err(Error::Dest)?;
+                            s.push(first + i as u64, h.as_ref());
                         }
                     }
                     self.write_sparse(off, &data)?;

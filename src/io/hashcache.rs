@@ -218,10 +218,13 @@ fn split(e: &[u8; ENTRY_LEN]) -> (u64, [u8; 32]) {
 }
 
 /// An unnamed scratch file in `dir` (O_TMPFILE, or a name unlinked at
-/// once): written in order, then read back from the start.
+/// once): written in order, then read back from the start. A failed write
+/// is remembered (the spool is then incomplete and [`write`] refuses it)
+/// rather than failing the sync it serves.
 pub struct Spool {
     w: Option<BufWriter<File>>,
     r: Option<BufReader<File>>,
+    failed: bool,
 }
 
 /// Spool records: index, present flag, hash.
@@ -250,21 +253,24 @@ impl Spool {
         Ok(Spool {
             w: Some(BufWriter::with_capacity(256 << 10, file)),
             r: None,
+            failed: false,
         })
     }
 
-    pub fn push(&mut self, index: u64, hash: Option<&[u8; 32]>) -> io::Result<()> {
-        let w = self
-            .w
-            .as_mut()
-            .ok_or_else(|| io::Error::other("spool: write after read"))?;
+    pub fn push(&mut self, index: u64, hash: Option<&[u8; 32]>) {
+        let Some(w) = self.w.as_mut().filter(|_| !self.failed) else {
+            self.failed = true;
+            return;
+        };
         let mut e = [0u8; SPOOL_LEN];
         e[..8].copy_from_slice(&index.to_be_bytes());
         if let Some(h) = hash {
             e[8] = 1;
             e[9..].copy_from_slice(h);
         }
-        w.write_all(&e)
+        if w.write_all(&e).is_err() {
+            self.failed = true;
+        }
     }
 
     /// The next record (after the first call, no more pushes).
@@ -302,6 +308,9 @@ pub fn write(
     changed: &mut Spool,
     punched: &[(u64, u64)],
 ) -> io::Result<()> {
+    if old.failed || changed.failed {
+        return Err(io::Error::other("a hash spool could not be written"));
+    }
     let before = Identity::of(dst)?;
     // Let the clock move past DST's ctime (see the module comment).
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -418,13 +427,13 @@ mod tests {
         assert_eq!(cache.file_name().unwrap(), ".d.raw.imgsync-hashes");
         let mut old = Spool::new_in(dir.path()).unwrap();
         for i in [0, 2, 3, 5, 7, 9] {
-            old.push(i, Some(&h(i as u8))).unwrap();
+            old.push(i, Some(&h(i as u8)));
         }
         let mut changed = Spool::new_in(dir.path()).unwrap();
-        changed.push(1, Some(&h(101))).unwrap(); // new block
-        changed.push(3, Some(&h(103))).unwrap(); // rewritten
-        changed.push(5, None).unwrap(); // now zeros
-        changed.push(8, Some(&h(108))).unwrap();
+        changed.push(1, Some(&h(101))); // new block
+        changed.push(3, Some(&h(103))); // rewritten
+        changed.push(5, None); // now zeros
+        changed.push(8, Some(&h(108)));
         // Block 7 punched; block 9 is past the new end (9 blocks).
         write(
             &cache,
@@ -472,7 +481,7 @@ mod tests {
         let dst = File::open(&dst_path).unwrap();
         let cache = path_for(&dst_path);
         let mut old = Spool::new_in(dir.path()).unwrap();
-        old.push(0, Some(&h(1))).unwrap();
+        old.push(0, Some(&h(1)));
         let mut changed = Spool::new_in(dir.path()).unwrap();
         write(&cache, &dst, 4096, [1; 32], 1, &mut old, &mut changed, &[]).unwrap();
         assert!(Cache::open(&cache, &dst, 4096, 4096).is_some());
@@ -483,6 +492,15 @@ mod tests {
             std::fs::write(&cache, &b).unwrap();
             assert!(Cache::open(&cache, &dst, 4096, 4096).is_none(), "byte {at}");
         }
+        // An incomplete spool (a write failed): no cache at all.
+        std::fs::remove_file(&cache).unwrap();
+        let mut old = Spool::new_in(dir.path()).unwrap();
+        old.push(0, Some(&h(1)));
+        old.read_next().unwrap();
+        old.push(1, Some(&h(2)));
+        let mut changed = Spool::new_in(dir.path()).unwrap();
+        assert!(write(&cache, &dst, 4096, [1; 32], 1, &mut old, &mut changed, &[]).is_err());
+        assert!(!cache.exists());
         // Truncated, or with an entry count that overflows.
         std::fs::write(&cache, &good[..good.len() - 2]).unwrap();
         assert!(Cache::open(&cache, &dst, 4096, 4096).is_none());
