@@ -41,7 +41,8 @@ pub fn progress_of(bar: &Option<Bar>) -> &dyn Progress {
 /// ETA) on a terminal; with `-p` and no terminal (a log, a pipe), a line
 /// at every further 10 %, as `qemu-img convert -p` keeps logging too.
 pub enum Bar {
-    Terminal(ProgressBar),
+    /// The bar, and the data sent so far (sync).
+    Terminal(ProgressBar, AtomicU64),
     Lines(Lines),
 }
 
@@ -50,6 +51,8 @@ pub struct Lines {
     done: AtomicU64,
     /// The last tenth reported.
     reported: AtomicU64,
+    /// Data sent (sync), shown when not zero.
+    sent: AtomicU64,
     started: Instant,
 }
 
@@ -66,6 +69,7 @@ impl Bar {
                     total: AtomicU64::new(0),
                     done: AtomicU64::new(0),
                     reported: AtomicU64::new(0),
+                    sent: AtomicU64::new(0),
                     started: Instant::now(),
                 })
             });
@@ -73,12 +77,12 @@ impl Bar {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "{wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
-        Some(Bar::Terminal(bar))
+        Some(Bar::Terminal(bar, AtomicU64::new(0)))
     }
 }
 
@@ -86,8 +90,12 @@ impl Lines {
     fn line(&self, done: u64, total: u64) {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let sent = match self.sent.load(Ordering::Relaxed) {
+            0 => String::new(),
+            s => format!(", {} sent", human_size(s)),
+        };
         eprintln!(
-            "{pct:>3}% {} of {}, {}/s",
+            "{pct:>3}% {} of {}, {}/s{sent}",
             human_size(done),
             human_size(total),
             human_size((done as f64 / secs) as u64)
@@ -98,7 +106,7 @@ impl Lines {
 impl Progress for Bar {
     fn start(&self, total: u64) {
         match self {
-            Bar::Terminal(b) => {
+            Bar::Terminal(b, _) => {
                 b.set_length(total);
                 b.set_position(0);
             }
@@ -111,7 +119,7 @@ impl Progress for Bar {
     }
     fn advance(&self, bytes: u64) {
         match self {
-            Bar::Terminal(b) => b.inc(bytes),
+            Bar::Terminal(b, _) => b.inc(bytes),
             Bar::Lines(l) => {
                 let done = l.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
                 let total = l.total.load(Ordering::Relaxed);
@@ -124,9 +132,20 @@ impl Progress for Bar {
             }
         }
     }
+    fn sent(&self, bytes: u64) {
+        match self {
+            Bar::Terminal(b, sent) => {
+                let now = sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                b.set_message(format!("{} sent", human_size(now)));
+            }
+            Bar::Lines(l) => {
+                l.sent.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
+    }
     fn finish(&self) {
         match self {
-            Bar::Terminal(b) => b.finish_and_clear(),
+            Bar::Terminal(b, _) => b.finish_and_clear(),
             Bar::Lines(l) => {
                 if l.reported.swap(11, Ordering::Relaxed) <= 10 {
                     let total = l.total.load(Ordering::Relaxed);
@@ -139,7 +158,7 @@ impl Progress for Bar {
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        if let Bar::Terminal(b) = self {
+        if let Bar::Terminal(b, _) = self {
             b.finish_and_clear();
         }
     }

@@ -6,6 +6,8 @@ pub trait Progress: Sync {
     fn start(&self, _total: u64) {}
     /// `bytes` more of the total are done.
     fn advance(&self, _bytes: u64) {}
+    /// `bytes` more of data were sent (sync: the blocks that differ).
+    fn sent(&self, _bytes: u64) {}
     /// The operation ended (successfully or not).
     fn finish(&self) {}
 }

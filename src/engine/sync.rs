@@ -448,6 +448,7 @@ pub fn sync_send<R: Read, W: Write>(
     let level = Arc::new(AtomicI32::new(opts.level));
     let mut sink = BlocksSink {
         fw,
+        progress,
         sent: 0,
         data: 0,
         tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
@@ -607,6 +608,7 @@ impl Encoder for BlocksEncoder {
 
 struct BlocksSink<'a, W: Write> {
     fw: &'a mut FrameWriter<W>,
+    progress: &'a dyn Progress,
     sent: u64,
     data: u64,
     tuner: Option<LevelTuner>,
@@ -628,6 +630,7 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
         }
         self.sent += count;
         self.data += raw;
+        self.progress.sent(raw);
         Ok(())
     }
 }
