@@ -536,10 +536,10 @@ fn too_little_space_fails_early_and_leaves_nothing() {
 // ---------------------------------------------------------------------------
 // Block device target (loop device; needs root)
 
-struct Loop(String);
+pub(crate) struct Loop(pub(crate) String);
 
 impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
+    pub(crate) fn attach(file: &Path) -> Option<Loop> {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(file)

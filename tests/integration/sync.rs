@@ -619,6 +619,63 @@ fn hash_cache_is_used_only_while_dst_is_unchanged() {
     assert_eq!(hashes(&r), "cache", "{r}");
 }
 
+#[test]
+fn block_device_destination() {
+    let env = qemu_env!();
+    let size = 32 * MIB;
+    // The device holds old data everywhere; SRC has data in three places.
+    fs::write(env.path("dev.img"), vec![0xeeu8; size as usize]).unwrap();
+    let Some(dev) = crate::convert::Loop::attach(&env.path("dev.img")) else {
+        return;
+    };
+    let src = env.path("src.raw");
+    let f = File::create(&src).unwrap();
+    f.write_all_at(&random_bytes(MIB as usize, 1, true), 0)
+        .unwrap();
+    f.write_all_at(&random_bytes(3 * MIB as usize, 2, true), 7 * MIB + 512)
+        .unwrap();
+    f.write_all_at(&vec![0xee; 2 * MIB as usize], 20 * MIB)
+        .unwrap();
+    f.set_len(size).unwrap();
+    let devp = Path::new(&dev.0);
+    let name = devp.file_name().unwrap().to_string_lossy().into_owned();
+    let r = report(&sync_local(&env, &["src.raw", &dev.0]), "device");
+    let out = env.run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "src.raw", &dev.0],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Everything but the 2 MiB that already matched: sent or zeroed.
+    let blocks = size / BS;
+    assert_eq!(n(&r, "blocks-sent"), (MIB + 3 * MIB + 64 * KIB) / BS, "{r}");
+    assert_eq!(
+        n(&r, "holes-punched") + n(&r, "blocks-sent") + 2 * MIB / BS,
+        blocks,
+        "{r}"
+    );
+    // Its journal went to /var/tmp, and is gone; no hash cache for a device.
+    assert!(!Path::new(&format!("/var/tmp/.{name}.imgsync-journal")).exists());
+    assert!(!Path::new(&format!("/dev/.{name}.imgsync-hashes")).exists());
+    let r = report(&sync_local(&env, &["src.raw", &dev.0]), "again");
+    assert_eq!(r["destination-hashes"], "read", "{r}");
+    assert_eq!(n(&r, "blocks-sent"), 0, "{r}");
+    // A SRC larger than the device: refused before anything changes.
+    f.set_len(size + MIB).unwrap();
+    f.write_all_at(b"tail", size + 100).unwrap();
+    let line = assert_one_line_error(&sync_local(&env, &["src.raw", &dev.0]), "too small");
+    assert!(line.contains(&dev.0), "{line}");
+    f.set_len(size).unwrap();
+    let out = env.run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "src.raw", &dev.0],
+    );
+    assert!(out.status.success(), "device changed by the refused sync");
+}
+
 // Over SSH (a real sshd; both transports; push and pull)
 
 fn sync_remote(env: &Env, sshd: &Sshd, via: Via, remote: &str, src: &str, dst: &str) -> Output {
