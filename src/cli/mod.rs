@@ -271,6 +271,7 @@ fn query(
             QueryCommand::Info => info::run(&p, format, output),
             QueryCommand::Map => map::run(&p, format, output),
             QueryCommand::Check => check::run(&p, format, output),
+            QueryCommand::Rollback => sync::rollback_to(&mut std::io::stdout(), &p),
         },
         location::Location::Remote { host, path } => {
             remote::query(&host, &path, command, format, output, ssh)

@@ -189,6 +189,7 @@ fn query<W: Write>(fw: &mut FrameWriter<W>, q: QueryRequest) -> Result<()> {
         QueryCommand::Info => super::info::run_to(&mut out, &path, format, output),
         QueryCommand::Map => super::map::run_to(&mut out, &path, format, output),
         QueryCommand::Check => super::check::run_to(&mut out, &path, format, output),
+        QueryCommand::Rollback => super::sync::rollback_to(&mut out, &path),
     }?;
     out.flush()?;
     send_msg(out.fw, &Message::Exit(code)).map_err(|e| anyhow!(e))?;

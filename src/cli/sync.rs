@@ -49,7 +49,7 @@ pub fn run(a: Args) -> Result<u8> {
         let [dst] = &a.paths[..] else {
             bail!("--rollback takes one argument: the destination to restore");
         };
-        return rollback(dst);
+        return rollback(&a, dst);
     }
     let [src, dst] = &a.paths[..] else {
         bail!("sync needs SRC and DST (or --rollback DST)");
@@ -310,15 +310,28 @@ pub fn journal_of(dst: &Path) -> Option<std::path::PathBuf> {
     j.symlink_metadata().is_ok().then_some(j)
 }
 
-fn rollback(dst: &OsString) -> Result<u8> {
-    let dst = match Location::parse(dst)? {
-        Location::Local(p) => p,
-        l => bail!("{l}: --rollback works on a local destination (run it on that host)"),
-    };
-    let is_device = std::fs::metadata(&dst)
+fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
+    match Location::parse(dst)? {
+        Location::Local(p) if a.reporting.quiet => rollback_to(&mut std::io::sink(), &p),
+        Location::Local(p) => rollback_to(&mut std::io::stdout(), &p),
+        Location::Remote { host, path } => remote::query(
+            &host,
+            &path,
+            crate::protocol::msg::QueryCommand::Rollback,
+            None,
+            OutputFormat::Human,
+            &a.ssh,
+        ),
+        Location::Stdio => bail!("-: --rollback needs the destination image"),
+    }
+}
+
+/// `--rollback` of a local DST; says what it did on `out`.
+pub fn rollback_to(out: &mut dyn std::io::Write, dst: &Path) -> Result<u8> {
+    let is_device = std::fs::metadata(dst)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    let jpath = sync::journal_path(&dst, is_device);
+    let jpath = sync::journal_path(dst, is_device);
     if !jpath.exists() {
         bail!(
             "{}: no interrupted sync to roll back ({} not found)",
@@ -326,13 +339,14 @@ fn rollback(dst: &OsString) -> Result<u8> {
             jpath.display()
         );
     }
-    let r = journal::rollback(&dst, &jpath)
+    let r = journal::rollback(dst, &jpath)
         .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
-    eprintln!(
-        "imgsync: {}: rolled back to the image before the sync ({} blocks restored)",
+    writeln!(
+        out,
+        "{}: rolled back to the image before the sync ({} blocks restored)",
         dst.display(),
         r.entries
-    );
+    )?;
     Ok(exit::OK)
 }
 

@@ -137,6 +137,8 @@ pub enum QueryCommand {
     Info = 1,
     Map = 2,
     Check = 3,
+    /// `imgsync sync --rollback` of a remote DST.
+    Rollback = 4,
 }
 
 /// The parameters of a sync both ends share: the block size, the session's
@@ -544,6 +546,7 @@ impl Message {
                         1 => QueryCommand::Info,
                         2 => QueryCommand::Map,
                         3 => QueryCommand::Check,
+                        4 => QueryCommand::Rollback,
                         c => return Err(malformed(what, format!("unknown query {c}"))),
                     };
                     Message::Request(Request::Query(QueryRequest {
@@ -963,6 +966,12 @@ mod tests {
             clusters_compressed: 2,
         }));
         round_trip(Message::Error("x: no space".to_string()));
+        round_trip(Message::Request(Request::Query(QueryRequest {
+            command: QueryCommand::Rollback,
+            path: b"/d".to_vec(),
+            format: None,
+            json: false,
+        })));
         round_trip(Message::Request(Request::Query(QueryRequest {
             command: QueryCommand::Map,
             path: b"/x".to_vec(),

@@ -825,7 +825,15 @@ fn killed_remote_end_then_rerun_or_rollback() {
                 let line = assert_one_line_error(&out, &what);
                 assert!(line.contains("127.0.0.1"), "{what}: {line}");
                 assert!(journal.exists(), "{what}: no journal");
-                if then_rollback {
+                if then_rollback && push {
+                    // The DST host is remote here: rolled back through serve.
+                    let mut a = vec!["sync".to_string(), "--rollback".into()];
+                    a.extend(ssh_args(&sshd, via, BIN));
+                    a.push(url(&sshd, &env.path("dst.raw")));
+                    let text = ok(&run(&env, &sshd, &a, &[]), &what);
+                    assert!(text.contains("rolled back"), "{what}: {text}");
+                    identical(&env, &env.path("old.raw"), &env.path("dst.raw"), &what);
+                } else if then_rollback {
                     let out = env.imgsync(&["sync", "--rollback", "dst.raw"]);
                     assert!(out.status.success(), "{what}");
                     identical(&env, &env.path("old.raw"), &env.path("dst.raw"), &what);
@@ -890,6 +898,15 @@ fn remote_errors_name_the_host() {
         let line = assert_one_line_error(&out, "missing remote SRC");
         assert!(
             line.contains("127.0.0.1") && line.contains("nope.raw"),
+            "{line}"
+        );
+        // A remote --rollback with nothing to roll back.
+        let mut a = vec!["sync".to_string(), "--rollback".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &env.path("a.raw")));
+        let line = assert_one_line_error(&run(&env, &sshd, &a, &[]), "remote rollback");
+        assert!(
+            line.contains("127.0.0.1") && line.contains("no interrupted sync"),
             "{line}"
         );
         assert!(!env.path("x.raw").exists());
