@@ -117,28 +117,8 @@ SRC_DATA=$(du -B1 "$SRC" | cut -f1)
 SRC_NZ= # from imgsync's json: bytes-read - zero-bytes
 
 # ---------------------------------------------------------------- network
-was_up=0 orig_rate= orig_delay=
-if ip netns list | grep -qw isrc; then
-    [ -s $S/net.env ] || die "namespace isrc exists but $S/net.env is missing"
-    was_up=1
-    orig_rate=$(. $S/net.env; echo "$RATE") orig_delay=$(. $S/net.env; echo "$DELAY")
-fi
-restore() {
-    if [ "$was_up" = 1 ]; then
-        RATE=$orig_rate DELAY=$orig_delay "$SHARED/netns.sh" shape >&2
-    elif ip netns list | grep -qw isrc; then
-        "$SHARED/netns.sh" down >&2
-    fi
-}
-trap restore EXIT
-trap 'exit 130' INT TERM
-if [ "$was_up" = 0 ]; then
-    RATE=${RATES%% *} "$SHARED/netns.sh" up >&2 || die "netns.sh up failed"
-fi
-SSHCFG=$S/ssh_config
-SSH="ssh -F $SSHCFG"
-KH=$OUT_DIR/known_hosts
-echo "$RIP $(cut -d' ' -f1,2 $S/ssh_host_ed25519_key.pub)" >"$KH"
+source "$top/bench/netns-take.sh"
+netns_take "${RATES%% *}"
 QSSH_Q="?host_key_check=sha256:$(cat $S/hostkey.sha256)"
 
 # qemu's ssh block driver: module + the libssh it links (fetched, not installed)

@@ -195,30 +195,8 @@ eval "$(grep -v '^#' "$CH_ENV")"
 GOAL_WIRE_BYTES=$(awk -v z="$CH_ZSTD" -v d="$SRC_DATA" -v x="$GOAL_WIRE_X" -v f="$GOAL_WIRE_DATA" 'BEGIN{printf "%.0f", x * z + f * d}')
 
 # ---------------------------------------------------------------- network
-was_up=0 orig_rate= orig_delay=
-if ip netns list | grep -qw isrc; then
-    [ -s $S/net.env ] || die "namespace isrc exists but $S/net.env is missing"
-    was_up=1
-    orig_rate=$(. $S/net.env; echo "$RATE") orig_delay=$(. $S/net.env; echo "$DELAY")
-fi
-restore() {
-    if [ "$was_up" = 1 ]; then
-        RATE=$orig_rate DELAY=$orig_delay "$SHARED/netns.sh" shape >&2
-    elif ip netns list | grep -qw isrc; then
-        "$SHARED/netns.sh" down >&2
-    fi
-}
-trap restore EXIT
-trap 'exit 130' INT TERM
-if [ "$was_up" = 0 ]; then
-    RATE=$RATE "$SHARED/netns.sh" up >&2 || die "netns.sh up failed"
-else
-    RATE=$RATE "$SHARED/netns.sh" shape >&2 || die "netns.sh shape $RATE failed"
-fi
-SSHCFG=$S/ssh_config
-SSH="ssh -F $SSHCFG"
-KH=$OUT_DIR/known_hosts
-echo "$RIP $(cut -d' ' -f1,2 $S/ssh_host_ed25519_key.pub)" >"$KH"
+source "$top/bench/netns-take.sh"
+netns_take "$RATE"
 
 # ---------------------------------------------------------------- rows
 export BIN SRV KH SSH SSHCFG RIP S SYNC_ARGS SHARED
