@@ -548,14 +548,16 @@ pub fn sync_pull(
         reread,
     };
     let limits = peer.limits;
-    let cache = super::sync::cache_of(dst, &target);
     let r = crate::engine::sync::sync_receive(
         target,
         &mut peer.fr,
         &mut peer.fw,
         &limits,
         &params,
-        &crate::engine::sync::SyncReceiveOptions { workers, cache },
+        &crate::engine::sync::SyncReceiveOptions {
+            workers,
+            cache: Some(dst.to_path_buf()),
+        },
         cancel,
     );
     let src_name = location_name(host, path);

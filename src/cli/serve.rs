@@ -243,7 +243,6 @@ fn sync_receive(
         return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
     }
     let target = super::sync::open_target(&dst)?;
-    let cache = super::sync::cache_of(&dst, &target);
     let cancel = interrupt_flag();
     crate::engine::sync::sync_receive(
         target,
@@ -253,7 +252,7 @@ fn sync_receive(
         &r.params,
         &crate::engine::sync::SyncReceiveOptions {
             workers: crate::engine::pipeline::default_workers(),
-            cache,
+            cache: Some(dst.clone()),
         },
         &cancel,
     )

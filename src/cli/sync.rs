@@ -139,16 +139,6 @@ fn params(a: &Args, src_size: u64) -> Result<SyncParams> {
     })
 }
 
-/// DST's path for its hash cache (`io::hashcache`); block devices have none.
-pub fn cache_of(dst: &Path, target: &Target) -> Option<std::path::PathBuf> {
-    match target {
-        Target::Existing {
-            is_device: true, ..
-        } => None,
-        _ => Some(dst.to_path_buf()),
-    }
-}
-
 /// The session's hash key: 32 bytes from the kernel's random source.
 pub fn random_key() -> Result<[u8; 32]> {
     let mut k = [0u8; 32];
@@ -252,7 +242,7 @@ fn local(
     let limits = Limits::DEFAULT;
     let ropts = SyncReceiveOptions {
         workers: sopts.workers,
-        cache: cache_of(dst, &target),
+        cache: Some(dst.to_path_buf()),
     };
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);

@@ -673,8 +673,9 @@ pub enum Target {
 #[derive(Clone, Debug)]
 pub struct SyncReceiveOptions {
     pub workers: usize,
-    /// DST's path, for its hash cache (`io::hashcache`): None for block
-    /// devices or when no cache is kept.
+    /// DST's path, for its hash cache (`io::hashcache`; never kept for a
+    /// block device, whose node's times do not follow writes). None: no
+    /// cache.
     pub cache: Option<PathBuf>,
 }
 
@@ -741,7 +742,12 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     // DST's hash cache, if it still describes DST (not after an
     // interruption: DST changed since). A cache not used is removed
     // before DST changes; a new one is written at the end.
-    let cache_path = opts.cache.as_deref().map(hashcache::path_for);
+    let cache_path = match &target {
+        Target::Existing {
+            is_device: true, ..
+        } => None,
+        _ => opts.cache.as_deref().map(hashcache::path_for),
+    };
     let mut cache = None;
     if let (Some(cp), Target::Existing { file, .. }) = (&cache_path, &target) {
         if !resumed && !params.reread {
@@ -759,7 +765,6 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         key: cache.as_ref().map_or(params.key, |c| c.key()),
         ..*params
     };
-    let was_cached = cache.is_some();
     send_msg(
         fw,
         &Message::SyncInfo(SyncInfo {
@@ -1044,7 +1049,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         done,
         existed: exists,
         resumed,
-        cached: was_cached,
+        cached: cache.is_some(),
         src_bytes_read: src_read,
         data,
     })
