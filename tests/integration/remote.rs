@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -61,15 +61,29 @@ pub(crate) fn ssh_args(sshd: &Sshd, via: Via, remote: &str) -> Vec<String> {
     a
 }
 
-/// Runs imgsync in the test dir, blind to the real ~/.ssh and agent.
-pub(crate) fn run(env: &Env, sshd: &Sshd, args: &[String], envs: &[(&str, &str)]) -> Output {
+/// imgsync in the test dir, blind to the real ~/.ssh and agent.
+fn command(env: &Env, sshd: &Sshd, args: &[String]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).current_dir(env.root());
     sshd.env(&mut cmd);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run imgsync")
+    cmd
+}
+
+/// Runs imgsync (see [`command`]) to the end.
+pub(crate) fn run(env: &Env, sshd: &Sshd, args: &[String], envs: &[(&str, &str)]) -> Output {
+    command(env, sshd, args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run imgsync")
+}
+
+/// Starts imgsync (see [`command`]) with its output captured.
+pub(crate) fn spawn(env: &Env, sshd: &Sshd, args: &[String]) -> Child {
+    command(env, sshd, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start imgsync")
 }
 
 fn convert(env: &Env, sshd: &Sshd, via: Via, extra: &[&str], src: &str, dst: &str) -> Output {
@@ -588,13 +602,7 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
         a.extend(ssh_args(&sshd, via, &script.display().to_string()));
         a.push("big.raw".into());
         a.push(url(&sshd, &remote.join("out.raw")));
-        let mut cmd = Command::new(BIN);
-        cmd.args(&a)
-            .current_dir(env.root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        sshd.env(&mut cmd);
-        let child = cmd.spawn().unwrap();
+        let child = spawn(&env, &sshd, &a);
         let pid = wait_for_pid(&pidfile);
         wait_until(|| rchar(&pid) > 32 * MIB, "receiver reads 32 MiB");
         Command::new("kill").args(["-KILL", &pid]).status().unwrap();
@@ -618,13 +626,7 @@ fn killed_receiver_or_sender_mid_transfer_leaves_no_destination() {
         a.extend(ssh_args(&sshd, via, &script.display().to_string()));
         a.push(url(&sshd, &env.path("big.raw")));
         a.push("remote/pulled.raw".into());
-        let mut cmd = Command::new(BIN);
-        cmd.args(&a)
-            .current_dir(env.root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        sshd.env(&mut cmd);
-        let child = cmd.spawn().unwrap();
+        let child = spawn(&env, &sshd, &a);
         let pid = wait_for_pid(&pidfile);
         wait_until(|| wchar(&pid) > 32 * MIB, "sender writes 32 MiB");
         Command::new("kill").args(["-KILL", &pid]).status().unwrap();

@@ -14,7 +14,8 @@ use serde_json::Value;
 
 use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Tmpfs, KIB, MIB};
 use crate::remote::{
-    entries, json, ok, pid_script, run, ssh_args, url, wait_for_pid, wait_until, wchar, Via, BOTH,
+    entries, json, ok, pid_script, run, same, spawn, ssh_args, url, wait_for_pid, wait_until,
+    wchar, Via, BOTH,
 };
 use crate::sshd::Sshd;
 
@@ -68,27 +69,22 @@ fn write_at(path: &Path, off: u64, data: &[u8]) {
     f.write_all_at(data, off).unwrap();
 }
 
+/// XORs the byte at `off` of `path` with `mask`, in place.
+fn flip(path: &Path, off: u64, mask: u8) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ mask], off).unwrap();
+}
+
 /// qemu-img compare exits 0 and the sizes are equal (compare alone lets a
 /// longer image pass when its tail is zeros).
 fn identical(env: &Env, a: &Path, b: &Path, what: &str) {
-    let out = env.run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &a.display().to_string(),
-            &b.display().to_string(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{what}: qemu-img compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    same(env, a, b);
     assert_eq!(
         fs::metadata(a).unwrap().len(),
         fs::metadata(b).unwrap().len(),
@@ -175,23 +171,13 @@ const PATTERNS: &[Pattern] = &[
     },
     Pattern {
         name: "first-byte",
-        change: |p| {
-            let f = File::open(p).unwrap();
-            let mut b = [0u8];
-            f.read_exact_at(&mut b, 48 * MIB + BS).unwrap();
-            write_at(p, 48 * MIB + BS, &[b[0] ^ 0x5a]);
-        },
+        change: |p| flip(p, 48 * MIB + BS, 0x5a),
         sent: 1,
         punched: 0,
     },
     Pattern {
         name: "last-byte",
-        change: |p| {
-            let f = File::open(p).unwrap();
-            let mut b = [0u8];
-            f.read_exact_at(&mut b, 80 * MIB + 3 * BS - 1).unwrap();
-            write_at(p, 80 * MIB + 3 * BS - 1, &[b[0] ^ 0xa5]);
-        },
+        change: |p| flip(p, 80 * MIB + 3 * BS - 1, 0xa5),
         sent: 1,
         punched: 0,
     },
@@ -541,18 +527,6 @@ fn small_filesystem_journal_room() {
     assert_eq!(entries(&env.path("small")), vec!["dst.raw".to_string()]);
 }
 
-/// Writes one byte of `path` in place (a change behind imgsync's back).
-fn poke(path: &Path, off: u64) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, off).unwrap();
-    f.write_all_at(&[b[0] ^ 1], off).unwrap();
-}
-
 #[test]
 fn hash_cache_is_used_only_while_dst_is_unchanged() {
     let env = qemu_env!();
@@ -583,7 +557,7 @@ fn hash_cache_is_used_only_while_dst_is_unchanged() {
     // DST changed behind imgsync's back (same size): the cache is stale,
     // DST is read and the change undone.
     for off in [16 * MIB + 100, 5 * MIB] {
-        poke(&dst, off);
+        flip(&dst, off, 1); // behind imgsync's back
         let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "poked");
         assert_eq!(hashes(&r), "read", "{r}");
         assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
@@ -609,7 +583,7 @@ fn hash_cache_is_used_only_while_dst_is_unchanged() {
     let at = bytes.len() - 50;
     bytes[at] ^= 0xff;
     fs::write(&cache, &bytes).unwrap();
-    poke(&src, 48 * MIB + 7);
+    flip(&src, 48 * MIB + 7, 1);
     let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "damaged");
     assert_eq!(hashes(&r), "read", "{r}");
     assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
@@ -805,13 +779,7 @@ fn killed_remote_end_then_rerun_or_rollback() {
                     a.push(url(&sshd, &env.path("src.raw")));
                     a.push("dst.raw".into());
                 }
-                let mut cmd = Command::new(BIN);
-                cmd.args(&a)
-                    .current_dir(env.root())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                sshd.env(&mut cmd);
-                let child = cmd.spawn().unwrap();
+                let child = spawn(&env, &sshd, &a);
                 let pid = wait_for_pid(&pidfile);
                 // The receiver (local on pull) has written `at` bytes.
                 let watch = if push {
