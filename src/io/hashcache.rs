@@ -11,9 +11,9 @@
 //! Layout (big-endian): a 128-byte header (magic, version, block size,
 //! key, size, identity, entry count, crc32 of the header), `count` entries
 //! of 40 bytes (block index, 32-byte hash) in increasing index order, and
-//! a crc32 of the entries. The file is written to a temp name, fsynced and
-//! renamed into place; a file that fails any check is not used (DST is read
-//! instead).
+//! a crc32 of the entries. The file is written unnamed, fsynced and linked
+//! into place (`io::Output`); a file that fails any check is not used (DST
+//! is read instead).
 //!
 //! Racy writes: the identity is taken after DST is fsynced, the writer then
 //! waits until the clock has moved past DST's ctime and takes it again
@@ -318,25 +318,20 @@ pub fn write(
     if id != before {
         return Err(io::Error::other("the destination changed after the sync"));
     }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let result = (|| {
+    // Written unnamed and linked into place whole (`io::Output`): an
+    // error leaves the old cache or none.
+    let out = super::Output::create(path)?;
+    {
         // 0600: the file holds the hash key.
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&tmp);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        use std::os::unix::fs::PermissionsExt;
+        out.file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        let mut w = BufWriter::with_capacity(1 << 20, out.file());
         w.write_all(&[0u8; HEADER_LEN])?;
         let mut crc = crc32fast::Hasher::new();
         let mut count = 0u64;
         let mut last: Option<u64> = None;
-        let mut emit = |i: u64, h: &[u8; 32], w: &mut BufWriter<File>| -> io::Result<()> {
+        let mut emit = |i: u64, h: &[u8; 32], w: &mut BufWriter<&File>| -> io::Result<()> {
             if last.is_some_and(|l| i <= l) {
                 return Err(io::Error::other("hashes out of order"));
             }
@@ -392,21 +387,19 @@ pub fn write(
             }
         }
         w.write_all(&crc.finalize().to_be_bytes())?;
-        let mut file = w.into_inner().map_err(|e| e.into_error())?;
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&encode_header(&Header {
-            block_size,
-            key,
-            id,
-            count,
-        }))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(
+            &encode_header(&Header {
+                block_size,
+                key,
+                id,
+                count,
+            }),
+            0,
+        )?;
     }
-    result
+    out.commit()
 }
 
 #[cfg(test)]
