@@ -757,7 +757,14 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             match std::fs::remove_file(cp) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Dest(e)),
+                // Never left behind stale: a cache that cannot go stops
+                // the sync before anything changes.
+                Err(e) => {
+                    return Err(Error::Dest(std::io::Error::new(
+                        e.kind(),
+                        format!("removing the stale hash cache {}: {e}", cp.display()),
+                    )))
+                }
             }
         }
     }

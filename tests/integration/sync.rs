@@ -588,7 +588,23 @@ fn hash_cache_is_used_only_while_dst_is_unchanged() {
     assert_eq!(hashes(&r), "read", "{r}");
     assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
     identical(&env, &src, &dst, "damaged");
-    // That sync left a valid cache again.
+    // A stale cache that cannot be removed (here a directory squats its
+    // name) stops the sync before anything changes.
+    fs::remove_file(&cache).unwrap();
+    fs::create_dir(&cache).unwrap();
+    copy(&dst, &env.path("before.raw"));
+    flip(&src, 48 * MIB + 9, 1);
+    let line = assert_one_line_error(
+        &env.imgsync(&["sync", "src.raw", "dst.raw"]),
+        "squatted cache",
+    );
+    assert!(line.contains(".dst.raw.imgsync-hashes"), "{line}");
+    identical(&env, &env.path("before.raw"), &dst, "squatted cache");
+    fs::remove_dir(&cache).unwrap();
+    // The next sync works, and leaves a valid cache again.
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "unsquatted");
+    assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+    identical(&env, &src, &dst, "unsquatted");
     let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "after");
     assert_eq!(hashes(&r), "cache", "{r}");
 }
