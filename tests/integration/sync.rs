@@ -315,6 +315,26 @@ fn qcow2_source_with_compressed_clusters_and_absent_destination() {
 }
 
 #[test]
+fn progress_shows_data_compared_and_sent() {
+    let env = qemu_env!();
+    base(&env.path("src.raw"));
+    copy(&env.path("src.raw"), &env.path("dst.raw"));
+    write_at(
+        &env.path("src.raw"),
+        3 * MIB,
+        &random_bytes(MIB as usize, 5, false),
+    );
+    let out = env.imgsync(&["sync", "-p", "src.raw", "dst.raw"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("100%") && last.ends_with("1 MiB sent"),
+        "{err}"
+    );
+}
+
+#[test]
 fn block_size_is_honoured() {
     let env = qemu_env!();
     base(&env.path("src.raw"));
