@@ -13,8 +13,7 @@ use super::{exit, OutputFormat};
 use crate::io::{open_image, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
-    let stdout = std::io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+    let mut out = BufWriter::new(super::output::stdout());
     let code = run_to(&mut out, path, format, output)?;
     out.flush()?;
     Ok(code)

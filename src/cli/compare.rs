@@ -77,6 +77,8 @@ pub fn run(args: Args) -> Result<u8> {
         (a, b) => bail!("{a} / {b}: compare needs at least one local image"),
     };
     drop(bar);
+    use std::io::Write;
+    let mut out = super::output::stdout();
     match args.output {
         OutputFormat::Json => {
             let v = serde_json::json!({
@@ -87,15 +89,17 @@ pub fn run(args: Args) -> Result<u8> {
                 },
                 "size-mismatch": size_mismatch,
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         OutputFormat::Human if !args.reporting.quiet => {
             if size_mismatch {
-                println!("Warning: Image size mismatch!");
+                writeln!(out, "Warning: Image size mismatch!")?;
             }
             match outcome {
-                Outcome::Identical => println!("Images are identical."),
-                Outcome::Differs { offset } => println!("Content mismatch at offset {offset}!"),
+                Outcome::Identical => writeln!(out, "Images are identical.")?,
+                Outcome::Differs { offset } => {
+                    writeln!(out, "Content mismatch at offset {offset}!")?
+                }
             }
         }
         OutputFormat::Human => {}

@@ -126,6 +126,8 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     out.commit()
         .with_context(|| format!("{}: completing the output", dst.display()))?;
     if a.output == OutputFormat::Json {
+        use std::io::Write;
+        let mut out = super::output::stdout();
         let v = serde_json::json!({
             "source": src.display().to_string(),
             "destination": dst.display().to_string(),
@@ -137,7 +139,7 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
             "compressed-clusters": report.clusters_compressed,
             "seconds": report.elapsed.as_secs_f64(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
     Ok(exit::OK)
 }

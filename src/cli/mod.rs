@@ -271,7 +271,7 @@ fn query(
             QueryCommand::Info => info::run(&p, format, output),
             QueryCommand::Map => map::run(&p, format, output),
             QueryCommand::Check => check::run(&p, format, output),
-            QueryCommand::Rollback => sync::rollback_to(&mut std::io::stdout(), &p),
+            QueryCommand::Rollback => sync::rollback_to(&mut output::stdout(), &p),
         },
         location::Location::Remote { host, path } => {
             remote::query(&host, &path, command, format, output, ssh)
@@ -289,10 +289,28 @@ pub fn main() -> ExitCode {
             } else {
                 exit::OK
             };
-            let _ = e.print();
+            // clap prints with print!/eprint!, which panic on a closed
+            // stream: render it and write it ourselves.
+            use std::io::Write;
+            let text = e.render().ansi().to_string();
+            let _ = if e.use_stderr() {
+                std::io::stderr().write_all(text.as_bytes())
+            } else {
+                std::io::stdout().write_all(text.as_bytes())
+            };
             return ExitCode::from(code);
         }
     };
+    // Only a command that prints a listing may end quietly when the reader
+    // of its stdout goes away (`imgsync map img | head`); convert, sync
+    // and serve never do: their output is the point.
+    let listing = matches!(
+        cli.command,
+        Command::Info { .. }
+            | Command::Map { .. }
+            | Command::Check { .. }
+            | Command::Compare { .. }
+    );
     let result = match cli.command {
         Command::Info {
             format,
@@ -401,10 +419,10 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if output::is_broken_pipe(&e) {
+            if listing && output::is_stdout_closed(&e) {
                 return ExitCode::from(exit::OK);
             }
-            eprintln!("imgsync: {}", output::one_line(&e));
+            output::eprint_line(&format!("imgsync: {}", output::one_line(&e)));
             ExitCode::from(exit::ERROR)
         }
     }

@@ -16,11 +16,63 @@ pub fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+/// Standard output for reports and listings. A write that fails because
+/// the reader went away (`imgsync map img | head`) carries a
+/// [`StdoutClosed`] marker, so `main` can tell it from a broken pipe to the
+/// peer or to a file, which must never end quietly.
+pub fn stdout() -> Stdout {
+    Stdout(io::stdout())
+}
+
+pub struct Stdout(io::Stdout);
+
+/// The payload of the io::Error a write to a closed stdout returns.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout: the reader closed the pipe")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn mark(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
+    }
+}
+
+impl io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(mark)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(mark)
+    }
+}
+
+/// Whether `e` is a write to stdout whose reader went away (and nothing
+/// else: a broken pipe to the peer or to a `-` stream is a real error).
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<io::Error>()
-            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<StdoutClosed>())
+            || c.is::<StdoutClosed>()
     })
+}
+
+/// A line on stderr that never panics: with stderr closed (sshd gone, a
+/// closed pipe) there is nobody to tell, and the exit status still says it.
+pub fn eprint_line(line: &str) {
+    use io::Write;
+    let mut e = io::stderr().lock();
+    let _ = writeln!(e, "{line}");
+    let _ = e.flush();
 }
 
 /// A size the way qemu-img prints it: `1 GiB`, `324 KiB`, `1.5 GiB`.

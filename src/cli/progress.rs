@@ -94,12 +94,12 @@ impl Lines {
             0 => String::new(),
             s => format!(", {} sent", human_size(s)),
         };
-        eprintln!(
+        super::output::eprint_line(&format!(
             "{pct:>3}% {} of {}, {}/s{sent}",
             human_size(done),
             human_size(total),
             human_size((done as f64 / secs) as u64)
-        );
+        ));
     }
 }
 

@@ -105,6 +105,16 @@ impl Peer {
     /// the stream broke, the peer may have said why (an ERROR frame, its
     /// exit status, stderr).
     fn fail(self, e: engine::Error) -> anyhow::Error {
+        if let engine::Error::Protocol(protocol::Error::NotProtocol(head)) = &e {
+            // Whatever runs there is not imgsync serve (or a login script
+            // writes to stdout first); waiting for it to end could be
+            // forever.
+            return anyhow!(
+                "{}: the remote command {} instead of speaking the imgsync protocol; is the remote shell clean (no output from its startup files), and is imgsync serve what runs there (--remote-imgsync)?",
+                self.host,
+                protocol::describe_foreign(head)
+            );
+        }
         let Peer {
             host,
             remote_imgsync,
@@ -163,11 +173,23 @@ impl Peer {
             return anyhow!("{host}: {s}");
         }
         if let Some(x) = exit {
+            // With -e, ssh's notices come first; they are not the remote's.
             let stderr = x
                 .stderr
                 .lines()
-                .find(|l| !l.trim().is_empty())
+                .find(|l| !l.trim().is_empty() && !l.starts_with("Warning: Permanently added"))
                 .unwrap_or("");
+            if let Some(program) = &x.transport_failed {
+                // ssh's own failure: its last line is the verdict (a
+                // changed host key comes after a box of warnings).
+                let said = x
+                    .stderr
+                    .lines()
+                    .rfind(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .unwrap_or("no message");
+                return anyhow!("{host}: {program} failed: {said}");
+            }
             if x.status == Some(127) {
                 return anyhow!(
                     "{host}: {remote_imgsync} was not found on the remote host ({}); install imgsync there or pass --remote-imgsync PATH",
@@ -289,6 +311,7 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
         0.0
     };
     let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
+    let mut out = super::output::stdout();
     if a.output == OutputFormat::Json {
         let v = serde_json::json!({
             "source": s.src,
@@ -306,29 +329,32 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
             "seconds": s.seconds,
             "rate": rate.round(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if a.stats {
-        println!(
+        writeln!(
+            out,
             "data read:     {} ({} bytes)",
             human_size(s.bytes_read),
             s.bytes_read
-        );
-        println!("zeros skipped: {}", human_size(s.zero_bytes));
-        println!("data sent:     {}", human_size(s.data_sent));
-        println!(
+        )?;
+        writeln!(out, "zeros skipped: {}", human_size(s.zero_bytes))?;
+        writeln!(out, "data sent:     {}", human_size(s.data_sent))?;
+        writeln!(
+            out,
             "on the wire:   {} ({} bytes, ratio {ratio:.2})",
             human_size(s.wire_bytes),
             s.wire_bytes
-        );
+        )?;
         if let Some(l) = s.level {
-            println!("zstd level:    {l} (at the end)");
+            writeln!(out, "zstd level:    {l} (at the end)")?;
         }
-        println!("written:       {}", human_size(s.bytes_written));
-        println!(
+        writeln!(out, "written:       {}", human_size(s.bytes_written))?;
+        writeln!(
+            out,
             "time:          {:.2} s ({}/s)",
             s.seconds,
             human_size(rate as u64)
-        );
+        )?;
     }
     Ok(())
 }
@@ -353,8 +379,7 @@ pub fn query(
     let r = (|| -> engine::Result<u8> {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         peer.fw.flush()?;
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
+        let mut out = super::output::stdout();
         loop {
             let (k, p) = peer.fr.read_frame()?;
             match Message::decode(k, p, &peer.limits)? {
@@ -830,7 +855,12 @@ pub fn to_stdout(a: &Args, image: Image) -> Result<u8> {
     let r = (|| {
         send_msg(&mut fw, &Message::Hello(Hello::ours()))?;
         send_msg(&mut fw, &Message::Image(info))?;
-        remote::send_chunks(&image, &mut fw, &Limits::DEFAULT, &sopts, progress, &cancel)
+        let sent =
+            remote::send_chunks(&image, &mut fw, &Limits::DEFAULT, &sopts, progress, &cancel)?;
+        // Dropping a BufWriter would swallow the last write's error: a
+        // reader that went away before the end must fail the convert.
+        fw.flush()?;
+        Ok(sent)
     })();
     drop(bar);
     match r {
@@ -852,13 +882,22 @@ pub fn from_stdin(a: &Args, dst: &Path) -> Result<u8> {
     let limits = Limits::DEFAULT;
     let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, stdin), limits.max_frame);
     let head = (|| -> engine::Result<ImageInfo> {
-        recv_msg(&mut fr, &limits, kind::HELLO)?;
+        remote::recv_hello(&mut fr, &limits)?;
         match recv_msg(&mut fr, &limits, kind::IMAGE)? {
             Message::Image(i) => Ok(i),
             _ => Err(engine::Error::Internal("wrong message".into())),
         }
     })();
-    let info = head.map_err(|e| anyhow!("-: {}", one(&e)))?;
+    let info = head.map_err(|e| match e {
+        engine::Error::Protocol(protocol::Error::NotProtocol(head)) => anyhow!(
+            "-: not an imgsync stream: it {}; pipe in what `imgsync convert SRC -` writes, or give an image's path instead of -",
+            protocol::describe_foreign(&head)
+        ),
+        engine::Error::Protocol(protocol::Error::Eof) if fr.first_bytes().is_none_or(<[u8]>::is_empty) => {
+            anyhow!("-: the stream is empty (nothing on stdin)")
+        }
+        e => anyhow!("-: {}", one(&e)),
+    })?;
     let output_format = a
         .output_format
         .or(info.format.map(format_of))

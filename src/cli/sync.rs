@@ -283,12 +283,26 @@ fn local(
             dst.display()
         );
     }
+    // Both ends are here, so the end that failed first says why in its own
+    // words: the other end only saw the socket close ("the peer closed the
+    // connection") or the first end's ERROR frame.
+    let seen_through_socket = |e: &engine::Error| matches!(e, engine::Error::Protocol(_));
     match (sent, received) {
         (Ok(r), Ok(_)) => Ok((r, 0)),
-        // The receiver's own error says more than the sender's view of it.
-        (_, Err(e)) => Err(engine_error(e, src, dst, None)),
+        (Err(e), Err(r)) if seen_through_socket(&e) && !seen_through_socket(&r) => {
+            Err(receiver_error(r, dst))
+        }
+        (Err(e), _) if !seen_through_socket(&e) => Err(engine_error(e, src, dst, None)),
+        (_, Err(r)) => Err(receiver_error(r, dst)),
         (Err(e), Ok(_)) => Err(engine_error(e, src, dst, None)),
     }
+}
+
+/// An error of the receiving end: everything it touches is DST (it reads
+/// DST's old content through the format layer, which the engine reports as
+/// a source error).
+fn receiver_error(e: engine::Error, dst: &Path) -> anyhow::Error {
+    engine_error(e, dst, dst, None)
 }
 
 /// The journal of an interrupted sync of `dst`, if there is one.
@@ -303,7 +317,7 @@ pub fn journal_of(dst: &Path) -> Option<std::path::PathBuf> {
 fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
     match Location::parse(dst)? {
         Location::Local(p) if a.reporting.quiet => rollback_to(&mut std::io::sink(), &p),
-        Location::Local(p) => rollback_to(&mut std::io::stdout(), &p),
+        Location::Local(p) => rollback_to(&mut super::output::stdout(), &p),
         Location::Remote { host, path } => remote::query(
             &host,
             &path,
@@ -348,6 +362,8 @@ fn print_report(
     wire: u64,
     seconds: f64,
 ) -> Result<()> {
+    use std::io::Write;
+    let mut out = super::output::stdout();
     if a.output == OutputFormat::Json {
         let v = serde_json::json!({
             "source": src.to_string(),
@@ -366,28 +382,30 @@ fn print_report(
             "journal-bytes": r.done.journal_bytes,
             "seconds": seconds,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if a.stats {
-        println!("blocks compared: {}", r.blocks_compared);
-        println!(
+        writeln!(out, "blocks compared: {}", r.blocks_compared)?;
+        writeln!(
+            out,
             "blocks sent:     {} ({})",
             r.blocks_sent,
             human_size(r.data_sent)
-        );
-        println!("holes punched:   {}", r.blocks_punched);
-        println!("data read:       {}", human_size(r.bytes_read));
+        )?;
+        writeln!(out, "holes punched:   {}", r.blocks_punched)?;
+        writeln!(out, "data read:       {}", human_size(r.bytes_read))?;
         if r.dst_existed {
-            println!(
+            writeln!(
+                out,
                 "DST hashes:      {}",
                 if r.dst_cached {
                     "from the last sync's cache (DST not read)"
                 } else {
                     "read from DST"
                 }
-            );
+            )?;
         }
-        println!("on the wire:     {} ({wire} bytes)", human_size(wire));
-        println!("time:            {seconds:.2} s");
+        writeln!(out, "on the wire:     {} ({wire} bytes)", human_size(wire))?;
+        writeln!(out, "time:            {seconds:.2} s")?;
     }
     Ok(())
 }

@@ -117,13 +117,30 @@ pub fn handshake<R: Read, W: Write>(
     let ours = protocol::msg::Hello::ours();
     send_msg(fw, &Message::Hello(ours))?;
     fw.flush()?;
-    match recv_msg(fr, &ours.limits, kind::HELLO)? {
+    match recv_hello(fr, &ours.limits)? {
         Message::Hello(h) => {
             let limits = ours.limits.negotiate(h.limits);
             fr.set_max_len(limits.max_frame);
             Ok(limits)
         }
         _ => unreachable_msg(),
+    }
+}
+
+/// Receives the peer's HELLO; a stream that does not even start like one
+/// (a login banner, another program, a disk image on `-`) is
+/// [`protocol::Error::NotProtocol`] with what it sent, not a confusing
+/// frame error.
+pub fn recv_hello<R: Read>(fr: &mut FrameReader<R>, limits: &Limits) -> Result<Message> {
+    match recv_msg(fr, limits, kind::HELLO) {
+        Err(e @ Error::Protocol(protocol::Error::Read(_))) => Err(e),
+        Err(e) => match fr.first_bytes() {
+            Some(head) if !head.is_empty() && !protocol::starts_like_frame(head) => {
+                Err(protocol::Error::NotProtocol(head.to_vec()).into())
+            }
+            _ => Err(e),
+        },
+        ok => ok,
     }
 }
 

@@ -75,6 +75,10 @@ pub struct FrameReader<R> {
     inner: R,
     max_len: u32,
     buf: Vec<u8>,
+    /// The bytes of the first header as they arrived (even a partial one),
+    /// so a stream that is not ours (a shell banner, a raw image on `-`)
+    /// can be shown for what it is.
+    first: Option<Vec<u8>>,
     /// Bytes read so far (headers included).
     pub bytes: u64,
 }
@@ -85,8 +89,15 @@ impl<R: Read> FrameReader<R> {
             inner,
             max_len,
             buf: Vec::new(),
+            first: None,
             bytes: 0,
         }
+    }
+
+    /// The first bytes the stream carried (up to one header), once a read
+    /// was attempted.
+    pub fn first_bytes(&self) -> Option<&[u8]> {
+        self.first.as_deref()
     }
 
     pub fn set_max_len(&mut self, max_len: u32) {
@@ -101,7 +112,14 @@ impl<R: Read> FrameReader<R> {
     /// A clean end of stream before a header is [`Error::Eof`].
     pub fn read_frame(&mut self) -> Result<(u8, &[u8])> {
         let mut h = [0u8; HEADER_LEN];
-        read_full(&mut self.inner, &mut h, true)?;
+        if self.first.is_none() {
+            let mut got = 0;
+            let r = read_some(&mut self.inner, &mut h, &mut got);
+            self.first = Some(h[..got].to_vec());
+            r?;
+        } else {
+            read_full(&mut self.inner, &mut h, true)?;
+        }
         let header = decode_header(&h, self.max_len)?;
         self.buf.clear();
         // Bounded by max_len, checked above; filled as it arrives so a
@@ -127,10 +145,24 @@ impl<R: Read> FrameReader<R> {
 
 fn read_full(r: &mut impl Read, buf: &mut [u8], eof_ok_at_start: bool) -> Result<()> {
     let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
+    read_into(r, buf, &mut got, eof_ok_at_start)
+}
+
+/// [`read_full`] of a first header, counting what arrived in `got`.
+fn read_some(r: &mut impl Read, buf: &mut [u8], got: &mut usize) -> Result<()> {
+    read_into(r, buf, got, true)
+}
+
+fn read_into(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    got: &mut usize,
+    eof_ok_at_start: bool,
+) -> Result<()> {
+    while *got < buf.len() {
+        match r.read(&mut buf[*got..]) {
             Ok(0) => {
-                return Err(if got == 0 && eof_ok_at_start {
+                return Err(if *got == 0 && eof_ok_at_start {
                     Error::Eof
                 } else {
                     Error::Malformed {
@@ -139,7 +171,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], eof_ok_at_start: bool) -> Result
                     }
                 })
             }
-            Ok(n) => got += n,
+            Ok(n) => *got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::Read(e)),
         }

@@ -92,9 +92,38 @@ pub enum Error {
         expected: &'static str,
         got: &'static str,
     },
+    /// The first bytes of the stream are not a frame of ours: a shell
+    /// banner, another program, an image piped where a stream belongs.
+    #[error("{} instead of speaking the imgsync protocol", describe_foreign(.0))]
+    NotProtocol(Vec<u8>),
     /// The peer reported an error (its message, naming its file).
     #[error("{0}")]
     Remote(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whether `head`, the first bytes of a stream, can begin a frame of this
+/// protocol: a known type, then the zero flag and reserved bytes.
+pub fn starts_like_frame(head: &[u8]) -> bool {
+    match head.split_first() {
+        None => true,
+        Some((&k, rest)) => msg::kind_name(k) != "unknown" && rest.iter().take(3).all(|&b| b == 0),
+    }
+}
+
+/// What a foreign stream starts with, for a one-line error: the text it
+/// printed (`printed "Welcome to ..."`), or its first bytes in hex.
+pub fn describe_foreign(head: &[u8]) -> String {
+    let text = head
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) || b"\t\r\n".contains(&b) || b >= 0x80);
+    if text && !head.is_empty() {
+        let s = String::from_utf8_lossy(head);
+        let line = s.trim_start().lines().next().unwrap_or("").trim_end();
+        format!("printed \"{}...\"", line.escape_debug())
+    } else {
+        let hex: Vec<String> = head.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sent bytes {} ...", hex.join(" "))
+    }
+}

@@ -78,6 +78,7 @@ pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, 
         )),
         waiter: Box::new(ChildWaiter {
             name,
+            program: program.clone(),
             child,
             stdin,
             stdout,
@@ -202,6 +203,8 @@ impl Drop for SharedStdin {
 
 struct ChildWaiter {
     name: String,
+    /// The program's name as the user gave it (`ssh`).
+    program: String,
     child: Child,
     stdin: Arc<Mutex<Option<ChildStdin>>>,
     stdout: Arc<Mutex<Option<ChildStdout>>>,
@@ -225,6 +228,9 @@ impl Waiter for ChildWaiter {
         Ok(Exit {
             status: status.code(),
             stderr,
+            // OpenSSH's own failures exit 255 (ssh(1), EXIT STATUS); the
+            // remote imgsync never exits 255.
+            transport_failed: (status.code() == Some(255)).then(|| self.program.clone()),
         })
     }
 }

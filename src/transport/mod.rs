@@ -80,7 +80,13 @@ pub struct Exit {
     /// Exit status, when the remote reported one.
     pub status: Option<i32>,
     /// What the remote command wrote on stderr (truncated to a few KiB).
+    /// With `-e`, the local program's own messages are mixed in.
     pub stderr: String,
+    /// With `-e`: the local program (`ssh`) that failed by itself (OpenSSH
+    /// exits 255 for its own errors: host key, authentication, name
+    /// lookup, connection), so what `stderr` holds is its word, not the
+    /// remote command's.
+    pub transport_failed: Option<String>,
 }
 
 /// The end of a transport that outlives the streams: closing and waiting.

@@ -439,7 +439,11 @@ fn check_host_key(
     }
     append_known_host(file, &format!("{target} {key_type} {key}\n"))
         .map_err(|e| err(format!("cannot add the host key to {f}: {e}")))?;
-    eprintln!("imgsync: warning: added host key for {target} ({fp}) to {f}");
+    // Never panics on a closed stderr (as eprintln! would).
+    let _ = writeln!(
+        io::stderr(),
+        "imgsync: warning: added host key for {target} ({fp}) to {f}"
+    );
     Ok(())
 }
 
@@ -911,7 +915,11 @@ impl Waiter for SshWaiter {
             host: self.name.clone(),
             what: format!("connection lost at the end: {}", e.message()),
         })?;
-        Ok(Exit { status, stderr })
+        Ok(Exit {
+            status,
+            stderr,
+            transport_failed: None,
+        })
     }
 }
 
