@@ -243,7 +243,12 @@ enum Command {
     },
     /// The far end of a remote transfer, speaking the imgsync protocol on
     /// stdin/stdout (started over SSH by imgsync, not by hand)
-    Serve,
+    Serve {
+        /// Give up when the client sends nothing for this many seconds (0:
+        /// never); the client passes its own --timeout
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = remote::parse_timeout)]
+        timeout: u64,
+    },
     /// Validate an image's metadata: exit 0 clean, 3 corruption found, 2 error
     Check {
         #[arg(short = 'f', long = "format", value_enum)]
@@ -368,7 +373,7 @@ pub fn main() -> ExitCode {
             reporting,
             output,
         }),
-        Command::Serve => serve::run(),
+        Command::Serve { timeout } => serve::run(timeout),
         Command::Sync {
             format,
             block_size,

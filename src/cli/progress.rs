@@ -164,17 +164,31 @@ impl Drop for Bar {
     }
 }
 
-/// A flag set by SIGINT, SIGTERM and SIGHUP; the engine polls it and stops
-/// cleanly (removing its temporary output). A second signal exits at once.
+/// A flag set by SIGINT, SIGTERM and SIGHUP; the engine and every wait on
+/// the peer poll it and stop cleanly (removing their temporary output). A
+/// second signal exits at once. The handlers are installed on the first
+/// call (commands that never poll the flag keep the default: a signal ends
+/// them), and every call returns the same flag.
 pub fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag));
-        let _ = signal_hook::flag::register(sig, Arc::clone(&flag));
-    }
-    flag
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ] {
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag));
+            let _ = signal_hook::flag::register(sig, Arc::clone(&flag));
+        }
+        flag
+    })
+    .clone()
+}
+
+static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Whether SIGINT/SIGTERM/SIGHUP arrived (never before [`interrupt_flag`]
+/// installed the handlers).
+pub fn interrupted() -> bool {
+    FLAG.get().is_some_and(|f| f.load(Ordering::Relaxed))
 }

@@ -5,7 +5,7 @@
 use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use imgsync_formats::qcow2::CompressionType;
@@ -13,7 +13,7 @@ use imgsync_formats::{Format, Image};
 
 use super::convert::{engine_error, Args};
 use super::output::human_size;
-use super::progress::{interrupt_flag, progress_of};
+use super::progress::{interrupt_flag, interrupted, progress_of};
 use super::{exit, OutputFormat};
 use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
@@ -24,6 +24,7 @@ use crate::protocol::msg::{
     WireCompression, WireFormat,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
+use crate::transport::watch::Watch;
 use crate::transport::{self, Host, SshOptions, Waiter};
 
 /// Options of the SSH transports, shared by the commands with remote
@@ -52,6 +53,26 @@ pub struct SshArgs {
     /// SSH config file for the built-in client (default ~/.ssh/config)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+    /// Give up when the peer sends nothing (and takes nothing) for this
+    /// many seconds; 0: wait for ever. A busy peer sends keepalives, so
+    /// only a dead peer or link runs it out (rsync's --timeout)
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = parse_timeout)]
+    pub timeout: u64,
+    /// Give up connecting and logging in after this many seconds (default:
+    /// ConnectTimeout from ssh_config, else 20 s for TCP and 60 s per
+    /// login step)
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout: Option<u64>,
+}
+
+/// `--timeout`: 0 (none), or at least 5 s (a busy peer says it is alive
+/// every second; less would take a hiccup for a dead peer).
+pub(super) fn parse_timeout(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n == 0 || n >= 5 => Ok(n),
+        Ok(_) => Err("must be 0 (wait for ever) or at least 5 seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl SshArgs {
@@ -63,6 +84,11 @@ impl SshArgs {
             accept_new_host_key: self.accept_new_host_key,
             identities: self.identity.clone(),
             config: self.ssh_config.clone(),
+            watch: Watch {
+                timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
+                cancel: Some(interrupt_flag()),
+            },
+            connect_timeout: self.connect_timeout.map(Duration::from_secs),
         }
     }
 }
@@ -115,6 +141,15 @@ impl Peer {
                 protocol::describe_foreign(head)
             );
         }
+        if interrupted() || transport::watch::is_cancelled(&e) {
+            // Ctrl-C: no last word is worth waiting for.
+            self.waiter.abort();
+            return anyhow!("{}: interrupted", self.host);
+        }
+        if transport::watch::is_timeout(&e) {
+            self.waiter.abort();
+            return anyhow!("{}: {}", self.host, one(&e));
+        }
         let Peer {
             host,
             remote_imgsync,
@@ -123,6 +158,8 @@ impl Peer {
             waiter,
             ..
         } = self;
+        // EOF to the peer first: a peer waiting for us ends and closes.
+        drop(fw);
         let broken = matches!(
             e,
             engine::Error::Protocol(
@@ -136,8 +173,11 @@ impl Peer {
             // something that explains the failure better than a broken
             // pipe does (a frame this end refuses, say).
             for _ in 0..4 {
-                match fr.read_frame() {
-                    Ok((k, p)) => match Message::decode(k, p, &Limits::DEFAULT) {
+                // A peer that only says it is alive (busy, not reading
+                // yet) is not waited for beyond a few seconds.
+                match fr.read_frame_unless_idle(5) {
+                    Ok(None) => break,
+                    Ok(Some((k, p))) => match Message::decode(k, p, &Limits::DEFAULT) {
                         Ok(Message::Error(s)) => {
                             said = Some(s);
                             break;
@@ -156,7 +196,6 @@ impl Peer {
                 }
             }
         }
-        drop(fw);
         drop(fr);
         if let engine::Error::Protocol(protocol::Error::Remote(s)) = &e {
             said = Some(s.clone());

@@ -5,6 +5,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -23,24 +24,54 @@ use crate::protocol::msg::{
     kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, WireCompression,
 };
 use crate::protocol::{FrameReader, FrameWriter, Limits, Message};
+use crate::transport::watch::{FdReader, FdWriter, Watch};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
 
-type Reader = FrameReader<BufReader<std::io::Stdin>>;
-type Writer = FrameWriter<BufWriter<std::io::Stdout>>;
+type Reader = FrameReader<BufReader<FdReader<std::fs::File>>>;
+type Writer = FrameWriter<BufWriter<FdWriter<std::fs::File>>>;
 
-pub fn run() -> Result<u8> {
+pub fn run(timeout: u64) -> Result<u8> {
+    // stdin and stdout as plain descriptors, read and written with the
+    // client's --timeout and the interrupt flag (sshd gone, a black-holed
+    // link: an error, never a serve that waits for ever).
+    let watch = Watch {
+        timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
+        cancel: Some(interrupt_flag()),
+    };
+    let fd = |f: std::io::Result<std::os::fd::OwnedFd>| -> Result<std::fs::File> {
+        Ok(std::fs::File::from(
+            f.map_err(|e| anyhow!(e).context("serve: stdin/stdout"))?,
+        ))
+    };
+    let stdin = fd(std::io::stdin().as_fd().try_clone_to_owned())?;
+    let stdout = fd(std::io::stdout().as_fd().try_clone_to_owned())?;
     let mut fr = FrameReader::new(
-        BufReader::with_capacity(1 << 20, std::io::stdin()),
+        BufReader::with_capacity(
+            1 << 20,
+            FdReader::new(stdin, watch.clone()).map_err(|e| anyhow!(e).context("serve: stdin"))?,
+        ),
         Limits::DEFAULT.max_frame,
     );
-    let mut fw = FrameWriter::new(BufWriter::with_capacity(256 << 10, std::io::stdout()));
+    let mut fw = FrameWriter::new(BufWriter::with_capacity(
+        256 << 10,
+        FdWriter::new(stdout, watch).map_err(|e| anyhow!(e).context("serve: stdout"))?,
+    ));
     let limits = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
     let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
         Ok(Message::Request(r)) => r,
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(anyhow!(e).context("serve")),
     };
+    // Test-only: a serve busy for this long before it answers (as a big
+    // check or a slow disk would be), to show that keepalives stop the
+    // client's --timeout from taking it for dead.
+    if let Some(ms) = std::env::var("IMGSYNC_TEST_SERVE_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let result = match req {
         Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
         Request::Send(r) => send(&mut fw, &limits, r),

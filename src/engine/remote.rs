@@ -110,7 +110,7 @@ pub fn recv_msg<R: Read>(fr: &mut FrameReader<R>, limits: &Limits, want: u8) -> 
 
 /// Both ends send HELLO, then read the peer's; the limits are the smaller
 /// of each.
-pub fn handshake<R: Read, W: Write>(
+pub fn handshake<R: Read, W: Write + Send + 'static>(
     fr: &mut FrameReader<R>,
     fw: &mut FrameWriter<W>,
 ) -> Result<Limits> {
@@ -121,11 +121,20 @@ pub fn handshake<R: Read, W: Write>(
         Message::Hello(h) => {
             let limits = ours.limits.negotiate(h.limits);
             fr.set_max_len(limits.max_frame);
+            // A busy end keeps the peer's --timeout from running out; only
+            // to a peer that knows the frame.
+            if h.caps & protocol::caps::KEEPALIVE != 0 {
+                fw.start_keepalive(KEEPALIVE_EVERY);
+            }
             Ok(limits)
         }
         _ => unreachable_msg(),
     }
 }
+
+/// How often an idle end sends KEEPALIVE: well inside the smallest useful
+/// `--timeout` (a few seconds) and cheap (12 bytes).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Receives the peer's HELLO; a stream that does not even start like one
 /// (a login banner, another program, a disk image on `-`) is

@@ -5,6 +5,9 @@
 //! anything is allocated for it.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{Error, Result};
 
@@ -111,6 +114,34 @@ impl<R: Read> FrameReader<R> {
     /// The next frame: its type and payload (valid until the next call).
     /// A clean end of stream before a header is [`Error::Eof`].
     pub fn read_frame(&mut self) -> Result<(u8, &[u8])> {
+        // KEEPALIVE frames only say the peer is alive (the wait that read
+        // them is over): never seen above this layer.
+        loop {
+            let kind = self.read_one()?;
+            if kind != super::msg::kind::KEEPALIVE {
+                return Ok((kind, &self.buf));
+            }
+        }
+    }
+
+    /// [`FrameReader::read_frame`], but `None` once `max_keepalives`
+    /// KEEPALIVE frames came in a row: a peer that is alive but has
+    /// nothing to say (when only a last word is wanted from it).
+    pub fn read_frame_unless_idle(&mut self, max_keepalives: u32) -> Result<Option<(u8, &[u8])>> {
+        let mut idle = 0;
+        loop {
+            let kind = self.read_one()?;
+            if kind != super::msg::kind::KEEPALIVE {
+                return Ok(Some((kind, &self.buf)));
+            }
+            idle += 1;
+            if idle >= max_keepalives {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn read_one(&mut self) -> Result<u8> {
         let mut h = [0u8; HEADER_LEN];
         if self.first.is_none() {
             let mut got = 0;
@@ -139,7 +170,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         self.bytes += (HEADER_LEN + len) as u64;
-        Ok((header.kind, &self.buf))
+        Ok(header.kind)
     }
 }
 
@@ -188,33 +219,57 @@ fn corrupt_frame_index() -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Writes frames and counts bytes.
+/// Writes frames and counts bytes. With [`FrameWriter::start_keepalive`],
+/// a thread sends a KEEPALIVE frame whenever nothing was written for a
+/// while, so the peer's `--timeout` does not run out while this end is busy
+/// (hashing a long unchanged stretch, an fsync, a check of a big image).
+/// Frames never interleave: each is written whole under the writer's lock.
 pub struct FrameWriter<W> {
-    inner: W,
+    inner: Arc<Mutex<W>>,
     frames: u64,
     corrupt: Option<u64>,
     scratch: Vec<u8>,
-    /// Bytes written so far (headers included).
+    /// Bytes written so far (headers included; keepalives not counted).
     pub bytes: u64,
+    keepalive: Option<Keepalive>,
+}
+
+struct Keepalive {
+    stop: Arc<AtomicBool>,
+    /// Milliseconds since `base` of the last write.
+    last: Arc<AtomicU64>,
+    base: Instant,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock<W>(m: &Mutex<W>) -> std::sync::MutexGuard<'_, W> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter {
-            inner,
+            inner: Arc::new(Mutex::new(inner)),
             frames: 0,
             corrupt: corrupt_frame_index(),
             scratch: Vec::new(),
             bytes: 0,
+            keepalive: None,
         }
     }
 
-    pub fn into_inner(self) -> W {
-        self.inner
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
+    /// The writer back (after stopping the keepalive thread).
+    pub fn into_inner(mut self) -> W {
+        if let Some(mut k) = self.keepalive.take() {
+            k.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = k.thread.take() {
+                let _ = t.join();
+            }
+        }
+        match Arc::try_unwrap(self.inner) {
+            Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+            Err(_) => unreachable!("the keepalive thread was joined"),
+        }
     }
 
     /// Writes a frame whose payload `fill` appends.
@@ -230,20 +285,93 @@ impl<W: Write> FrameWriter<W> {
     pub fn write_built(&mut self, frame: &[u8]) -> Result<()> {
         let n = self.frames;
         self.frames += 1;
+        let mut w = lock(&self.inner);
         if self.corrupt == Some(n) && frame.len() > HEADER_LEN {
             let mut bad = frame.to_vec();
             let last = bad.len() - 1;
             bad[last] ^= 0x10;
-            self.inner.write_all(&bad).map_err(Error::Write)?;
+            w.write_all(&bad).map_err(Error::Write)?;
         } else {
-            self.inner.write_all(frame).map_err(Error::Write)?;
+            w.write_all(frame).map_err(Error::Write)?;
         }
+        drop(w);
         self.bytes += frame.len() as u64;
+        self.touch();
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.inner.flush().map_err(Error::Write)
+        lock(&self.inner).flush().map_err(Error::Write)?;
+        self.touch();
+        Ok(())
+    }
+
+    fn touch(&self) {
+        if let Some(k) = &self.keepalive {
+            k.last
+                .store(k.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> FrameWriter<W> {
+    /// Sends a KEEPALIVE frame (and flushes) whenever nothing was written
+    /// for `every`; only once the peer said in HELLO that it knows them.
+    /// The thread stops when the writer is dropped.
+    pub fn start_keepalive(&mut self, every: Duration) {
+        if self.keepalive.is_some() {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(AtomicU64::new(0));
+        let base = Instant::now();
+        let inner = Arc::clone(&self.inner);
+        let (s2, l2) = (Arc::clone(&stop), Arc::clone(&last));
+        let every_ms = every.as_millis().max(1) as u64;
+        let thread = std::thread::Builder::new()
+            .name("imgsync-keepalive".into())
+            .spawn(move || {
+                let frame = build(super::msg::kind::KEEPALIVE, |_| {});
+                let tick = Duration::from_millis(every_ms.min(100));
+                loop {
+                    std::thread::sleep(tick);
+                    if s2.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let now = base.elapsed().as_millis() as u64;
+                    if now.saturating_sub(l2.load(Ordering::Relaxed)) < every_ms {
+                        continue;
+                    }
+                    // A writer busy (or blocked on a peer that takes
+                    // nothing) is not interrupted mid-frame.
+                    let Ok(mut w) = inner.try_lock() else {
+                        continue;
+                    };
+                    if w.write_all(&frame).and_then(|_| w.flush()).is_err() {
+                        // The stream is broken: the main thread finds out
+                        // on its next write or read.
+                        return;
+                    }
+                    l2.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+            });
+        if let Ok(t) = thread {
+            self.keepalive = Some(Keepalive {
+                stop,
+                last,
+                base,
+                thread: Some(t),
+            });
+        }
+    }
+}
+
+impl Drop for Keepalive {
+    fn drop(&mut self) {
+        // Not joined: the thread may sit in a write to a dead peer for up
+        // to the timeout; it ends on its own and drops its handle on the
+        // stream then.
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -316,6 +444,45 @@ mod tests {
                 "cut {cut}"
             );
         }
+    }
+
+    #[test]
+    fn keepalives_are_sent_when_idle_and_never_seen_by_the_reader() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let mut w = FrameWriter::new(out.clone());
+        w.start_keepalive(Duration::from_millis(50));
+        w.write_frame(1, |v| v.extend_from_slice(b"first")).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        w.write_frame(2, |v| v.extend_from_slice(b"second"))
+            .unwrap();
+        let data = out.0.lock().unwrap().clone();
+        let keepalives = {
+            let mut n = 0;
+            let mut at = 0;
+            while at < data.len() {
+                let len = u32::from_be_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
+                n += usize::from(data[at] == super::super::msg::kind::KEEPALIVE);
+                at += HEADER_LEN + len;
+            }
+            n
+        };
+        assert!(keepalives >= 2, "{keepalives} keepalives in 400 ms of idle");
+        let mut r = FrameReader::new(&data[..], 1 << 20);
+        assert_eq!(r.read_frame().unwrap(), (1, &b"first"[..]));
+        assert_eq!(r.read_frame().unwrap(), (2, &b"second"[..]));
+        assert!(matches!(r.read_frame(), Err(Error::Eof)));
+        assert_eq!(r.bytes, data.len() as u64);
     }
 
     #[test]

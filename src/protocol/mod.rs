@@ -22,7 +22,9 @@ pub const VERSION: u16 = 1;
 pub mod caps {
     /// CHUNK payloads may be zstd-compressed.
     pub const ZSTD: u64 = 1;
-    pub const ALL: u64 = ZSTD;
+    /// KEEPALIVE frames may be sent to this end.
+    pub const KEEPALIVE: u64 = 2;
+    pub const ALL: u64 = ZSTD | KEEPALIVE;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

@@ -25,6 +25,9 @@ pub mod kind {
     pub const PUNCH: u8 = 16;
     pub const SYNC_END: u8 = 17;
     pub const SYNC_DONE: u8 = 18;
+    /// No payload; sent by a busy end when the peer has the KEEPALIVE
+    /// capability, and dropped by the reader (`FrameReader`).
+    pub const KEEPALIVE: u8 = 19;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -47,6 +50,7 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::PUNCH => "PUNCH",
         kind::SYNC_END => "SYNC_END",
         kind::SYNC_DONE => "SYNC_DONE",
+        kind::KEEPALIVE => "KEEPALIVE",
         _ => "unknown",
     }
 }
@@ -1040,7 +1044,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // caps: zstd
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]); // caps: zstd, keepalive
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

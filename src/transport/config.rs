@@ -20,6 +20,8 @@ pub struct HostConfig {
     /// `IdentityFile` values as written: expand them with [`expand_path`]
     /// once user, host and port are known.
     pub identity_files: Vec<String>,
+    /// `ConnectTimeout` (seconds).
+    pub connect_timeout: Option<std::time::Duration>,
 }
 
 /// A configuration file that cannot be used: `<file> line <n>: <what>`.
@@ -126,6 +128,19 @@ fn parse_into(
                     .filter(|&p| p != 0)
                     .ok_or_else(|| err(lineno, format!("bad port {v:?}")))?;
                 cfg.port.get_or_insert(port);
+            }
+            "connecttimeout" => {
+                let v =
+                    first.ok_or_else(|| err(lineno, "ConnectTimeout without a value".into()))?;
+                let secs = v
+                    .parse::<u64>()
+                    .ok()
+                    .ok_or_else(|| err(lineno, format!("bad ConnectTimeout {v:?}")))?;
+                // OpenSSH: the first value wins; 0 or "none" means no limit
+                // beyond the system's.
+                if cfg.connect_timeout.is_none() && secs > 0 {
+                    cfg.connect_timeout = Some(std::time::Duration::from_secs(secs));
+                }
             }
             "identityfile" => {
                 if let Some(v) = first {

@@ -8,7 +8,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use super::watch::{FdReader, FdWriter, Watch};
 use super::{Connection, Error, Exit, Host, SshOptions, Waiter};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// How much of the child's stderr is kept for the report.
 pub const STDERR_CAP: usize = 8 * 1024;
@@ -39,6 +42,13 @@ pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, 
     if let Some(port) = host.port {
         cmd.arg("-p").arg(port.to_string());
     }
+    if let Some(t) = opts.connect_timeout {
+        // OpenSSH's option; other programs are left to their own.
+        if Path::new(program).file_name().is_some_and(|n| n == "ssh") {
+            cmd.arg("-o")
+                .arg(format!("ConnectTimeout={}", t.as_secs().max(1)));
+        }
+    }
     cmd.arg(&host.host).arg(opts.remote_command());
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -68,6 +78,13 @@ pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, 
             what: "cannot start a thread".into(),
             source: Some(e),
         })?;
+    let io_err = |e: io::Error| Error::Connect {
+        host: name.clone(),
+        what: "cannot set up the pipes to the --rsh command".into(),
+        source: Some(e),
+    };
+    let stdin = FdWriter::new(stdin, opts.watch.clone()).map_err(io_err)?;
+    let stdout = FdReader::new(stdout, opts.watch.clone()).map_err(io_err)?;
     let stdin = Arc::new(Mutex::new(Some(stdin)));
     let stdout = Arc::new(Mutex::new(Some(stdout)));
     Ok(Connection {
@@ -83,6 +100,7 @@ pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, 
             stdin,
             stdout,
             stderr,
+            watch: opts.watch.clone(),
         }),
     })
 }
@@ -164,7 +182,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The child's stdout, shared with the waiter so it can drain it.
-struct SharedStdout(Arc<Mutex<Option<ChildStdout>>>);
+struct SharedStdout(Arc<Mutex<Option<FdReader<ChildStdout>>>>);
 
 impl Read for SharedStdout {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -176,7 +194,7 @@ impl Read for SharedStdout {
 }
 
 /// The child's stdin, shared with the waiter so it can close it.
-struct SharedStdin(Arc<Mutex<Option<ChildStdin>>>);
+struct SharedStdin(Arc<Mutex<Option<FdWriter<ChildStdin>>>>);
 
 impl Write for SharedStdin {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -206,24 +224,50 @@ struct ChildWaiter {
     /// The program's name as the user gave it (`ssh`).
     program: String,
     child: Child,
-    stdin: Arc<Mutex<Option<ChildStdin>>>,
-    stdout: Arc<Mutex<Option<ChildStdout>>>,
+    stdin: Arc<Mutex<Option<FdWriter<ChildStdin>>>>,
+    stdout: Arc<Mutex<Option<FdReader<ChildStdout>>>>,
     stderr: JoinHandle<String>,
+    watch: Watch,
 }
 
 impl Waiter for ChildWaiter {
     fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
         // EOF to the remote, then whatever it still sends is dropped so it
-        // cannot block on a full pipe.
+        // cannot block on a full pipe (the drain has the connection's
+        // --timeout, and Ctrl-C ends it).
         drop(lock(&self.stdin).take());
         if let Some(out) = lock(&self.stdout).take() {
             let _ = io::copy(&mut { out }, &mut io::sink());
         }
-        let status = self.child.wait().map_err(|e| Error::Connect {
-            host: self.name.clone(),
-            what: "cannot wait for the --rsh command".into(),
-            source: Some(e),
-        })?;
+        // The program ends once its streams are closed; one that does not
+        // (a hung ssh on a dead link) is given the timeout, then killed.
+        let limit = self.watch.timeout.unwrap_or(super::DEFAULT_TIMEOUT);
+        let started = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if started.elapsed() < limit && !self.watch.cancelled() => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(Error::Other {
+                        host: self.name.clone(),
+                        what: format!(
+                            "the --rsh command did not end after its streams were closed; killed it"
+                        ),
+                    });
+                }
+                Err(e) => {
+                    return Err(Error::Connect {
+                        host: self.name.clone(),
+                        what: "cannot wait for the --rsh command".into(),
+                        source: Some(e),
+                    })
+                }
+            }
+        };
         let stderr = self.stderr.join().unwrap_or_default();
         Ok(Exit {
             status: status.code(),
@@ -232,6 +276,13 @@ impl Waiter for ChildWaiter {
             // remote imgsync never exits 255.
             transport_failed: (status.code() == Some(255)).then(|| self.program.clone()),
         })
+    }
+
+    fn abort(mut self: Box<Self>) {
+        drop(lock(&self.stdin).take());
+        drop(lock(&self.stdout).take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod external;
 pub mod ssh;
+pub mod watch;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -51,6 +52,13 @@ pub struct SshOptions {
     pub identities: Vec<PathBuf>,
     /// `--ssh-config FILE` (default `~/.ssh/config`). Built-in only.
     pub config: Option<PathBuf>,
+    /// Limits of every wait on the peer once connected: `--timeout` and
+    /// the interrupt flag.
+    pub watch: watch::Watch,
+    /// `--connect-timeout`: longest time to connect and log in (the
+    /// built-in client also reads `ConnectTimeout` from ssh_config; `-e
+    /// ssh` gets `-o ConnectTimeout=`).
+    pub connect_timeout: Option<std::time::Duration>,
 }
 
 impl SshOptions {
@@ -58,9 +66,23 @@ impl SshOptions {
     /// POSIX shell.
     pub fn remote_command(&self) -> String {
         let bin = self.remote_imgsync.as_deref().unwrap_or("imgsync");
-        format!("{} serve", shell_quote(bin))
+        match self.watch.timeout {
+            // The remote's own wait on us follows ours, as rsync passes
+            // --timeout to its server; the default needs no argument (and
+            // with none, the remote keeps its default: this end sends
+            // keepalives while it is alive).
+            Some(t) if t != DEFAULT_TIMEOUT => {
+                format!("{} serve --timeout {}", shell_quote(bin), t.as_secs())
+            }
+            _ => format!("{} serve", shell_quote(bin)),
+        }
     }
 }
+
+/// How long a peer may stay silent by default (`--timeout`): keepalives
+/// come every few seconds from a busy peer, so a minute of silence is a
+/// dead peer or a dead link.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Quotes `s` for a POSIX shell (single quotes unless it is plain).
 pub fn shell_quote(s: &str) -> String {
@@ -94,6 +116,11 @@ pub trait Waiter: Send {
     /// Waits for the remote command to end (after the streams are dropped
     /// or at EOF) and reports its status and stderr.
     fn wait(self: Box<Self>) -> Result<Exit, Error>;
+
+    /// Ends the connection without waiting for the remote (the peer is
+    /// silent, or the user interrupted): what it would say is not worth a
+    /// hang.
+    fn abort(self: Box<Self>);
 }
 
 /// A running `imgsync serve` on the other host.
@@ -104,7 +131,46 @@ pub struct Connection {
 }
 
 /// Opens a connection with the built-in client, or with `opts.rsh` when set.
+///
+/// Name lookup, TCP connect and login block in libraries; they run on a
+/// thread so an interrupt (the watch's flag) ends the wait at once. A
+/// thread left behind ends with the process.
 pub fn connect(host: &Host, opts: &SshOptions) -> Result<Connection, Error> {
+    if opts.watch.cancel.is_none() {
+        return connect_now(host, opts);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (h, o) = (host.clone(), opts.clone());
+    std::thread::Builder::new()
+        .name("imgsync-connect".into())
+        .spawn(move || {
+            let _ = tx.send(connect_now(&h, &o));
+        })
+        .map_err(|e| Error::Connect {
+            host: host.to_string(),
+            what: "cannot start a thread".into(),
+            source: Some(e),
+        })?;
+    loop {
+        match rx.recv_timeout(watch::SLICE) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if opts.watch.cancelled() => {
+                return Err(Error::Interrupted {
+                    host: host.to_string(),
+                })
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::Other {
+                    host: host.to_string(),
+                    what: "the connecting thread ended without a result".into(),
+                })
+            }
+        }
+    }
+}
+
+fn connect_now(host: &Host, opts: &SshOptions) -> Result<Connection, Error> {
     match &opts.rsh {
         Some(rsh) => external::connect(rsh, host, opts),
         None => ssh::connect(host, opts),
@@ -128,4 +194,6 @@ pub enum Error {
     Auth { host: String, what: String },
     #[error("{host}: {what}")]
     Other { host: String, what: String },
+    #[error("{host}: interrupted while connecting")]
+    Interrupted { host: String },
 }

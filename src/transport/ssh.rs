@@ -8,6 +8,7 @@
 //! channel's stdout stream; libssh2 serialises them on the session lock,
 //! which suits the half-duplex protocol above.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -15,8 +16,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ssh2::{
     Channel, CheckResult, HashType, HostKeyType, KeyboardInteractivePrompt, KnownHostFileKind,
@@ -25,6 +26,7 @@ use ssh2::{
 
 use super::config::{self, HostConfig, Tokens};
 use super::external::{read_capped, STDERR_CAP};
+use super::watch::{Dir, Watch};
 use super::{Connection, Error, Exit, Host, SshOptions, Waiter};
 
 /// How long a TCP connect may take.
@@ -140,7 +142,15 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
             what: "no home directory for known_hosts; pass --known-hosts".into(),
         })?;
 
-    let tcp = tcp_connect(&name, &host_name, port)?;
+    // --connect-timeout, else ssh_config's ConnectTimeout, bounds the TCP
+    // connect and each call of the SSH handshake and login.
+    let connect_timeout = opts.connect_timeout.or(cfg.connect_timeout);
+    let tcp = tcp_connect(
+        &name,
+        &host_name,
+        port,
+        connect_timeout.unwrap_or(CONNECT_TIMEOUT),
+    )?;
     let ssh_err = |what: &str, e: ssh2::Error| Error::Connect {
         host: name.clone(),
         what: format!("{what}: {}", e.message()),
@@ -153,7 +163,9 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
         source: Some(e),
     })?;
     session.set_tcp_stream(tcp);
-    session.set_timeout(SETUP_TIMEOUT_MS);
+    session.set_timeout(connect_timeout.map_or(SETUP_TIMEOUT_MS, |t| {
+        t.as_millis().clamp(1, u32::MAX.into()) as u32
+    }));
     // Preferences the server does not share fall back to libssh2's own.
     let _ = session.method_pref(MethodType::CryptCs, CIPHERS);
     let _ = session.method_pref(MethodType::CryptSc, CIPHERS);
@@ -194,11 +206,17 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
     // would otherwise wait forever.
     session.set_timeout(IO_POLL_MS);
     let eof_sent = Arc::new(AtomicBool::new(false));
+    let pending = Arc::new(Mutex::new(Pending {
+        bytes: VecDeque::new(),
+        heard: Instant::now(),
+    }));
     Ok(Connection {
         reader: Box::new(BufReader::with_capacity(
             STREAM_BUFFER,
             ChannelReader {
                 stream: channel.stream(0),
+                pending: pending.clone(),
+                watch: opts.watch.clone(),
             },
         )),
         writer: Box::new(BufWriter::with_capacity(
@@ -207,6 +225,8 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
                 stream: channel.stream(0),
                 channel: channel.clone(),
                 eof_sent: eof_sent.clone(),
+                pending,
+                watch: opts.watch.clone(),
             },
         )),
         waiter: Box::new(SshWaiter {
@@ -215,6 +235,7 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
             channel,
             eof_sent,
             tcp: tcp_handle,
+            watch: opts.watch.clone(),
         }),
     })
 }
@@ -246,7 +267,12 @@ fn load_config(
     })
 }
 
-fn tcp_connect(name: &str, host_name: &str, port: u16) -> Result<TcpStream, Error> {
+fn tcp_connect(
+    name: &str,
+    host_name: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
     let addrs = (host_name, port)
         .to_socket_addrs()
         .map_err(|e| Error::Connect {
@@ -256,7 +282,7 @@ fn tcp_connect(name: &str, host_name: &str, port: u16) -> Result<TcpStream, Erro
         })?;
     let mut last = None;
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -809,10 +835,25 @@ struct ChannelWriter {
     stream: Stream,
     channel: Channel,
     eof_sent: Arc<AtomicBool>,
+    pending: Arc<Mutex<Pending>>,
+    watch: Watch,
 }
 
-/// How often blocking channel calls wake up (see [`connect_with`]).
-const IO_POLL_MS: u32 = 1000;
+/// What the writer took off the channel while it waited for window space
+/// (a keepalive, an ERROR before the remote exited), for the reader; and
+/// when the peer was last heard from.
+struct Pending {
+    bytes: VecDeque<u8>,
+    heard: Instant,
+}
+
+/// The most the writer sets aside for the reader while it waits: a peer
+/// that sends more than this while not reading is simply waited for.
+const PENDING_CAP: usize = 4 << 20;
+
+/// How often blocking channel calls wake up (see [`connect_with`]), to
+/// check the interrupt flag and the timeout.
+const IO_POLL_MS: u32 = 200;
 
 fn timed_out(e: &io::Error) -> bool {
     matches!(
@@ -821,19 +862,43 @@ fn timed_out(e: &io::Error) -> bool {
     )
 }
 
-/// The reading end: waits for data however long it takes (a timeout only
-/// wakes the call up).
+fn lock_pending(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The reading end: waits for data up to the timeout (each libssh2 call
+/// wakes up every IO_POLL_MS), taking first what the writer set aside.
 struct ChannelReader {
     stream: Stream,
+    pending: Arc<Mutex<Pending>>,
+    watch: Watch,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let since = Instant::now();
         loop {
-            match self.stream.read(buf) {
-                Err(e) if timed_out(&e) => continue,
-                r => return r,
+            {
+                // Held across the channel read, so bytes set aside by the
+                // writer are never overtaken by later ones.
+                let mut p = lock_pending(&self.pending);
+                if !p.bytes.is_empty() {
+                    let n = buf.len().min(p.bytes.len());
+                    for (d, s) in buf.iter_mut().zip(p.bytes.drain(..n)) {
+                        *d = s;
+                    }
+                    return Ok(n);
+                }
+                match self.stream.read(buf) {
+                    Err(e) if timed_out(&e) => {}
+                    Ok(n) => {
+                        p.heard = Instant::now();
+                        return Ok(n);
+                    }
+                    r => return r,
+                }
             }
+            self.watch.check(since, Dir::Read)?;
         }
     }
 }
@@ -843,20 +908,34 @@ impl Write for ChannelWriter {
         if self.eof_sent.load(Ordering::Acquire) {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
+        let since = Instant::now();
         loop {
             match self.stream.write(buf) {
                 // No window space yet: fine while the remote command runs
-                // and reads. Once it has closed its output (exited), or has
-                // itself sent something this end has not read (an error,
-                // before exiting: libssh2 reports EOF only after that is
-                // read), nobody will read: waiting would be forever.
+                // and reads (or is busy and says so with keepalives). What
+                // it sent meanwhile is set aside for the reader, so an
+                // EOF behind it (the remote exited, after an ERROR) shows.
                 Err(e) if timed_out(&e) => {
-                    if self.channel.eof() || self.channel.read_window().available > 0 {
+                    let heard = {
+                        let mut p = lock_pending(&self.pending);
+                        if self.channel.read_window().available > 0 && p.bytes.len() < PENDING_CAP {
+                            let mut tmp = [0u8; 32 << 10];
+                            if let Ok(n) = self.stream.read(&mut tmp) {
+                                if n > 0 {
+                                    p.bytes.extend(&tmp[..n]);
+                                    p.heard = Instant::now();
+                                }
+                            }
+                        }
+                        p.heard
+                    };
+                    if self.channel.eof() {
                         return Err(io::Error::new(
                             io::ErrorKind::BrokenPipe,
                             "the remote command closed the connection",
                         ));
                     }
+                    self.watch.check(since.max(heard), Dir::Write)?;
                 }
                 r => return r,
             }
@@ -882,12 +961,16 @@ struct SshWaiter {
     channel: Channel,
     eof_sent: Arc<AtomicBool>,
     tcp: TcpStream,
+    watch: Watch,
 }
 
 impl Waiter for SshWaiter {
     fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
-        // The remote command has its EOF: it ends, and these calls return.
-        self.session.set_timeout(0);
+        // The remote command has its EOF: it ends, and these calls return
+        // (within the timeout: a dead link must not hang the end).
+        let limit = self.watch.timeout.unwrap_or(super::DEFAULT_TIMEOUT);
+        self.session
+            .set_timeout(limit.as_millis().clamp(1, u32::MAX.into()) as u32);
         if !self.eof_sent.swap(true, Ordering::AcqRel) {
             let _ = self.channel.send_eof();
         }
@@ -920,6 +1003,10 @@ impl Waiter for SshWaiter {
             stderr,
             transport_failed: None,
         })
+    }
+
+    fn abort(self: Box<Self>) {
+        let _ = self.tcp.shutdown(Shutdown::Both);
     }
 }
 

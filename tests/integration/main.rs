@@ -18,3 +18,4 @@ mod remote;
 mod sshd;
 mod sync;
 mod transport;
+mod trust;

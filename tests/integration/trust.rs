@@ -1,0 +1,393 @@
+//! What issue 11 ("trust") asks of every run: no false success, no panic,
+//! no hang. Errors name the real cause (the source, ssh, a foreign remote
+//! command); a closed stdout ends only listings quietly; a closed stderr
+//! never panics; a silent peer times out; Ctrl-C ends any wait at once.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{assert_one_line_error, random_bytes, Env, MIB};
+use crate::remote::{ssh_args, url, Via, BOTH};
+use crate::sshd::Sshd;
+
+const BIN: &str = env!("CARGO_BIN_EXE_imgsync");
+
+fn imgsync(env: &Env) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(env.root());
+    c
+}
+
+/// A qcow2 image holding 24 MiB of pattern data, then cut to 12 MiB.
+fn truncated_qcow2(env: &Env) -> String {
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "cut.qcow2", "32M"]);
+    env.qemu_io(
+        "qcow2",
+        "cut.qcow2",
+        &[crate::common::Op::Pattern(7, 0, 24 * MIB)],
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.path("cut.qcow2"))
+        .unwrap();
+    f.set_len(12 * MIB).unwrap();
+    "cut.qcow2".into()
+}
+
+#[test]
+fn local_sync_from_a_damaged_source_names_the_source() {
+    let env = qemu_env!();
+    let src = truncated_qcow2(&env);
+    env.qemu_img(&["create", "-q", "-f", "raw", "dst.raw", "32M"]);
+    let before = std::fs::read(env.path("dst.raw")).unwrap();
+    for dst in ["dst.raw", "new.raw"] {
+        let out = imgsync(&env)
+            .args(["sync", "-q", &src, dst])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&out, dst);
+        assert!(
+            line.starts_with("imgsync: cut.qcow2: ") && line.contains("beyond the end of the file"),
+            "{dst}: {line}"
+        );
+        assert!(!line.contains("peer"), "{dst}: {line}");
+    }
+    assert!(!env.path("new.raw").exists());
+    // Nothing was written to the existing DST (the source failed while
+    // hashing, before any block was sent).
+    assert_eq!(std::fs::read(env.path("dst.raw")).unwrap(), before);
+}
+
+#[test]
+fn convert_into_a_pipe_closed_early_fails() {
+    let env = qemu_env!();
+    std::fs::write(env.path("r.raw"), random_bytes(8 << 20, 1, false)).unwrap();
+    let mut child = imgsync(&env)
+        .args(["convert", "r.raw", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 1000];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let line = assert_one_line_error(&out, "convert r.raw - | head -c 1000");
+    assert!(line.contains("-: writing the stream"), "{line}");
+}
+
+#[test]
+fn a_listing_into_a_pipe_closed_early_ends_quietly() {
+    let env = qemu_env!();
+    // 2048 data extents: a listing far longer than a pipe holds.
+    let f = std::fs::File::create(env.path("many.raw")).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    for i in 0..2048u64 {
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], i * 8192).unwrap();
+    }
+    let mut child = imgsync(&env)
+        .args(["map", "many.raw"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pipe whose reader is already gone: every write to it is EPIPE.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    w
+}
+
+#[test]
+fn an_error_with_stderr_closed_is_exit_2_not_a_panic() {
+    let env = qemu_env!();
+    let out = imgsync(&env)
+        .args(["info", "missing.img"])
+        .stderr(closed_pipe())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // serve whose client sent garbage and whose stderr (sshd's pipe) is gone.
+    let mut child = imgsync(&env)
+        .arg("serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(closed_pipe())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"definitely not a frame")
+        .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_image_piped_where_a_stream_belongs_is_named() {
+    let env = qemu_env!();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    let img = std::fs::read(env.path("a.qcow2")).unwrap();
+    for (what, input) in [("qcow2", img), ("text", b"Welcome to Debian\n".to_vec())] {
+        let mut child = imgsync(&env)
+            .args(["convert", "-", "out.raw"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.as_mut().unwrap().write_all(&input);
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let line = assert_one_line_error(&out, what);
+        assert!(
+            line.starts_with("imgsync: -: not an imgsync stream"),
+            "{line}"
+        );
+        if what == "text" {
+            assert!(line.contains("printed \"Welcome to D"), "{line}");
+        } else {
+            assert!(line.contains("51 46 49 fb"), "{line}");
+        }
+        assert!(!env.path("out.raw").exists());
+    }
+}
+
+macro_rules! ssh_env {
+    () => {{
+        let env = qemu_env!();
+        let Some(sshd) = Sshd::start() else { return };
+        (env, sshd)
+    }};
+}
+
+fn remote_cmd(env: &Env, sshd: &Sshd, args: &[String]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(env.root());
+    sshd.env(&mut cmd);
+    cmd
+}
+
+#[test]
+fn a_banner_or_another_program_is_recognised() {
+    let (env, sshd) = ssh_env!();
+    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    let banner = sshd.script(
+        "banner",
+        &format!("echo 'Welcome to Debian GNU/Linux 12'\nexec {BIN} \"$@\""),
+    );
+    for via in BOTH {
+        let mut args = vec!["info".to_string()];
+        args.extend(ssh_args(&sshd, via, &banner.display().to_string()));
+        args.push(url(&sshd, &env.path("a.raw")));
+        let out = remote_cmd(&env, &sshd, &args).output().unwrap();
+        let line = assert_one_line_error(&out, &format!("{via:?}"));
+        assert!(
+            line.contains("the remote command printed \"Welcome to D")
+                && line.contains("instead of speaking the imgsync protocol"),
+            "{via:?}: {line}"
+        );
+    }
+}
+
+#[test]
+fn ssh_own_failures_are_said_to_be_ssh() {
+    let (env, sshd) = ssh_env!();
+    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    let wrong = sshd.ssh_command().replace(
+        &sshd.client_key().display().to_string(),
+        &sshd.wrong_key().display().to_string(),
+    );
+    let mut args = vec!["info".to_string(), "-e".into(), wrong];
+    args.push("--remote-imgsync".into());
+    args.push(BIN.into());
+    args.push(url(&sshd, &env.path("a.raw")));
+    let out = remote_cmd(&env, &sshd, &args).output().unwrap();
+    let line = assert_one_line_error(&out, "wrong key");
+    assert!(
+        line.contains(": ssh failed: ") && line.contains("Permission denied"),
+        "{line}"
+    );
+    assert!(!line.contains("remote side said"), "{line}");
+}
+
+/// A remote command that accepts the channel and never says a word.
+fn silent(sshd: &Sshd) -> String {
+    sshd.script("silent", "exec sleep 600")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn a_silent_peer_times_out() {
+    let (env, sshd) = ssh_env!();
+    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    for via in BOTH {
+        let mut args = vec!["info".to_string(), "--timeout".into(), "5".into()];
+        args.extend(ssh_args(&sshd, via, &silent(&sshd)));
+        args.push(url(&sshd, &env.path("a.raw")));
+        let t = Instant::now();
+        let out = remote_cmd(&env, &sshd, &args).output().unwrap();
+        let took = t.elapsed();
+        let line = assert_one_line_error(&out, &format!("{via:?}"));
+        assert!(
+            line.contains("no data from the peer for 5 s"),
+            "{via:?}: {line}"
+        );
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_secs(15),
+            "{via:?}: {took:?}"
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_ends_a_wait_on_the_peer_within_a_second() {
+    let (env, sshd) = ssh_env!();
+    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    for via in BOTH {
+        for cmd in ["info", "convert"] {
+            let mut args = vec![cmd.to_string()];
+            args.extend(ssh_args(&sshd, via, &silent(&sshd)));
+            if cmd == "convert" {
+                args.push("a.raw".into());
+                args.push(url(&sshd, &env.path("b.raw")));
+            } else {
+                args.push(url(&sshd, &env.path("a.raw")));
+            }
+            let mut child = remote_cmd(&env, &sshd, &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{via:?} {cmd}: ended early"
+            );
+            let t = Instant::now();
+            kill(child.id(), "INT");
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "{via:?} {cmd}: {:?}",
+                t.elapsed()
+            );
+            let line = assert_one_line_error(&out, &format!("{via:?} {cmd}"));
+            assert!(line.contains("interrupted"), "{via:?} {cmd}: {line}");
+        }
+    }
+}
+
+pub(crate) fn kill(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[test]
+fn a_busy_peer_is_not_taken_for_dead() {
+    let (env, sshd) = ssh_env!();
+    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    // The serve sits 8 s on the request (as a check of a big image would);
+    // its keepalives keep a 5 s --timeout from running out.
+    let busy = sshd.script(
+        "busy",
+        &format!("IMGSYNC_TEST_SERVE_STALL_MS=8000 exec {BIN} \"$@\""),
+    );
+    for via in BOTH {
+        let mut args = vec!["info".to_string(), "--timeout".into(), "5".into()];
+        args.extend(ssh_args(&sshd, via, &busy.display().to_string()));
+        args.push(url(&sshd, &env.path("a.raw")));
+        let out = remote_cmd(&env, &sshd, &args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{via:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("virtual size"));
+    }
+}
+
+#[test]
+fn connect_timeout_bounds_a_server_that_never_greets() {
+    let env = crate::common::temp_env();
+    // Accepted by the kernel, never answered: no SSH banner ever comes.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::fs::write(env.path("cfg"), "Host *\n  ConnectTimeout 2\n").unwrap();
+    let target = format!("ssh://127.0.0.1:{port}/x.raw");
+    let cases: [(&str, Vec<&str>); 3] = [
+        (
+            "--connect-timeout",
+            vec!["--connect-timeout", "2", "--ssh-config", "/dev/null"],
+        ),
+        ("ssh_config ConnectTimeout", vec!["--ssh-config", "cfg"]),
+        (
+            "-e ssh",
+            vec![
+                "--connect-timeout",
+                "2",
+                "-e",
+                "ssh -F /dev/null -o BatchMode=yes",
+            ],
+        ),
+    ];
+    for (what, extra) in cases {
+        let t = Instant::now();
+        let out = imgsync(&env)
+            .arg("info")
+            .args(&extra)
+            .arg(&target)
+            .env("HOME", env.root())
+            .env_remove("SSH_AUTH_SOCK")
+            .output()
+            .unwrap();
+        let took = t.elapsed();
+        let line = assert_one_line_error(&out, what);
+        assert!(line.contains("127.0.0.1"), "{what}: {line}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{what}: took {took:?}: {line}"
+        );
+    }
+    drop(l);
+    let _ = Path::new("");
+    let _ = Via::Builtin;
+}
