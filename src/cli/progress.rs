@@ -143,6 +143,14 @@ impl Progress for Bar {
             }
         }
     }
+    fn grow(&self, bytes: u64) {
+        match self {
+            Bar::Terminal(b, _) => b.inc_length(bytes),
+            Bar::Lines(l) => {
+                l.total.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
+    }
     fn finish(&self) {
         match self {
             Bar::Terminal(b, _) => b.finish_and_clear(),

@@ -556,11 +556,9 @@ pub fn sync_push(
             ))
         }
         Err(engine::Error::Interrupted) => {
-            drop(peer);
-            bail!(
-                "{}: interrupted; rerun the sync to resume it",
-                location_name(host, path)
-            );
+            peer.waiter.abort();
+            drop((peer.fr, peer.fw));
+            bail!("{}: interrupted", location_name(host, path));
         }
         Err(e) => Err(peer.fail(e)),
     }
@@ -645,14 +643,8 @@ pub fn sync_pull(
             };
             Ok((report, wire))
         }
-        Err(e @ engine::Error::Protocol(_)) => {
-            let e = peer.fail(e);
-            bail!(
-                "{} ({} is unchanged or can be resumed)",
-                super::output::one_line(&e),
-                dst.display()
-            );
-        }
+        // The caller says what state DST is in.
+        Err(e @ engine::Error::Protocol(_)) => Err(peer.fail(e)),
         Err(e) => {
             // Tell the sender why, then report it here, named.
             let _ = send_msg(&mut peer.fw, &Message::Error(e.to_string()));

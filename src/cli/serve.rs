@@ -332,6 +332,7 @@ fn sync_send(
         },
         adaptive: r.level == AUTO_LEVEL,
         workers: crate::engine::pipeline::default_workers(),
+        state: Default::default(),
     };
     let cancel = interrupt_flag();
     crate::engine::sync::sync_send(

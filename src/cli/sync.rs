@@ -17,7 +17,7 @@ use imgsync_formats::{Format, Storage};
 use super::convert::engine_error;
 use super::location::Location;
 use super::output::human_size;
-use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::progress::{interrupt_flag, interrupted, progress_of, Reporting};
 use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine::sync::{
@@ -65,56 +65,73 @@ pub fn run(a: Args) -> Result<u8> {
         level: a.compress_level.unwrap_or(engine::remote::DEFAULT_LEVEL),
         adaptive: a.compress_level.is_none(),
         workers,
+        state: Default::default(),
     };
     let cancel = interrupt_flag();
     let started = Instant::now();
-    let report = match (&src_loc, &dst_loc) {
-        (Location::Local(s), Location::Local(d)) => {
-            let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size())?;
-            refuse_same(s, d)?;
-            let target = open_target(d)?;
-            local(&a, &image, s, d, target, &params, &sopts, &cancel)?
+    // Whether DST existed before this run (None: not known yet).
+    let mut existed = None;
+    let report = (|| -> Result<(SyncReport, u64)> {
+        Ok(match (&src_loc, &dst_loc) {
+            (Location::Local(s), Location::Local(d)) => {
+                let image = open_src(s, a.format)?;
+                let params = params(&a, image.virtual_size())?;
+                refuse_same(s, d)?;
+                let target = open_target(d)?;
+                existed = Some(matches!(target, Target::Existing { .. }));
+                local(&a, &image, s, d, target, &params, &sopts, &cancel)?
+            }
+            (Location::Local(s), Location::Remote { host, path }) => {
+                let image = open_src(s, a.format)?;
+                let params = params(&a, image.virtual_size())?;
+                let bar = a.reporting.bar();
+                let r = remote::sync_push(
+                    &image,
+                    s,
+                    host,
+                    path,
+                    &params,
+                    &sopts,
+                    &a.ssh,
+                    progress_of(&bar),
+                    &cancel,
+                );
+                drop(bar);
+                r?
+            }
+            (Location::Remote { host, path }, Location::Local(d)) => {
+                let key = random_key()?;
+                let target = open_target(d)?;
+                existed = Some(matches!(target, Target::Existing { .. }));
+                remote::sync_pull(
+                    host,
+                    path,
+                    a.format,
+                    d,
+                    target,
+                    bs as u32,
+                    key,
+                    !a.no_journal,
+                    !a.no_space_check,
+                    a.checksum,
+                    a.compress_level,
+                    workers,
+                    &a.ssh,
+                    &cancel,
+                )?
+            }
+            _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
+        })
+    })();
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let state = match &dst_loc {
+                Location::Local(d) => local_state(d, existed, !a.no_journal, &sopts.state),
+                _ => remote_state(&sopts.state, !a.no_journal),
+            };
+            return Err(with_state(e, &dst_loc.to_string(), state));
         }
-        (Location::Local(s), Location::Remote { host, path }) => {
-            let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size())?;
-            let bar = a.reporting.bar();
-            let r = remote::sync_push(
-                &image,
-                s,
-                host,
-                path,
-                &params,
-                &sopts,
-                &a.ssh,
-                progress_of(&bar),
-                &cancel,
-            );
-            drop(bar);
-            r?
-        }
-        (Location::Remote { host, path }, Location::Local(d)) => {
-            let key = random_key()?;
-            let target = open_target(d)?;
-            remote::sync_pull(
-                host,
-                path,
-                a.format,
-                d,
-                target,
-                bs as u32,
-                key,
-                !a.no_journal,
-                !a.no_space_check,
-                a.checksum,
-                a.compress_level,
-                workers,
-                &a.ssh,
-                &cancel,
-            )?
-        }
-        _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
     };
     let wire = report.1;
     print_report(
@@ -278,10 +295,8 @@ fn local(
         received.map_err(|_| anyhow!("internal error: the receiving thread panicked"))?;
     let interrupted = |e: &engine::Error| matches!(e, engine::Error::Interrupted);
     if matches!(&received, Err(e) if interrupted(e)) || matches!(&sent, Err(e) if interrupted(e)) {
-        bail!(
-            "{}: interrupted; rerun the sync to resume it, or roll it back with imgsync sync --rollback",
-            dst.display()
-        );
+        // run() says what state DST is in.
+        bail!("{}: interrupted", dst.display());
     }
     // Both ends are here, so the end that failed first says why in its own
     // words: the other end only saw the socket close ("the peer closed the
@@ -295,6 +310,82 @@ fn local(
         (Err(e), _) if !seen_through_socket(&e) => Err(engine_error(e, src, dst, None)),
         (_, Err(r)) => Err(receiver_error(r, dst)),
         (Err(e), Ok(_)) => Err(engine_error(e, src, dst, None)),
+    }
+}
+
+/// What a failed or interrupted sync left DST as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DstState {
+    /// DST did not exist and was not created.
+    Absent,
+    /// Nothing of DST changed.
+    Untouched,
+    /// DST is mid-sync, with its journal: resume or roll back.
+    MidSync,
+    /// DST may be partly updated and has no journal (--no-journal).
+    Partly,
+}
+
+/// DST on this host: its journal says whether it is mid-sync.
+fn local_state(
+    dst: &Path,
+    existed: Option<bool>,
+    journal: bool,
+    sent: &sync::SendState,
+) -> DstState {
+    use std::sync::atomic::Ordering::Relaxed;
+    match existed {
+        None => DstState::Untouched,
+        Some(false) => DstState::Absent,
+        Some(true) if journal_of(dst).is_some() => DstState::MidSync,
+        // No journal: the receiver may have written once READY went out
+        // (local sync: the sender saw it; pull: assume it did).
+        Some(true) if !journal && (sent.ready.load(Relaxed) || !sent.informed.load(Relaxed)) => {
+            DstState::Partly
+        }
+        Some(true) => DstState::Untouched,
+    }
+}
+
+/// DST on the other host (push): what the receiver said before it failed.
+fn remote_state(sent: &sync::SendState, journal: bool) -> DstState {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !sent.informed.load(Relaxed) {
+        return DstState::Untouched;
+    }
+    if !sent.exists.load(Relaxed) {
+        return DstState::Absent;
+    }
+    if sent.resumed.load(Relaxed) || (journal && sent.ready.load(Relaxed)) {
+        return DstState::MidSync;
+    }
+    if sent.ready.load(Relaxed) {
+        return DstState::Partly;
+    }
+    DstState::Untouched
+}
+
+/// The one line of a failed sync: what went wrong, then what DST is now
+/// and how to go on. An interruption says only that.
+fn with_state(e: anyhow::Error, dst: &str, state: DstState) -> anyhow::Error {
+    let words = match state {
+        DstState::Absent => format!("{dst} was not created (nothing was written)"),
+        DstState::Untouched => format!("{dst} is untouched"),
+        DstState::MidSync => format!(
+            "{dst} is mid-sync: rerun the same sync to resume it, or undo it with `imgsync sync --rollback {dst}`"
+        ),
+        DstState::Partly => format!(
+            "{dst} is partly updated and has no journal (--no-journal): rerun the same sync to complete it"
+        ),
+    };
+    if interrupted() {
+        return anyhow!("{dst}: interrupted; {words}");
+    }
+    match state {
+        DstState::MidSync | DstState::Partly => {
+            anyhow!("{}; {words}", super::output::one_line(&e))
+        }
+        DstState::Absent | DstState::Untouched => e,
     }
 }
 
@@ -384,6 +475,12 @@ fn print_report(
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if a.stats {
+        if r.resumed {
+            writeln!(
+                out,
+                "resumed:         yes (an interrupted sync of {dst} was completed)"
+            )?;
+        }
         writeln!(out, "blocks compared: {}", r.blocks_compared)?;
         writeln!(
             out,
@@ -406,6 +503,13 @@ fn print_report(
         }
         writeln!(out, "on the wire:     {} ({wire} bytes)", human_size(wire))?;
         writeln!(out, "time:            {seconds:.2} s")?;
+    } else if r.resumed && !a.reporting.quiet {
+        // A run that finished what an interrupted one left is worth a
+        // word even when a plain sync prints nothing.
+        writeln!(
+            out,
+            "{dst}: resumed the interrupted sync; it is complete now"
+        )?;
     }
     Ok(())
 }

@@ -8,6 +8,10 @@ pub trait Progress: Sync {
     fn advance(&self, _bytes: u64) {}
     /// `bytes` more of data were sent (sync: the blocks that differ).
     fn sent(&self, _bytes: u64) {}
+    /// The total grows by `bytes` (sync: each block found to differ adds
+    /// its sending to the job, so the bar and its ETA cover comparing and
+    /// sending).
+    fn grow(&self, _bytes: u64) {}
     /// The operation ended (successfully or not).
     fn finish(&self) {}
 }

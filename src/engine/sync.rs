@@ -205,11 +205,28 @@ fn hash_pipeline<S: Sink<Item = (Vec<(u64, [u8; 32])>, u64)>>(
 
 // ------------------------------------------------------------------ sender
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SyncSendOptions {
     pub level: i32,
     pub adaptive: bool,
     pub workers: usize,
+    /// How far the exchange got, for the caller to say what state DST is
+    /// in when it fails.
+    pub state: Arc<SendState>,
+}
+
+/// The sender's view of DST while a sync runs (read by the caller after a
+/// failure: the receiver may be on another host).
+#[derive(Debug, Default)]
+pub struct SendState {
+    /// SYNC_INFO arrived: `exists` and `resumed` are DST's.
+    pub informed: AtomicBool,
+    pub exists: AtomicBool,
+    /// DST was already mid-sync (an interrupted sync's journal).
+    pub resumed: AtomicBool,
+    /// READY arrived: the receiver has made its journal and may change DST
+    /// from now on.
+    pub ready: AtomicBool,
 }
 
 /// What a sync did (the sender's view, with the receiver's SYNC_DONE).
@@ -260,6 +277,9 @@ impl RunList {
 /// order, from the receiver) into the plan.
 struct MergeSink<'a, R: Read> {
     fr: &'a mut FrameReader<R>,
+    progress: &'a dyn Progress,
+    bs: u64,
+    size: u64,
     limits: Limits,
     /// DST hashes received, not yet matched.
     pending: std::collections::VecDeque<(u64, [u8; 16])>,
@@ -303,6 +323,13 @@ impl<R: Read> MergeSink<'_, R> {
         Ok(self.pending.front().copied())
     }
 
+    /// Bytes of block `b` (the last one may be short).
+    fn block_len(&self, b: u64) -> u64 {
+        self.size
+            .saturating_sub(b.saturating_mul(self.bs))
+            .min(self.bs)
+    }
+
     /// DST blocks before `b` that SRC does not hold: punched.
     fn punch_before(&mut self, b: u64) -> Result<()> {
         while let Some((d, _)) = self.peek()? {
@@ -333,6 +360,7 @@ impl<R: Read> Sink for MergeSink<'_, R> {
                         self.runs.push(b, Op::Send);
                         self.plan.send_blocks += 1;
                         self.plan.journal_blocks += 1;
+                        self.progress.grow(self.block_len(b));
                     }
                 }
                 _ => {
@@ -340,6 +368,7 @@ impl<R: Read> Sink for MergeSink<'_, R> {
                     self.runs.push(b, Op::Send);
                     self.plan.send_blocks += 1;
                     self.plan.new_blocks += 1;
+                    self.progress.grow(self.block_len(b));
                 }
             }
         }
@@ -389,6 +418,9 @@ pub fn sync_send<R: Read, W: Write>(
         m => return Err(unexpected("SYNC_INFO", &m)),
     };
     // The receiver's key: the request's, or its hash cache's.
+    opts.state.exists.store(info.exists, Ordering::Relaxed);
+    opts.state.resumed.store(info.resumed, Ordering::Relaxed);
+    opts.state.informed.store(true, Ordering::Relaxed);
     let params = &SyncParams {
         key: info.key,
         ..*params
@@ -397,6 +429,9 @@ pub fn sync_send<R: Read, W: Write>(
     progress.start(summary.data_bytes);
     let mut merge = MergeSink {
         fr,
+        progress,
+        bs,
+        size: params.src_size,
         limits: *limits,
         pending: Default::default(),
         dst_done: !info.exists,
@@ -420,6 +455,7 @@ pub fn sync_send<R: Read, W: Write>(
     send_msg(fw, &Message::Plan(plan))?;
     fw.flush()?;
     recv_msg(fr, limits, kind::READY)?;
+    opts.state.ready.store(true, Ordering::Relaxed);
 
     // Punches first (they carry no data), then the blocks through the
     // pipeline: read, compress, frame on the workers; write in order.
@@ -631,6 +667,7 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
         self.sent += count;
         self.data += raw;
         self.progress.sent(raw);
+        self.progress.advance(raw);
         Ok(())
     }
 }

@@ -775,7 +775,9 @@ fn streams_through_a_pipe() {
     let out = Command::new("sh")
         .args([
             "-c",
-            &format!("{BIN} convert src.qcow2 - | head -c 100000 | {BIN} convert - cut.raw"),
+            &format!(
+                "{BIN} convert src.qcow2 - 2>sender.err | head -c 100000 | {BIN} convert - cut.raw"
+            ),
         ])
         .current_dir(env.root())
         .output()
@@ -783,6 +785,12 @@ fn streams_through_a_pipe() {
     let line = assert_one_line_error(&out, "truncated stream");
     assert!(line.starts_with("imgsync: -: "), "{line}");
     assert!(!env.path("cut.raw").exists());
+    // The sender whose reader went away says so too (never a silent 0).
+    let sender = std::fs::read_to_string(env.path("sender.err")).unwrap();
+    assert!(
+        sender.starts_with("imgsync: -: writing the stream: "),
+        "{sender}"
+    );
 }
 
 #[test]

@@ -39,7 +39,7 @@ fn base(path: &Path) {
 }
 
 /// `cp --sparse=always`: the copy keeps the holes.
-fn copy(a: &Path, b: &Path) {
+pub(crate) fn copy(a: &Path, b: &Path) {
     let st = Command::new("cp")
         .arg("--sparse=always")
         .arg(a)
@@ -83,7 +83,7 @@ fn flip(path: &Path, off: u64, mask: u8) {
 
 /// qemu-img compare exits 0 and the sizes are equal (compare alone lets a
 /// longer image pass when its tail is zeros).
-fn identical(env: &Env, a: &Path, b: &Path, what: &str) {
+pub(crate) fn identical(env: &Env, a: &Path, b: &Path, what: &str) {
     same(env, a, b);
     assert_eq!(
         fs::metadata(a).unwrap().len(),
@@ -386,7 +386,7 @@ fn refusals_are_one_line_errors() {
 
 /// SRC with 96 MiB of incompressible data that all differs from DST's, so a
 /// sync takes long enough to be killed at chosen points.
-fn big_pair(env: &Env) {
+pub(crate) fn big_pair(env: &Env) {
     let (src, old) = (env.path("src.raw"), env.path("old.raw"));
     for (p, seed) in [(&src, 1u64), (&old, 1000)] {
         let f = File::create(p).unwrap();
@@ -486,7 +486,8 @@ fn interrupted_local_sync_says_how_to_go_on() {
     let out = child.wait_with_output().unwrap();
     let line = assert_one_line_error(&out, "SIGINT");
     assert!(
-        line.contains("dst.raw") && line.contains("--rollback"),
+        line.starts_with("imgsync: dst.raw: interrupted; dst.raw is mid-sync")
+            && line.contains("--rollback dst.raw"),
         "{line}"
     );
     let out = env.imgsync(&["sync", "--rollback", "dst.raw"]);
@@ -829,6 +830,13 @@ fn killed_remote_end_then_rerun_or_rollback() {
                 let line = assert_one_line_error(&out, &what);
                 assert!(line.contains("127.0.0.1"), "{what}: {line}");
                 assert!(journal.exists(), "{what}: no journal");
+                // Whichever end died, the line says DST is mid-sync and how
+                // to go on.
+                assert!(
+                    line.contains("is mid-sync: rerun the same sync to resume it")
+                        && line.contains("--rollback"),
+                    "{what}: {line}"
+                );
                 if then_rollback && push {
                     // The DST host is remote here: rolled back through serve.
                     let mut a = vec!["sync".to_string(), "--rollback".into()];

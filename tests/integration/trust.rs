@@ -391,3 +391,142 @@ fn connect_timeout_bounds_a_server_that_never_greets() {
     let _ = Path::new("");
     let _ = Via::Builtin;
 }
+
+fn rchar(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("rchar: ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `imgsync ARGS`, sends SIGINT once `ready` holds, returns its
+/// one error line.
+fn interrupt_when(env: &Env, args: &[&str], ready: impl Fn(u32) -> bool, what: &str) -> String {
+    let mut child = imgsync(env)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    crate::remote::wait_until(|| ready(pid) || child.try_wait().unwrap().is_some(), what);
+    kill(pid, "INT");
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "{what}: {:?}",
+        t.elapsed()
+    );
+    assert_one_line_error(&out, what)
+}
+
+#[test]
+fn an_interrupted_sync_says_what_state_dst_is_in() {
+    let env = qemu_env!();
+    crate::sync::big_pair(&env);
+    let journal = env.path(".dst.raw.imgsync-journal");
+    // Still comparing (reading, nothing written): DST is untouched and
+    // nothing suggests a rollback.
+    crate::sync::copy(&env.path("old.raw"), &env.path("dst.raw"));
+    let line = interrupt_when(
+        &env,
+        &["sync", "--compress-level", "0", "src.raw", "dst.raw"],
+        |pid| rchar(pid) > 8 * MIB,
+        "while comparing",
+    );
+    assert_eq!(line, "imgsync: dst.raw: interrupted; dst.raw is untouched");
+    assert!(!journal.exists());
+    crate::sync::identical(
+        &env,
+        &env.path("old.raw"),
+        &env.path("dst.raw"),
+        "untouched",
+    );
+    // DST absent: nothing appears.
+    let line = interrupt_when(
+        &env,
+        &["sync", "--compress-level", "0", "src.raw", "new.raw"],
+        |pid| crate::remote::wchar(&pid.to_string()) > 20 * MIB,
+        "new DST",
+    );
+    assert_eq!(
+        line,
+        "imgsync: new.raw: interrupted; new.raw was not created (nothing was written)"
+    );
+    assert!(!env.path("new.raw").exists());
+    // Mid-sync, then resumed: the human report and --stats say so.
+    let line = interrupt_when(
+        &env,
+        &["sync", "--compress-level", "0", "src.raw", "dst.raw"],
+        |pid| crate::remote::wchar(&pid.to_string()) > 20 * MIB,
+        "mid-sync",
+    );
+    assert!(line.contains("dst.raw is mid-sync"), "{line}");
+    assert!(journal.exists());
+    let out = imgsync(&env)
+        .args(["sync", "src.raw", "dst.raw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "dst.raw: resumed the interrupted sync; it is complete now\n"
+    );
+    crate::sync::identical(&env, &env.path("src.raw"), &env.path("dst.raw"), "resumed");
+    // --stats of a resumed sync.
+    crate::sync::copy(&env.path("old.raw"), &env.path("dst.raw"));
+    interrupt_when(
+        &env,
+        &["sync", "--compress-level", "0", "src.raw", "dst.raw"],
+        |pid| crate::remote::wchar(&pid.to_string()) > 20 * MIB,
+        "mid-sync again",
+    );
+    let out = imgsync(&env)
+        .args(["sync", "--stats", "src.raw", "dst.raw"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("resumed:         yes"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn sync_progress_covers_comparing_and_sending() {
+    let env = qemu_env!();
+    crate::sync::big_pair(&env);
+    crate::sync::copy(&env.path("old.raw"), &env.path("dst.raw"));
+    // -p without a terminal: a line per tenth. SRC holds 96 MiB, all of it
+    // different: 96 MiB compared, then 96 MiB sent: 192 MiB in all, and
+    // no 100 % before the sending is done.
+    let out = imgsync(&env)
+        .args(["sync", "-p", "--compress-level", "0", "src.raw", "dst.raw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(last.starts_with("100% 192 MiB of 192 MiB"), "{err}");
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("100%")).count(),
+        1,
+        "{err}"
+    );
+}
