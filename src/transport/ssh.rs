@@ -929,7 +929,15 @@ impl Write for ChannelWriter {
                         }
                         p.heard
                     };
-                    if self.channel.eof() {
+                    // The remote exited (its exit status or signal came;
+                    // libssh2 reports EOF only once its stderr is read
+                    // too, which the waiter does).
+                    let exited = self.channel.exit_status().is_ok_and(|st| st != 0)
+                        || self
+                            .channel
+                            .exit_signal()
+                            .is_ok_and(|s| s.exit_signal.is_some());
+                    if exited || self.channel.eof() {
                         return Err(io::Error::new(
                             io::ErrorKind::BrokenPipe,
                             "the remote command closed the connection",
