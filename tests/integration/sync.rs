@@ -1187,3 +1187,50 @@ fn hash_caches_that_are_not_ours_are_refused_by_name() {
     assert_eq!(r["destination-hashes"], "read", "{r}");
     identical(&env, &src, &env.path("other.raw"), "other");
 }
+
+/// Over SSH (push, pull, rollback and info; both transports) a journal of
+/// another file renamed beside DST is refused by name, as locally.
+#[test]
+fn a_journal_of_another_file_is_refused_over_ssh() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    big_pair(&env);
+    copy(&env.path("old.raw"), &env.path("x.raw"));
+    killed_sync(&env, "src.raw", "x.raw", 60 * MIB);
+    copy(&env.path("old.raw"), &env.path("y.raw"));
+    let jy = env.path(".y.raw.imgsync-journal");
+    fs::rename(env.path(".x.raw.imgsync-journal"), &jy).unwrap();
+    let y = env.path("y.raw");
+    let refused = |out: &Output, what: &str| {
+        let line = assert_one_line_error(out, what);
+        assert!(
+            line.contains(".y.raw.imgsync-journal") && line.contains("belongs to"),
+            "{what}: {line}"
+        );
+        assert!(cmp(&y, &env.path("old.raw")), "{what}: y changed");
+        assert!(jy.exists(), "{what}: journal removed");
+    };
+    for via in BOTH {
+        let push = sync_remote(&env, &sshd, via, BIN, "src.raw", &url(&sshd, &y));
+        refused(&push, &format!("{via:?} push"));
+        let pull = sync_remote(
+            &env,
+            &sshd,
+            via,
+            BIN,
+            &url(&sshd, &env.path("src.raw")),
+            "y.raw",
+        );
+        refused(&pull, &format!("{via:?} pull"));
+        let mut a: Vec<String> = vec!["sync".into(), "--rollback".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &y));
+        refused(&run(&env, &sshd, &a, &[]), &format!("{via:?} rollback"));
+        let mut a: Vec<String> = vec!["info".into(), "--output".into(), "json".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &y));
+        let info = json(&run(&env, &sshd, &a, &[]));
+        assert!(info.get("sync-in-progress").is_none(), "{via:?}: {info}");
+        assert!(info["sync-journal-refused"].is_string(), "{via:?}: {info}");
+    }
+}
