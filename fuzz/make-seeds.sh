@@ -40,7 +40,8 @@ done
 ls -l corpus/image_map_read
 
 # sync_files: a torn journal of a killed `imgsync sync --block-size 4k`
-# (mode byte 0) and a hash cache left by a sync (mode byte 1, block size
+# (mode byte 2: its header is patched to name the fuzzer's scratch DST)
+# and a hash cache left by a sync (mode byte 1, block size
 # byte 4 = 64 KiB, then the size << 4, little-endian).
 cargo build -q --manifest-path ../Cargo.toml
 bin=../target/debug/imgsync
@@ -63,7 +64,7 @@ for _ in $(seq 500); do
     sleep 0.01
 done
 wait $pid || true
-{ printf '\x00'; head -c 150000 "$j"; } >corpus/sync_files/journal-torn
+{ printf '\x02'; head -c 150000 "$j"; } >corpus/sync_files/journal-torn
 cp --sparse=always "$tmp/a.raw" "$tmp/c.raw"
 "$bin" sync -q "$tmp/a.raw" "$tmp/c.raw"
 python3 - "$tmp/.c.raw.imgsync-hashes" corpus/sync_files/hashes-64k <<'PY'

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::output::human_size;
 use super::{exit, OutputFormat};
+use crate::io::journal::JournalState;
 use crate::io::{open_image, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
@@ -117,10 +118,18 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
         }
     }
     o.insert("dirty-flag".into(), json!(dirty));
-    if let Some(j) = super::sync::journal_of(path) {
-        // imgsync's own key: an interrupted sync left DST partly updated.
-        o.insert("sync-in-progress".into(), json!(true));
-        o.insert("sync-journal".into(), json!(j.display().to_string()));
+    match super::sync::journal_state(path) {
+        Some((j, JournalState::InProgress)) => {
+            // imgsync's own key: an interrupted sync left DST partly updated.
+            o.insert("sync-in-progress".into(), json!(true));
+            o.insert("sync-journal".into(), json!(j.display().to_string()));
+        }
+        Some((_, JournalState::Refused(e))) => {
+            // A journal at this image's journal name that is not its own
+            // (or not ours): a sync would refuse it too.
+            o.insert("sync-journal-refused".into(), json!(e.to_string()));
+        }
+        _ => {}
     }
     Ok(Value::Object(o))
 }
@@ -178,6 +187,9 @@ fn print_human(out: &mut dyn Write, info: &Value) -> Result<()> {
     }
     if get("dirty-flag").as_bool() == Some(true) {
         writeln!(out, "dirty flag: true")?;
+    }
+    if let Some(why) = get("sync-journal-refused").as_str() {
+        writeln!(out, "sync journal not used: {why}")?;
     }
     if let Some(j) = get("sync-journal").as_str() {
         writeln!(

@@ -192,7 +192,8 @@ enum Command {
     /// ssh://...); SRC is raw or qcow2 (a backing chain is seen flattened).
     /// Both sides hash their non-zero blocks (keyed BLAKE3) as they stream;
     /// holes on both sides are never read. A block's old content goes to an
-    /// undo journal beside DST (fsynced) before the block is overwritten: an
+    /// undo journal beside DST (block devices: /var/lib/imgsync/journals;
+    /// fsynced) before the block is overwritten: an
     /// interrupted sync resumes when rerun, or `--rollback DST` restores the
     /// previous image. DST absent: a full copy, appearing only when complete.
     Sync {

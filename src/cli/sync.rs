@@ -231,12 +231,19 @@ pub fn open_target(dst: &Path) -> Result<Target> {
         .and_then(|f| f.size())
         .with_context(name)?;
     let image = open_src(dst, Some(Format::Raw))?;
+    // The identity of the file opened, not of whatever the name means by
+    // the time the journal is checked.
+    let id = journal::DstId::of(&file).with_context(name)?;
+    if is_device {
+        journal::prepare_device_dir()?;
+    }
     Ok(Target::Existing {
         file,
         image,
         is_device,
         size,
-        journal_path: sync::journal_path(dst, is_device),
+        id,
+        journal_path: journal::path_of(dst, &meta),
     })
 }
 
@@ -396,13 +403,24 @@ fn receiver_error(e: engine::Error, dst: &Path) -> anyhow::Error {
     engine_error(e, dst, dst, None)
 }
 
-/// The journal of an interrupted sync of `dst`, if there is one.
+/// The journal of an interrupted sync of `dst`, if there is one (whatever
+/// name `dst` gives the image).
 pub fn journal_of(dst: &Path) -> Option<std::path::PathBuf> {
-    let is_device = std::fs::metadata(dst)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    let j = sync::journal_path(dst, is_device);
-    j.symlink_metadata().is_ok().then_some(j)
+    match journal_state(dst) {
+        Some((j, journal::JournalState::InProgress)) => Some(j),
+        _ => None,
+    }
+}
+
+/// The journal at `dst`'s journal name and what it says about `dst`
+/// (`None`: DST cannot be opened).
+pub fn journal_state(dst: &Path) -> Option<(std::path::PathBuf, journal::JournalState)> {
+    let file = std::fs::File::open(dst).ok()?;
+    let meta = file.metadata().ok()?;
+    let id = journal::DstId::of(&file).ok()?;
+    let j = journal::path_of(dst, &meta);
+    let state = journal::state(&j, &id);
+    Some((j, state))
 }
 
 fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
@@ -423,11 +441,12 @@ fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
 
 /// `--rollback` of a local DST; says what it did on `out`.
 pub fn rollback_to(out: &mut dyn std::io::Write, dst: &Path) -> Result<u8> {
-    let is_device = std::fs::metadata(dst)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    let jpath = sync::journal_path(dst, is_device);
-    if !jpath.exists() {
+    let meta = std::fs::metadata(dst).with_context(|| dst.display().to_string())?;
+    if meta.file_type().is_block_device() {
+        journal::prepare_device_dir()?;
+    }
+    let jpath = journal::path_of(dst, &meta);
+    if jpath.symlink_metadata().is_err() {
         bail!(
             "{}: no interrupted sync to roll back ({} not found)",
             dst.display(),

@@ -674,19 +674,6 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
 
 // ---------------------------------------------------------------- receiver
 
-/// Where the receiver keeps a block device's journal (/dev is not
-/// durable): this directory.
-pub const DEVICE_JOURNAL_DIR: &str = "/var/tmp";
-
-/// The journal path for DST.
-pub fn journal_path(dst: &Path, is_device: bool) -> PathBuf {
-    if is_device {
-        journal::path_in(Path::new(DEVICE_JOURNAL_DIR), dst)
-    } else {
-        Journal::path_for(dst)
-    }
-}
-
 fn jerr(e: journal::JournalError) -> Error {
     Error::Dest(std::io::Error::other(e))
 }
@@ -701,6 +688,11 @@ pub enum Target {
         image: Image,
         is_device: bool,
         size: u64,
+        /// What DST's journal records and is checked against
+        /// (`io::journal`): a journal of another destination is refused.
+        id: journal::DstId,
+        /// `io::journal::path_of`: beside a file, or in the private
+        /// directory of device journals.
         journal_path: PathBuf,
     },
     /// DST did not exist: a new output, linked into place at the end.
@@ -753,6 +745,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             size,
             journal_path,
             is_device,
+            id,
             ..
         } => {
             if *is_device && params.src_size > *size {
@@ -761,7 +754,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                     device: *size,
                 });
             }
-            if let Some(j) = Journal::open(journal_path).map_err(jerr)? {
+            if let Some(j) = Journal::open(journal_path, id).map_err(jerr)? {
                 if j.header().block_size != params.block_size {
                     return Err(Error::Dest(std::io::Error::other(format!(
                         "an interrupted sync with --block-size {} is in progress ({}); rerun it with that block size or roll it back with `imgsync sync --rollback`",
@@ -787,6 +780,14 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     };
     let mut cache = None;
     if let (Some(cp), Target::Existing { file, .. }) = (&cache_path, &target) {
+        // Another user's cache (or a symlink) is neither used nor removed.
+        hashcache::check_owned(cp).map_err(|u| {
+            Error::Dest(std::io::Error::other(format!(
+                "refusing the hash cache {}: {}",
+                u.path.display(),
+                u.why
+            )))
+        })?;
         if !resumed && !params.reread {
             cache = hashcache::Cache::open(cp, file, params.block_size, params.src_size);
         }
@@ -955,6 +956,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             file,
             is_device,
             journal_path,
+            id,
             ..
         } => {
             let changes = plan.send_blocks + plan.punch_blocks > 0 || params.src_size != dst_size;
@@ -968,6 +970,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                             old_size: dst_size,
                             new_size: params.src_size,
                             sync_id: [0; 32],
+                            dst: *id,
                         },
                     )
                     .map_err(jerr)?,

@@ -15,6 +15,10 @@
 //! into place (`io::Output`); a file that fails any check is not used (DST
 //! is read instead).
 //!
+//! A cache is used only when it is ours ([`super::owned`]): a symlink at
+//! its name, another user's file or one others can write is refused by
+//! name ([`check_owned`]), neither read nor removed.
+//!
 //! Racy writes: the identity is taken after DST is fsynced, the writer then
 //! waits until the clock has moved past DST's ctime and takes it again
 //! (unchanged, or no cache). A later write to DST then gets a later ctime.
@@ -61,6 +65,24 @@ pub fn path_for(dst: &Path) -> PathBuf {
     name.push(dst.file_name().unwrap_or_default());
     name.push(".imgsync-hashes");
     dst.with_file_name(name)
+}
+
+/// Refuses the cache at `path` unless it is ours: a symlink, not a
+/// regular file, another user's, or writable by others. `Ok` when there is
+/// none. The caller then neither reads nor removes it.
+pub fn check_owned(path: &Path) -> Result<(), super::owned::Untrusted> {
+    let untrusted = |why: String| super::owned::Untrusted {
+        path: path.to_path_buf(),
+        why,
+    };
+    match path.symlink_metadata() {
+        Ok(m) => match super::owned::file_problem(&m) {
+            None => Ok(()),
+            Some(why) => Err(untrusted(why)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(untrusted(e.to_string())),
+    }
 }
 
 struct Header {
@@ -141,8 +163,18 @@ impl Cache {
     }
 
     fn load(path: &Path, dst: Option<&File>, block_size: u32, size: u64) -> Option<Cache> {
-        let file = File::open(path).ok()?;
+        use rustix::fs::OFlags;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a symlink, never blocked on a FIFO, and only ours.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC).bits() as i32)
+            .open(path)
+            .ok()?;
         let meta = file.metadata().ok()?;
+        if super::owned::file_problem(&meta).is_some() {
+            return None;
+        }
         let mut b = [0u8; HEADER_LEN];
         let mut reader = BufReader::with_capacity(1 << 20, file);
         reader.read_exact(&mut b).ok()?;

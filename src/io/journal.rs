@@ -2,22 +2,40 @@
 //! destination (DST) that an in-place sync overwrites, punches or cuts off,
 //! so that an interrupted sync can be resumed or rolled back exactly.
 //!
-//! The journal lives beside DST as `.NAME.imgsync-journal` ([`Journal::path_for`];
-//! for block devices the caller may pick another directory,
-//! [`Journal::path_in`]). Its existence means "sync in progress".
+//! Where it lives ([`path_of`]): a file DST's journal is `.NAME.imgsync-journal`
+//! beside the file (symbolic links resolved first, so every name of DST
+//! finds it); a block device's is `dev-MAJ:MIN.imgsync-journal` in a
+//! private directory ([`device_dir`]: `/var/lib/imgsync/journals` for root),
+//! named after the device number, so every node of the device (`/dev/vg/x`,
+//! `/dev/mapper/vg-x`, a symlink) finds it and two devices never share one.
+//! Its existence means "sync in progress".
 //!
-//! # On-disk format (version 1, big-endian)
+//! A journal belongs to one destination: its header records DST's identity
+//! (a file's device and inode; a block device's device number and size),
+//! and a journal is used only for the DST with that identity (a journal
+//! renamed or copied beside another file is refused, never applied). It is
+//! also used only when it is ours ([`super::owned`]): opened without
+//! following a symlink, owned by the running user and writable by nobody
+//! else; any other is refused by name and neither read, applied nor
+//! removed. Version 1 journals recorded no identity: they are refused too
+//! (finish or roll back such a sync with the imgsync that wrote it).
+//!
+//! # On-disk format (version 2, big-endian)
 //!
 //! ```text
-//! header (72 bytes, at 0):
+//! header (100 bytes, at 0):
 //!    0  magic       [u8; 8]  b"IMGSYNCJ"
-//!    8  version     u32      1
+//!    8  version     u32      2
 //!   12  block_size  u32      power of two, 4 KiB..=16 MiB
 //!   16  flags       u32      0 (any other bit: unsupported)
 //!   20  old_size    u64      DST's size before the sync
 //!   28  new_size    u64      DST's size after the sync
 //!   36  sync_id     [u8; 32] chosen by the caller; resume compares it
-//!   68  crc         u32      crc32 of bytes 0..68
+//!   68  dst_kind    u32      1 = regular file, 2 = block device
+//!   72  dst_dev     u64      file: st_dev; device: st_rdev
+//!   80  dst_ino     u64      file: st_ino; device: 0
+//!   88  dst_size    u64      device: its size (BLKGETSIZE64); file: 0
+//!   96  crc         u32      crc32 of bytes 0..96
 //! then batches, one per `Journal::sync`, back to back:
 //!   batch header (24 bytes):
 //!    0  tag         [u8; 4]  b"JBAT"
@@ -88,13 +106,17 @@ use rustix::io::Errno;
 /// The first bytes of every journal.
 pub const MAGIC: [u8; 8] = *b"IMGSYNCJ";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Smallest block size: the page size, below which punching holes is moot.
 pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
 /// Largest block size: bounds one entry's allocation on read.
 pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 
-const HEADER_LEN: usize = 72;
+const HEADER_LEN: usize = 100;
+/// Bytes of the header its crc covers.
+const HEADER_CRC_AT: usize = HEADER_LEN - 4;
+const DST_FILE: u32 = 1;
+const DST_DEVICE: u32 = 2;
 const BATCH_HEADER_LEN: usize = 24;
 const ENTRY_HEADER_LEN: usize = 17;
 const BATCH_TAG: [u8; 4] = *b"JBAT";
@@ -107,6 +129,55 @@ const MAX_BATCH_BYTES: usize = 32 << 20;
 const JOURNAL_SUFFIX: &str = ".imgsync-journal";
 /// NAME_MAX on Linux.
 const NAME_MAX: usize = 255;
+/// Where root keeps block devices' journals (/dev is not durable, and
+/// /var/tmp is writable by everyone).
+pub const DEVICE_DIR: &str = "/var/lib/imgsync/journals";
+
+/// The destination a journal belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DstId {
+    /// A regular file: its file system's device and its inode.
+    File { dev: u64, ino: u64 },
+    /// A block device: its device number and size in bytes.
+    Device { rdev: u64, size: u64 },
+}
+
+impl DstId {
+    /// The identity of the open DST.
+    pub fn of(file: &File) -> io::Result<DstId> {
+        let meta = file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // Seeking to the end gives the device's size (what
+            // BLKGETSIZE64 reports).
+            let size = rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?;
+            Ok(DstId::Device {
+                rdev: meta.rdev(),
+                size,
+            })
+        } else {
+            Ok(DstId::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for DstId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mm = |d: u64| (rustix::fs::major(d), rustix::fs::minor(d));
+        match *self {
+            DstId::File { dev, ino } => {
+                let (ma, mi) = mm(dev);
+                write!(f, "the file with inode {ino} on device {ma}:{mi}")
+            }
+            DstId::Device { rdev, size } => {
+                let (ma, mi) = mm(rdev);
+                write!(f, "block device {ma}:{mi} of {size} bytes")
+            }
+        }
+    }
+}
 
 /// What a journal records about the sync; fixed at creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +190,8 @@ pub struct JournalHeader {
     pub new_size: u64,
     /// Identifies the sync (caller-chosen); resume checks it.
     pub sync_id: [u8; 32],
+    /// The destination the journal belongs to.
+    pub dst: DstId,
 }
 
 /// A journal or rollback failure. Each message names the file at fault.
@@ -135,6 +208,22 @@ pub enum JournalError {
     NotAJournal { path: PathBuf },
     #[error("{}: journal version {version} is not supported", path.display())]
     Version { path: PathBuf, version: u32 },
+    /// A version 1 journal: it does not say which image it belongs to.
+    #[error("{}: a journal of an older imgsync (format 1), which does not record which image it belongs to; not used: finish or roll back that sync with the imgsync that wrote it, or remove the journal", path.display())]
+    Unbound { path: PathBuf },
+    /// Not ours, writable by others, or a symlink: never read or applied.
+    #[error("{}: refusing the journal: {why}", path.display())]
+    Untrusted { path: PathBuf, why: String },
+    /// The directory of device journals (or one above it) is not ours.
+    #[error("{}: refusing the journal directory: {why}", path.display())]
+    UntrustedDir { path: PathBuf, why: String },
+    /// The journal belongs to another destination.
+    #[error("{}: the journal belongs to {recorded}, not to this destination ({actual}); not used", path.display())]
+    OtherDestination {
+        path: PathBuf,
+        recorded: DstId,
+        actual: DstId,
+    },
     #[error("{}: corrupt journal at {offset:#x}: {what}", path.display())]
     Corrupt {
         path: PathBuf,
@@ -168,6 +257,10 @@ impl JournalError {
             JournalError::Io { path, .. }
             | JournalError::NotAJournal { path }
             | JournalError::Version { path, .. }
+            | JournalError::Unbound { path }
+            | JournalError::Untrusted { path, .. }
+            | JournalError::UntrustedDir { path, .. }
+            | JournalError::OtherDestination { path, .. }
             | JournalError::Corrupt { path, .. }
             | JournalError::Exists { path }
             | JournalError::Locked { path }
@@ -232,15 +325,11 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// `.NAME.imgsync-journal` in DST's directory, for DST as named (callers
-    /// pass a canonical path, so every name of DST finds the same journal).
+    /// `.NAME.imgsync-journal` in DST's directory, for DST as named
+    /// ([`path_of`] resolves symlinks first, so every name of DST finds the
+    /// same journal).
     pub fn path_for(dst: &Path) -> PathBuf {
-        Journal::path_in(dst.parent().unwrap_or(Path::new("")), dst)
-    }
-
-    /// `.NAME.imgsync-journal` in `dir` (for block devices, whose directory
-    /// is `/dev`).
-    pub fn path_in(dir: &Path, dst: &Path) -> PathBuf {
+        let dir = dst.parent().unwrap_or(Path::new(""));
         let name = dst.file_name().map(|n| n.as_bytes()).unwrap_or(b"image");
         // Keep the journal's name within NAME_MAX.
         let keep = name.len().min(NAME_MAX - 1 - JOURNAL_SUFFIX.len());
@@ -309,19 +398,14 @@ impl Journal {
         })
     }
 
-    /// Opens an existing journal to resume its sync: validates it, collects
-    /// the journaled blocks and cuts off a torn last batch. `Ok(None)` when
-    /// there is no journal (one left by an interrupted create, holding no
-    /// complete header, is removed).
-    pub fn open(path: &Path) -> Result<Option<Journal>, JournalError> {
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(path, "opening the journal")(e)),
+    /// Opens an existing journal of the destination `dst` to resume its
+    /// sync: checks that it is ours and belongs to `dst`, validates it,
+    /// collects the journaled blocks and cuts off a torn last batch.
+    /// `Ok(None)` when there is no journal (one left by an interrupted
+    /// create, holding no complete header, is removed).
+    pub fn open(path: &Path, dst: &DstId) -> Result<Option<Journal>, JournalError> {
+        let Some(file) = open_existing(path, true)? else {
+            return Ok(None);
         };
         lock(&file, path)?;
         if !is_same_file(&file, path)? {
@@ -333,6 +417,7 @@ impl Journal {
             remove_journal(path)?;
             return Ok(None);
         };
+        belongs(&header, path, dst)?;
         let mut reader = Reader {
             file: &file,
             path,
@@ -491,10 +576,8 @@ pub fn rollback(dst: &Path, journal: &Path) -> Result<RollbackReport, JournalErr
     let not_in_progress = || JournalError::NotInProgress {
         path: dst.to_path_buf(),
     };
-    let jfile = match File::open(journal) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_in_progress()),
-        Err(e) => return Err(io_err(journal, "opening the journal")(e)),
+    let Some(jfile) = open_existing(journal, false)? else {
+        return Err(not_in_progress());
     };
     lock(&jfile, journal)?;
     if !is_same_file(&jfile, journal)? {
@@ -517,6 +600,8 @@ pub fn rollback(dst: &Path, journal: &Path) -> Result<RollbackReport, JournalErr
     let scan = scan(&mut reader)?;
 
     let target = Target::open(dst)?;
+    let id = DstId::of(&target.file).map_err(io_err(dst, "reading the image's identity"))?;
+    belongs(&header, journal, &id)?;
     if let Some(device) = target.device_size {
         if device < header.old_size {
             return Err(JournalError::DeviceTooSmall {
@@ -593,15 +678,130 @@ pub fn path_for(dst: &Path) -> PathBuf {
     Journal::path_for(dst)
 }
 
-/// [`Journal::path_in`].
-pub fn path_in(dir: &Path, dst: &Path) -> PathBuf {
-    Journal::path_in(dir, dst)
+/// The journal of `dst`, whose metadata (symlinks followed) is `meta`: for
+/// a block device `dev-MAJ:MIN.imgsync-journal` in [`device_dir`], else
+/// `.NAME.imgsync-journal` beside the file DST names once symlinks are
+/// resolved. Every name of a destination gives the same journal.
+pub fn path_of(dst: &Path, meta: &std::fs::Metadata) -> PathBuf {
+    if meta.file_type().is_block_device() {
+        let rdev = meta.rdev();
+        device_dir().join(format!(
+            "dev-{}:{}{JOURNAL_SUFFIX}",
+            rustix::fs::major(rdev),
+            rustix::fs::minor(rdev)
+        ))
+    } else {
+        let real = std::fs::canonicalize(dst).unwrap_or_else(|_| dst.to_path_buf());
+        Journal::path_for(&real)
+    }
 }
 
-/// The journal beside DST when a sync is in progress (or was interrupted).
-pub fn in_progress(dst: &Path) -> Option<PathBuf> {
-    let path = Journal::path_for(dst);
-    path.symlink_metadata().is_ok().then_some(path)
+/// The directory of block devices' journals: [`DEVICE_DIR`] for root; for
+/// another user (who may own a device) `$XDG_STATE_HOME/imgsync/journals`
+/// (by default `~/.local/state/imgsync/journals`).
+pub fn device_dir() -> PathBuf {
+    if super::owned::euid() == 0 {
+        return PathBuf::from(DEVICE_DIR);
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")));
+    match state {
+        Some(s) => s.join("imgsync/journals"),
+        None => PathBuf::from(DEVICE_DIR),
+    }
+}
+
+/// [`device_dir`], made (mode 0700) if missing and checked: ours, and no
+/// directory on its path writable by anyone else.
+pub fn prepare_device_dir() -> Result<PathBuf, JournalError> {
+    let dir = device_dir();
+    super::owned::private_dir(&dir).map_err(|u| JournalError::UntrustedDir {
+        path: u.path,
+        why: u.why,
+    })?;
+    Ok(dir)
+}
+
+/// What a journal says about a destination ([`state`]).
+#[derive(Debug)]
+pub enum JournalState {
+    /// No journal (or one whose creation was interrupted before DST was
+    /// touched).
+    None,
+    /// The journal of this destination: a sync is in progress.
+    InProgress,
+    /// A journal at the destination's journal name that is not used for
+    /// it: not ours, of another destination, unreadable or corrupt.
+    Refused(JournalError),
+}
+
+/// Whether the journal at `path` is an interrupted sync of the
+/// destination `dst` (for `info` and `check`: reads the header only).
+pub fn state(path: &Path, dst: &DstId) -> JournalState {
+    let header = || -> Result<Option<JournalHeader>, JournalError> {
+        let Some(file) = open_existing(path, false)? else {
+            return Ok(None);
+        };
+        let len = journal_len(&file, path)?;
+        read_header(&file, path, len)
+    };
+    match header() {
+        Ok(None) => JournalState::None,
+        Ok(Some(h)) => match belongs(&h, path, dst) {
+            Ok(()) => JournalState::InProgress,
+            Err(e) => JournalState::Refused(e),
+        },
+        Err(e) => JournalState::Refused(e),
+    }
+}
+
+/// Refuses a journal that records another destination than `dst`.
+fn belongs(header: &JournalHeader, path: &Path, dst: &DstId) -> Result<(), JournalError> {
+    if header.dst == *dst {
+        Ok(())
+    } else {
+        Err(JournalError::OtherDestination {
+            path: path.to_path_buf(),
+            recorded: header.dst,
+            actual: *dst,
+        })
+    }
+}
+
+/// Opens an existing journal (read-only, or also for writing) without
+/// following a symlink at its name, and checks that it is ours
+/// ([`super::owned`]) before anything is read. `Ok(None)`: there is none.
+fn open_existing(path: &Path, write: bool) -> Result<Option<File>, JournalError> {
+    let untrusted = |why: String| JournalError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+    };
+    // O_NONBLOCK: a FIFO planted at the name must not block the open.
+    let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => {
+            return Err(untrusted(
+                "is a symbolic link; not used (check where it came from, and remove it)".into(),
+            ))
+        }
+        Err(e) => return Err(io_err(path, "opening the journal")(e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(io_err(path, "reading the journal's metadata"))?;
+    match super::owned::file_problem(&meta) {
+        None => Ok(Some(file)),
+        Some(why) => Err(untrusted(why)),
+    }
 }
 
 /// An upper bound of the journal's length for `entries` entries of
@@ -646,8 +846,16 @@ fn encode_header(h: &JournalHeader) -> [u8; HEADER_LEN] {
     b[20..28].copy_from_slice(&h.old_size.to_be_bytes());
     b[28..36].copy_from_slice(&h.new_size.to_be_bytes());
     b[36..68].copy_from_slice(&h.sync_id);
-    let crc = crc32fast::hash(&b[..68]);
-    b[68..72].copy_from_slice(&crc.to_be_bytes());
+    let (kind, dev, ino, size) = match h.dst {
+        DstId::File { dev, ino } => (DST_FILE, dev, ino, 0),
+        DstId::Device { rdev, size } => (DST_DEVICE, rdev, 0, size),
+    };
+    b[68..72].copy_from_slice(&kind.to_be_bytes());
+    b[72..80].copy_from_slice(&dev.to_be_bytes());
+    b[80..88].copy_from_slice(&ino.to_be_bytes());
+    b[88..96].copy_from_slice(&size.to_be_bytes());
+    let crc = crc32fast::hash(&b[..HEADER_CRC_AT]);
+    b[HEADER_CRC_AT..].copy_from_slice(&crc.to_be_bytes());
     b
 }
 
@@ -662,15 +870,9 @@ fn decode_header(b: &[u8; HEADER_LEN], path: &Path) -> Result<JournalHeader, Jou
             path: path.to_path_buf(),
         });
     }
-    let version = be_u32(b, 8).unwrap_or(0);
-    if version != VERSION {
-        return Err(JournalError::Version {
-            path: path.to_path_buf(),
-            version,
-        });
-    }
-    let stored = be_u32(b, 68).unwrap_or(0);
-    let computed = crc32fast::hash(b.get(..68).unwrap_or(&[]));
+    check_version(b, path)?;
+    let stored = be_u32(b, HEADER_CRC_AT).unwrap_or(0);
+    let computed = crc32fast::hash(b.get(..HEADER_CRC_AT).unwrap_or(&[]));
     if stored != computed {
         return Err(corrupt(format!(
             "header checksum {stored:#010x} does not match its content ({computed:#010x})"
@@ -682,11 +884,26 @@ fn decode_header(b: &[u8; HEADER_LEN], path: &Path) -> Result<JournalHeader, Jou
     }
     let mut sync_id = [0u8; 32];
     sync_id.copy_from_slice(b.get(36..68).unwrap_or(&[0; 32]));
+    let (dev, ino, size) = (
+        be_u64(b, 72).unwrap_or(0),
+        be_u64(b, 80).unwrap_or(0),
+        be_u64(b, 88).unwrap_or(0),
+    );
+    let dst = match be_u32(b, 68).unwrap_or(0) {
+        DST_FILE if size == 0 => DstId::File { dev, ino },
+        DST_DEVICE if ino == 0 => DstId::Device { rdev: dev, size },
+        kind => {
+            return Err(corrupt(format!(
+                "destination kind {kind} with inode {ino} and size {size}"
+            )))
+        }
+    };
     let h = JournalHeader {
         block_size: be_u32(b, 12).unwrap_or(0),
         old_size: be_u64(b, 20).unwrap_or(0),
         new_size: be_u64(b, 28).unwrap_or(0),
         sync_id,
+        dst,
     };
     check_header(&h).map_err(corrupt)?;
     Ok(h)
@@ -706,6 +923,11 @@ fn read_header(file: &File, path: &Path, len: u64) -> Result<Option<JournalHeade
             path: path.to_path_buf(),
         });
     }
+    // Another version's header is shorter or longer than ours: judged by
+    // its version, not taken for an interrupted create.
+    if have >= 12 && b.get(0..8) == Some(&MAGIC[..]) {
+        check_version(&b, path)?;
+    }
     if len < HEADER_LEN as u64 {
         return Ok(None);
     }
@@ -720,6 +942,19 @@ fn read_header(file: &File, path: &Path, len: u64) -> Result<Option<JournalHeade
         });
     }
     decode_header(&b, path).map(Some)
+}
+
+fn check_version(b: &[u8], path: &Path) -> Result<(), JournalError> {
+    match be_u32(b, 8).unwrap_or(0) {
+        VERSION => Ok(()),
+        1 => Err(JournalError::Unbound {
+            path: path.to_path_buf(),
+        }),
+        version => Err(JournalError::Version {
+            path: path.to_path_buf(),
+            version,
+        }),
+    }
 }
 
 fn encode_batch_header(seq: u64, bytes: u32, entries: u32) -> [u8; BATCH_HEADER_LEN] {
@@ -1150,12 +1385,28 @@ mod tests {
     const BS: u32 = 64 << 10;
     const B: u64 = BS as u64;
 
+    /// The identity of journals not applied to a real file.
+    const FAKE: DstId = DstId::File { dev: 1, ino: 2 };
+
     fn header(old_size: u64, new_size: u64) -> JournalHeader {
         JournalHeader {
             block_size: BS,
             old_size,
             new_size,
             sync_id: [7; 32],
+            dst: FAKE,
+        }
+    }
+
+    fn id_of(path: &Path) -> DstId {
+        DstId::of(&File::open(path).unwrap()).unwrap()
+    }
+
+    /// A journal header for the image at `dst`.
+    fn header_for(dst: &Path, old_size: u64, new_size: u64) -> JournalHeader {
+        JournalHeader {
+            dst: id_of(dst),
+            ..header(old_size, new_size)
         }
     }
 
@@ -1232,10 +1483,6 @@ mod tests {
             Journal::path_for(Path::new("vm.raw")),
             Path::new(".vm.raw.imgsync-journal")
         );
-        assert_eq!(
-            Journal::path_in(Path::new("/var/lib/imgsync"), Path::new("/dev/sdb")),
-            Path::new("/var/lib/imgsync/.sdb.imgsync-journal")
-        );
         let long = "x".repeat(300);
         let p = Journal::path_for(Path::new(&long));
         assert_eq!(p.file_name().unwrap().len(), NAME_MAX);
@@ -1247,9 +1494,12 @@ mod tests {
         let holes = has_holes(dir.path());
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let h = header(old.len() as u64, 6 * B);
+        let h = header_for(&dst, old.len() as u64, 6 * B);
         let mut j = Journal::create(&jpath, h).unwrap();
-        assert_eq!(in_progress(&dst), Some(jpath.clone()));
+        assert!(matches!(
+            state(&jpath, &id_of(&dst)),
+            JournalState::InProgress
+        ));
         journal_blocks(&mut j, &old, &[0, 1, 2, 3], 2);
         assert_eq!(j.entries(), 4);
         assert_eq!(j.bytes(), std::fs::metadata(&jpath).unwrap().len());
@@ -1259,7 +1509,7 @@ mod tests {
         drop(f);
         drop(j);
 
-        let j = Journal::open(&jpath).unwrap().unwrap();
+        let j = Journal::open(&jpath, &id_of(&dst)).unwrap().unwrap();
         assert_eq!(*j.header(), h);
         assert_eq!(journaled(&j), [0, 1, 2, 3]);
         assert!(j.is_journaled(1) && !j.is_journaled(4));
@@ -1280,7 +1530,7 @@ mod tests {
             assert!(is_hole(&dst, B, B), "block 1 is a hole again");
         }
         assert!(!jpath.exists());
-        assert_eq!(in_progress(&dst), None);
+        assert!(matches!(state(&jpath, &id_of(&dst)), JournalState::None));
     }
 
     #[test]
@@ -1289,7 +1539,7 @@ mod tests {
         let holes = has_holes(dir.path());
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, B)).unwrap();
+        let mut j = Journal::create(&jpath, header_for(&dst, old.len() as u64, B)).unwrap();
         // Block 0 is rewritten; blocks 2 and 3 are cut off (block 1, a
         // hole, needs nothing: it reads as zeros after regrowing).
         journal_blocks(&mut j, &old, &[0, 2, 3], 8);
@@ -1314,7 +1564,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, old.len() as u64)).unwrap();
+        let mut j =
+            Journal::create(&jpath, header_for(&dst, old.len() as u64, old.len() as u64)).unwrap();
         j.record(0, Some(&old[..B as usize])).unwrap();
         // Again before and after a sync, and after reopening: no-ops.
         j.record(0, Some(&pattern(1, B as usize))).unwrap();
@@ -1324,7 +1575,7 @@ mod tests {
         j.sync().unwrap();
         assert_eq!(j.bytes(), bytes);
         drop(j);
-        let mut j = Journal::open(&jpath).unwrap().unwrap();
+        let mut j = Journal::open(&jpath, &id_of(&dst)).unwrap().unwrap();
         j.record(0, Some(&pattern(2, B as usize))).unwrap();
         j.sync().unwrap();
         assert_eq!(j.entries(), 1);
@@ -1368,13 +1619,13 @@ mod tests {
         let j = Journal::create(&jpath, header(B, B)).unwrap();
         let e = Journal::create(&jpath, header(B, B)).err().unwrap();
         assert!(matches!(e, JournalError::Exists { .. }), "{e}");
-        let e = Journal::open(&jpath).err().unwrap();
+        let e = Journal::open(&jpath, &FAKE).err().unwrap();
         assert!(matches!(e, JournalError::Locked { .. }), "{e}");
         let e = rollback(&dir.path().join("dst"), &jpath).unwrap_err();
         assert!(matches!(e, JournalError::Locked { .. }), "{e}");
         j.remove().unwrap();
         assert!(!jpath.exists());
-        assert!(Journal::open(&jpath).unwrap().is_none());
+        assert!(Journal::open(&jpath, &FAKE).unwrap().is_none());
     }
 
     #[test]
@@ -1414,19 +1665,19 @@ mod tests {
         ];
         for cut in cuts {
             std::fs::write(&jpath, &bytes[..cut as usize]).unwrap();
-            let mut j = Journal::open(&jpath).unwrap().unwrap();
+            let mut j = Journal::open(&jpath, &FAKE).unwrap().unwrap();
             assert_eq!(journaled(&j), [0, 1], "cut at {cut}");
             assert_eq!(std::fs::metadata(&jpath).unwrap().len(), first_end);
             // Appending after the cut works, and reopens.
             journal_blocks(&mut j, &old, &[3], 1);
             drop(j);
-            let j = Journal::open(&jpath).unwrap().unwrap();
+            let j = Journal::open(&jpath, &FAKE).unwrap().unwrap();
             assert_eq!(journaled(&j), [0, 1, 3]);
         }
         let mut zeroed = bytes.clone();
         zeroed[first_end as usize..].fill(0);
         std::fs::write(&jpath, &zeroed).unwrap();
-        let j = Journal::open(&jpath).unwrap().unwrap();
+        let j = Journal::open(&jpath, &FAKE).unwrap().unwrap();
         assert_eq!(journaled(&j), [0, 1]);
         // A zero page in the middle of the last batch.
         let mut holed = bytes.clone();
@@ -1434,7 +1685,7 @@ mod tests {
         holed[at..at + 4096].fill(0);
         drop(j);
         std::fs::write(&jpath, &holed).unwrap();
-        let j = Journal::open(&jpath).unwrap().unwrap();
+        let j = Journal::open(&jpath, &FAKE).unwrap().unwrap();
         assert_eq!(journaled(&j), [0, 1]);
     }
 
@@ -1443,7 +1694,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, old.len() as u64)).unwrap();
+        let mut j =
+            Journal::create(&jpath, header_for(&dst, old.len() as u64, old.len() as u64)).unwrap();
         journal_blocks(&mut j, &old, &[0], 1);
         // Block 2's entry is torn: the sync never got to write block 2.
         j.record(2, Some(&old[2 * B as usize..3 * B as usize]))
@@ -1470,7 +1722,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, B)).unwrap();
+        let mut j = Journal::create(&jpath, header_for(&dst, old.len() as u64, B)).unwrap();
         journal_blocks(&mut j, &old, &[0, 2, 3], 1);
         drop(j);
         let f = File::options().write(true).open(&dst).unwrap();
@@ -1480,7 +1732,7 @@ mod tests {
         bytes[25] ^= 0x40; // old_size
         std::fs::write(&jpath, &bytes).unwrap();
 
-        let e = Journal::open(&jpath).err().unwrap();
+        let e = Journal::open(&jpath, &id_of(&dst)).err().unwrap();
         assert!(e.is_corrupt(), "{e}");
         assert!(
             e.to_string().starts_with(&format!(
@@ -1500,12 +1752,135 @@ mod tests {
             b"#!/bin/sh\necho hello, this is not a journal at all\n",
         )
         .unwrap();
-        let e = Journal::open(&jpath).err().unwrap();
+        let e = Journal::open(&jpath, &id_of(&dst)).err().unwrap();
         assert!(matches!(e, JournalError::NotAJournal { .. }), "{e}");
-        bytes[11] = 2;
+        bytes[11] = 3;
         std::fs::write(&jpath, &bytes).unwrap();
         let e = rollback(&dst, &jpath).unwrap_err();
-        assert!(matches!(e, JournalError::Version { version: 2, .. }), "{e}");
+        assert!(matches!(e, JournalError::Version { version: 3, .. }), "{e}");
+    }
+
+    /// Version 1 recorded no destination: refused (not applied, not taken
+    /// for an interrupted create and removed), even when only its 72-byte
+    /// header was written.
+    #[test]
+    fn a_version_1_journal_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dst, old) = old_image(dir.path());
+        let jpath = Journal::path_for(&dst);
+        let mut v1 = vec![0u8; 72];
+        v1[..8].copy_from_slice(&MAGIC);
+        v1[8..12].copy_from_slice(&1u32.to_be_bytes());
+        v1[12..16].copy_from_slice(&BS.to_be_bytes());
+        v1[20..28].copy_from_slice(&B.to_be_bytes());
+        let crc = crc32fast::hash(&v1[..68]);
+        v1[68..72].copy_from_slice(&crc.to_be_bytes());
+        for len in [72, 72 + 24 + 17] {
+            let mut bytes = v1.clone();
+            bytes.resize(len, 0);
+            std::fs::write(&jpath, &bytes).unwrap();
+            let e = Journal::open(&jpath, &id_of(&dst)).err().unwrap();
+            assert!(matches!(e, JournalError::Unbound { .. }), "{e}");
+            assert!(e.to_string().contains("older imgsync"), "{e}");
+            let e = rollback(&dst, &jpath).unwrap_err();
+            assert!(matches!(e, JournalError::Unbound { .. }), "{e}");
+            assert!(matches!(
+                state(&jpath, &id_of(&dst)),
+                JournalState::Refused(JournalError::Unbound { .. })
+            ));
+            assert_eq!(std::fs::read(&jpath).unwrap(), bytes);
+        }
+        assert_eq!(std::fs::read(&dst).unwrap(), old);
+    }
+
+    /// A journal renamed (or copied) beside another file records the first
+    /// file: it is neither resumed nor applied to the second.
+    #[test]
+    fn a_journal_beside_another_file_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, old) = old_image(dir.path());
+        let jx = Journal::path_for(&x);
+        let mut j =
+            Journal::create(&jx, header_for(&x, old.len() as u64, old.len() as u64)).unwrap();
+        journal_blocks(&mut j, &old, &[0, 2], 2);
+        drop(j);
+        let y = dir.path().join("y.img");
+        let y_content = pattern(42, old.len());
+        std::fs::write(&y, &y_content).unwrap();
+        let jy = Journal::path_for(&y);
+        std::fs::rename(&jx, &jy).unwrap();
+        let e = Journal::open(&jy, &id_of(&y)).err().unwrap();
+        assert!(matches!(e, JournalError::OtherDestination { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "{}: the journal belongs to the file with inode",
+                jy.display()
+            )),
+            "{e}"
+        );
+        let e = rollback(&y, &jy).unwrap_err();
+        assert!(matches!(e, JournalError::OtherDestination { .. }), "{e}");
+        assert!(matches!(state(&jy, &id_of(&y)), JournalState::Refused(_)));
+        assert_eq!(std::fs::read(&y).unwrap(), y_content);
+        assert!(jy.exists());
+        // Back beside its own file, it applies.
+        std::fs::rename(&jy, &jx).unwrap();
+        assert!(matches!(state(&jx, &id_of(&x)), JournalState::InProgress));
+        rollback(&x, &jx).unwrap();
+        assert_eq!(std::fs::read(&x).unwrap(), old);
+    }
+
+    /// A journal others can write, another user's, or a symlink at the
+    /// journal's name: refused by name, never read, applied or removed.
+    #[test]
+    fn a_journal_that_is_not_ours_is_refused_by_name_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (dst, old) = old_image(dir.path());
+        let jpath = Journal::path_for(&dst);
+        let mut j =
+            Journal::create(&jpath, header_for(&dst, old.len() as u64, old.len() as u64)).unwrap();
+        journal_blocks(&mut j, &old, &[0, 1, 2, 3], 2);
+        drop(j);
+        let new = pattern(9, old.len());
+        std::fs::write(&dst, &new).unwrap();
+        let saved = std::fs::read(&jpath).unwrap();
+        let refused = |what: &str| {
+            let e = Journal::open(&jpath, &id_of(&dst)).err().unwrap();
+            assert!(matches!(e, JournalError::Untrusted { .. }), "{what}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{}: refusing the journal: ", jpath.display())),
+                "{what}: {e}"
+            );
+            let e = rollback(&dst, &jpath).unwrap_err();
+            assert!(matches!(e, JournalError::Untrusted { .. }), "{what}: {e}");
+            assert!(matches!(
+                state(&jpath, &id_of(&dst)),
+                JournalState::Refused(JournalError::Untrusted { .. })
+            ));
+            assert_eq!(std::fs::read(&dst).unwrap(), new, "{what}");
+            assert!(jpath.symlink_metadata().is_ok(), "{what}: removed");
+        };
+        std::fs::set_permissions(&jpath, std::fs::Permissions::from_mode(0o666)).unwrap();
+        refused("mode 0666");
+        std::fs::set_permissions(&jpath, std::fs::Permissions::from_mode(0o620)).unwrap();
+        refused("group-writable");
+        std::fs::set_permissions(&jpath, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if super::super::owned::euid() == 0 {
+            std::os::unix::fs::chown(&jpath, Some(65534), Some(65534)).unwrap();
+            refused("owned by nobody");
+            std::os::unix::fs::chown(&jpath, Some(0), Some(0)).unwrap();
+        }
+        let real = dir.path().join("elsewhere");
+        std::fs::rename(&jpath, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &jpath).unwrap();
+        refused("symlink");
+        std::fs::remove_file(&jpath).unwrap();
+        std::fs::rename(&real, &jpath).unwrap();
+        assert_eq!(std::fs::read(&jpath).unwrap(), saved);
+        rollback(&dst, &jpath).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), old);
     }
 
     #[test]
@@ -1513,7 +1888,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, old.len() as u64)).unwrap();
+        let mut j =
+            Journal::create(&jpath, header_for(&dst, old.len() as u64, old.len() as u64)).unwrap();
         journal_blocks(&mut j, &old, &[0], 1);
         let second = j.bytes();
         journal_blocks(&mut j, &old, &[2], 1);
@@ -1526,7 +1902,7 @@ mod tests {
         bytes[entry_at + ENTRY_HEADER_LEN + 500] ^= 1;
         std::fs::write(&jpath, &bytes).unwrap();
 
-        let e = Journal::open(&jpath).err().unwrap();
+        let e = Journal::open(&jpath, &id_of(&dst)).err().unwrap();
         assert_eq!(
             e.to_string(),
             format!(
@@ -1561,7 +1937,7 @@ mod tests {
         bytes.extend_from_slice(&encode_batch_header(1, body.len() as u32, 1));
         bytes.extend_from_slice(&body);
         std::fs::write(&jpath, &bytes).unwrap();
-        let e = Journal::open(&jpath).err().unwrap();
+        let e = Journal::open(&jpath, &FAKE).err().unwrap();
         assert!(
             e.to_string()
                 .ends_with("block 5 is past the old image size"),
@@ -1576,7 +1952,7 @@ mod tests {
         let jpath = Journal::path_for(&dst);
         for content in [&b""[..], &MAGIC[..5], &[0u8; HEADER_LEN][..]] {
             std::fs::write(&jpath, content).unwrap();
-            assert!(Journal::open(&jpath).unwrap().is_none());
+            assert!(Journal::open(&jpath, &id_of(&dst)).unwrap().is_none());
             assert!(!jpath.exists());
             std::fs::write(&jpath, content).unwrap();
             assert_eq!(rollback(&dst, &jpath).unwrap(), RollbackReport::default());
@@ -1590,7 +1966,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, old.len() as u64)).unwrap();
+        let mut j =
+            Journal::create(&jpath, header_for(&dst, old.len() as u64, old.len() as u64)).unwrap();
         journal_blocks(&mut j, &old, &[0, 1], 2);
         drop(j);
         rollback(&dst, &jpath).unwrap();
@@ -1610,7 +1987,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (dst, old) = old_image(dir.path());
         let jpath = Journal::path_for(&dst);
-        let mut j = Journal::create(&jpath, header(old.len() as u64, 5 * B)).unwrap();
+        let mut j = Journal::create(&jpath, header_for(&dst, old.len() as u64, 5 * B)).unwrap();
         journal_blocks(&mut j, &old, &[0, 1, 2, 3], 3);
         drop(j);
         let saved = std::fs::read(&jpath).unwrap();
@@ -1654,6 +2031,7 @@ mod tests {
             old_size: 40 * u64::from(bs),
             new_size: 0,
             sync_id: [0; 32],
+            dst: FAKE,
         };
         let jpath = dir.path().join("j");
         let mut j = Journal::create(&jpath, h).unwrap();
@@ -1669,7 +2047,7 @@ mod tests {
         assert!(std::fs::metadata(&jpath).unwrap().len() > HEADER_LEN as u64);
         j.sync().unwrap();
         drop(j);
-        let j = Journal::open(&jpath).unwrap().unwrap();
+        let j = Journal::open(&jpath, &FAKE).unwrap().unwrap();
         assert_eq!(journaled(&j), (0..40).collect::<Vec<u64>>());
         assert_eq!(j.next_seq, 2);
     }

@@ -7,6 +7,7 @@ pub mod hashcache;
 pub mod journal;
 pub mod open;
 pub mod output;
+pub mod owned;
 
 pub use file::LocalFile;
 pub use open::{open_image, open_image_files, OpenError, OpenOptions};

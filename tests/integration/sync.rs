@@ -668,8 +668,21 @@ fn block_device_destination() {
         blocks,
         "{r}"
     );
-    // Its journal went to /var/tmp, and is gone; no hash cache for a device.
-    assert!(!Path::new(&format!("/var/tmp/.{name}.imgsync-journal")).exists());
+    // Its journal went to root's private directory (named after the
+    // device number), and is gone; no hash cache for a device.
+    let rdev = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(devp).unwrap().rdev()
+    };
+    let dir = Path::new("/var/lib/imgsync/journals");
+    assert_eq!(mode_of(dir), 0o700);
+    assert!(!dir
+        .join(format!(
+            "dev-{}:{}.imgsync-journal",
+            libc::major(rdev),
+            libc::minor(rdev)
+        ))
+        .exists());
     assert!(!Path::new(&format!("/dev/.{name}.imgsync-hashes")).exists());
     let r = report(&sync_local(&env, &["src.raw", &dev.0]), "again");
     assert_eq!(r["destination-hashes"], "read", "{r}");
@@ -922,5 +935,310 @@ fn remote_errors_name_the_host() {
             "{line}"
         );
         assert!(!env.path("x.raw").exists());
+    }
+}
+
+// A journal belongs to one destination
+
+/// Starts `imgsync sync -q SRC DST` in `env` and SIGKILLs it once it has
+/// written more than `at` bytes (journal and DST).
+fn killed_sync(env: &Env, src: &str, dst: &str, at: u64) {
+    let mut child = Command::new(BIN)
+        .args(["sync", "-q", "--compress-level", "0", src, dst])
+        .current_dir(env.root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_until(
+        || wchar(&pid.to_string()) > at || child.try_wait().unwrap().is_some(),
+        "sync writes",
+    );
+    kill9(&pid.to_string());
+    let st = child.wait().unwrap();
+    assert!(st.code().is_none(), "{dst}: sync ended before the kill");
+}
+
+fn cmp(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Two loop devices reached as a/vm1 and b/vm1 (same last name): an
+/// interrupted sync of b/vm1 is b's alone. Its journal is named after b's
+/// device number in the private journal directory; `--rollback a/vm1`
+/// finds nothing and leaves a untouched; a sync of a/vm1 neither resumes
+/// nor removes it; `info` reports it by b's other name only; a planted
+/// (another uid's, or world-writable) journal is refused by name; and
+/// b is rolled back through /dev/loopN.
+#[test]
+fn device_journals_belong_to_one_device_by_any_name() {
+    let env = qemu_env!();
+    let size = 64 * MIB;
+    for (name, seed) in [("a.img", 500u64), ("b.img", 600)] {
+        fs::write(env.path(name), random_bytes(size as usize, seed, false)).unwrap();
+    }
+    fs::write(env.path("src.raw"), random_bytes(size as usize, 700, false)).unwrap();
+    let Some(la) = crate::convert::Loop::attach(&env.path("a.img")) else {
+        return;
+    };
+    let Some(lb) = crate::convert::Loop::attach(&env.path("b.img")) else {
+        return;
+    };
+    for (d, l) in [("a", &la), ("b", &lb)] {
+        fs::create_dir(env.path(d)).unwrap();
+        std::os::unix::fs::symlink(&l.0, env.path(&format!("{d}/vm1"))).unwrap();
+    }
+    copy(&env.path("a.img"), &env.path("a-before.img"));
+    copy(&env.path("b.img"), &env.path("b-before.img"));
+    let (da, db) = (Path::new(&la.0), Path::new(&lb.0));
+
+    killed_sync(&env, "src.raw", "b/vm1", 40 * MIB);
+    let rdev = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(db).unwrap().rdev()
+    };
+    let dir = Path::new("/var/lib/imgsync/journals");
+    let jb = dir.join(format!(
+        "dev-{}:{}.imgsync-journal",
+        libc::major(rdev),
+        libc::minor(rdev)
+    ));
+    assert!(jb.exists(), "no journal {}", jb.display());
+    assert_eq!(mode_of(dir), 0o700);
+    assert!(!cmp(db, &env.path("b-before.img")), "b was not changed");
+    let b_mid = env.path("b-mid.img");
+    copy(db.as_ref(), &b_mid);
+
+    // Nothing to roll back on a, which stays as it was.
+    let line = assert_one_line_error(&env.imgsync(&["sync", "--rollback", "a/vm1"]), "a");
+    assert!(line.contains("no interrupted sync"), "{line}");
+    assert!(cmp(da, &env.path("a-before.img")), "a changed");
+    // info: mid-sync by b's other name, not by a's.
+    let info = env.imgsync_json(&["info", "--output", "json", &lb.0]);
+    assert_eq!(info["sync-journal"], jb.display().to_string(), "{info}");
+    let info = env.imgsync_json(&["info", "--output", "json", "a/vm1"]);
+    assert!(info.get("sync-in-progress").is_none(), "{info}");
+    let check = env.imgsync(&["check", "b/vm1"]);
+    assert!(String::from_utf8_lossy(&check.stdout).contains("interrupted sync"));
+
+    // A sync of a/vm1 does not resume (or remove) b's journal.
+    let r = report(&sync_local(&env, &["src.raw", "a/vm1"]), "sync a");
+    assert_eq!(r["resumed"], false, "{r}");
+    assert!(cmp(da, &env.path("src.raw")), "a is not SRC");
+    assert!(jb.exists(), "b's journal was consumed by a's sync");
+    assert!(cmp(db, &b_mid), "b changed by a's sync");
+
+    // Planted: another uid's, then root's but world-writable: refused by
+    // name, neither applied nor removed.
+    let saved = fs::read(&jb).unwrap();
+    for (uid, mode) in [(65534, 0o600), (0, 0o666)] {
+        std::os::unix::fs::chown(&jb, Some(uid), Some(uid)).unwrap();
+        chmod(&jb, mode);
+        for args in [
+            &["sync", "--rollback", &lb.0][..],
+            &["sync", "src.raw", "b/vm1"][..],
+        ] {
+            let line = assert_one_line_error(&env.imgsync(args), "planted");
+            assert!(
+                line.contains(&jb.display().to_string()) && line.contains("refusing"),
+                "uid {uid} mode {mode:o}: {line}"
+            );
+            assert!(cmp(db, &b_mid), "b changed by a refused journal");
+            assert_eq!(fs::read(&jb).unwrap(), saved, "journal changed");
+        }
+        let info = env.imgsync_json(&["info", "--output", "json", &lb.0]);
+        assert!(info["sync-journal-refused"].is_string(), "{info}");
+    }
+    std::os::unix::fs::chown(&jb, Some(0), Some(0)).unwrap();
+    chmod(&jb, 0o600);
+
+    // Rolled back through the device node's own name.
+    let out = env.imgsync(&["sync", "--rollback", &lb.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cmp(db, &env.path("b-before.img")), "b not restored");
+    assert!(!jb.exists());
+}
+
+/// A file DST's journal lies beside the file a symlink names, so every
+/// name finds it; renamed beside another file it is refused there (never
+/// applied), and `info` says why.
+#[test]
+fn file_journals_follow_the_file_and_are_not_applied_to_another() {
+    let env = qemu_env!();
+    big_pair(&env);
+    copy(&env.path("old.raw"), &env.path("x.raw"));
+    fs::create_dir(env.path("links")).unwrap();
+    std::os::unix::fs::symlink(env.path("x.raw"), env.path("links/vm")).unwrap();
+    killed_sync(&env, "src.raw", "links/vm", 60 * MIB);
+    let jx = env.path(".x.raw.imgsync-journal");
+    assert!(jx.exists(), "no journal beside the file");
+    assert!(!env.path("links/.vm.imgsync-journal").exists());
+    let info = env.imgsync_json(&["info", "--output", "json", "x.raw"]);
+    assert_eq!(info["sync-in-progress"], true, "{info}");
+
+    // Renamed beside y.raw: refused by rollback, sync and info.
+    copy(&env.path("old.raw"), &env.path("y.raw"));
+    copy(&env.path("old.raw"), &env.path("y-before.raw"));
+    let jy = env.path(".y.raw.imgsync-journal");
+    fs::rename(&jx, &jy).unwrap();
+    for args in [
+        &["sync", "--rollback", "y.raw"][..],
+        &["sync", "src.raw", "y.raw"][..],
+    ] {
+        let line = assert_one_line_error(&env.imgsync(args), "renamed journal");
+        assert!(
+            line.contains(".y.raw.imgsync-journal") && line.contains("belongs to"),
+            "{line}"
+        );
+        assert!(
+            cmp(&env.path("y.raw"), &env.path("y-before.raw")),
+            "y changed"
+        );
+        assert!(jy.exists());
+    }
+    let info = env.imgsync_json(&["info", "--output", "json", "y.raw"]);
+    assert!(info.get("sync-in-progress").is_none(), "{info}");
+    assert!(
+        info["sync-journal-refused"]
+            .as_str()
+            .is_some_and(|s| s.contains("belongs to")),
+        "{info}"
+    );
+    // Back beside x, it rolls x back (by the symlink's name).
+    fs::rename(&jy, &jx).unwrap();
+    let out = env.imgsync(&["sync", "--rollback", "links/vm"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    identical(&env, &env.path("old.raw"), &env.path("x.raw"), "rollback");
+    assert!(!jx.exists());
+}
+
+/// A hash cache that is not ours (another uid's, writable by others, a
+/// symlink) is refused by name before DST changes, and kept; another
+/// file's cache renamed beside DST is not used.
+#[test]
+fn hash_caches_that_are_not_ours_are_refused_by_name() {
+    let env = qemu_env!();
+    let (src, dst) = (env.path("src.raw"), env.path("dst.raw"));
+    base(&src);
+    copy(&src, &dst);
+    report(&sync_local(&env, &["src.raw", "dst.raw"]), "first");
+    let cache = env.path(".dst.raw.imgsync-hashes");
+    assert!(cache.exists());
+    flip(&src, 16 * MIB + 5, 1);
+    let before = env.path("before.raw");
+    copy(&dst, &before);
+    let saved = fs::read(&cache).unwrap();
+    let refuse = |what: &str| {
+        let line = assert_one_line_error(&env.imgsync(&["sync", "src.raw", "dst.raw"]), what);
+        assert!(
+            line.contains(".dst.raw.imgsync-hashes") && line.contains("refusing"),
+            "{what}: {line}"
+        );
+        assert!(cmp(&dst, &before), "{what}: DST changed");
+        assert!(cache.symlink_metadata().is_ok(), "{what}: cache removed");
+    };
+    // The cache is ours: its owner is who runs the tests.
+    let root = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&cache).unwrap().uid() == 0
+    };
+    if root {
+        std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+        refuse("another uid's cache");
+        std::os::unix::fs::chown(&cache, Some(0), Some(0)).unwrap();
+    }
+    chmod(&cache, 0o666);
+    refuse("world-writable cache");
+    fs::remove_file(&cache).unwrap();
+    fs::write(env.path("elsewhere"), &saved).unwrap();
+    chmod(&env.path("elsewhere"), 0o600);
+    std::os::unix::fs::symlink(env.path("elsewhere"), &cache).unwrap();
+    refuse("symlinked cache");
+    fs::remove_file(&cache).unwrap();
+    fs::write(&cache, &saved).unwrap();
+    chmod(&cache, 0o600);
+
+    // Another file's cache beside DST: DST is read instead.
+    copy(&dst, &env.path("other.raw"));
+    let r = report(&sync_local(&env, &["src.raw", "dst.raw"]), "ours again");
+    assert_eq!(n(&r, "blocks-sent"), 1, "{r}");
+    fs::rename(&cache, env.path(".other.raw.imgsync-hashes")).unwrap();
+    let r = report(
+        &sync_local(&env, &["src.raw", "other.raw"]),
+        "other's cache",
+    );
+    assert_eq!(r["destination-hashes"], "read", "{r}");
+    identical(&env, &src, &env.path("other.raw"), "other");
+}
+
+/// Over SSH (push, pull, rollback and info; both transports) a journal of
+/// another file renamed beside DST is refused by name, as locally.
+#[test]
+fn a_journal_of_another_file_is_refused_over_ssh() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    big_pair(&env);
+    copy(&env.path("old.raw"), &env.path("x.raw"));
+    killed_sync(&env, "src.raw", "x.raw", 60 * MIB);
+    copy(&env.path("old.raw"), &env.path("y.raw"));
+    let jy = env.path(".y.raw.imgsync-journal");
+    fs::rename(env.path(".x.raw.imgsync-journal"), &jy).unwrap();
+    let y = env.path("y.raw");
+    let refused = |out: &Output, what: &str| {
+        let line = assert_one_line_error(out, what);
+        assert!(
+            line.contains(".y.raw.imgsync-journal") && line.contains("belongs to"),
+            "{what}: {line}"
+        );
+        assert!(cmp(&y, &env.path("old.raw")), "{what}: y changed");
+        assert!(jy.exists(), "{what}: journal removed");
+    };
+    for via in BOTH {
+        let push = sync_remote(&env, &sshd, via, BIN, "src.raw", &url(&sshd, &y));
+        refused(&push, &format!("{via:?} push"));
+        let pull = sync_remote(
+            &env,
+            &sshd,
+            via,
+            BIN,
+            &url(&sshd, &env.path("src.raw")),
+            "y.raw",
+        );
+        refused(&pull, &format!("{via:?} pull"));
+        let mut a: Vec<String> = vec!["sync".into(), "--rollback".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &y));
+        refused(&run(&env, &sshd, &a, &[]), &format!("{via:?} rollback"));
+        let mut a: Vec<String> = vec!["info".into(), "--output".into(), "json".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &y));
+        let info = json(&run(&env, &sshd, &a, &[]));
+        assert!(info.get("sync-in-progress").is_none(), "{via:?}: {info}");
+        assert!(info["sync-journal-refused"].is_string(), "{via:?}: {info}");
     }
 }
