@@ -9,5 +9,5 @@ pub mod open;
 pub mod output;
 
 pub use file::LocalFile;
-pub use open::{open_image, open_image_files, OpenError, OpenOptions};
+pub use open::{open_image, open_image_files, open_image_metadata, OpenError, OpenOptions};
 pub use output::Output;
