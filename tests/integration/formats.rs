@@ -1300,3 +1300,85 @@ fn check_exit_status_is_corruption_over_leaks() {
         ],
     );
 }
+
+/// `(host offset, end)` of every compressed cluster descriptor in the active
+/// L2 tables of qcow2 `b` (the end rounded up to the descriptor's last
+/// 512-byte sector, as the spec's sector count gives it).
+fn compressed_ranges(b: &[u8]) -> Vec<(u64, u64)> {
+    let cluster_bits = u32::from_be_bytes(b[20..24].try_into().expect("4 bytes"));
+    let l1_size = u32::from_be_bytes(b[36..40].try_into().expect("4 bytes")) as usize;
+    let l1 = be64(b, 40) as usize;
+    // Descriptor: bits 0..x the host offset, x..61 the sectors after the
+    // first, x = 62 - (cluster_bits - 8).
+    let x = 62 - (cluster_bits - 8);
+    let mut ranges = Vec::new();
+    for i in 0..l1_size {
+        let l2 = (be64(b, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+        if l2 == 0 {
+            continue;
+        }
+        for j in 0..(1usize << cluster_bits) / 8 {
+            let e = be64(b, l2 + 8 * j);
+            if e & 1 << 62 != 0 {
+                let host = e & ((1 << x) - 1);
+                let sectors = ((e >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1;
+                ranges.push((host, host / 512 * 512 + sectors * 512));
+            }
+        }
+    }
+    ranges
+}
+
+#[test]
+fn compressed_cluster_cut_short_by_its_last_sector_is_metadata_damage() {
+    let env = qemu_env!();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    env.qemu_io("qcow2", "img.qcow2", &[Compressed(0, MIB)]);
+    let b = std::fs::read(env.path("img.qcow2")).expect("read image");
+    let (host, end) = compressed_ranges(&b)
+        .into_iter()
+        .max_by_key(|r| r.1)
+        .expect("compressed clusters");
+    let len = b.len() as u64;
+    // As qemu-io wrote it, the last compressed cluster's range passes the
+    // end of the file inside its last sector: valid.
+    assert!(
+        end - 512 < len && len <= end && len % 512 != 0,
+        "file of {len:#x} bytes, last compressed range {host:#x}..{end:#x}"
+    );
+    crate::common::check_check(&env, probed("img.qcow2", QCOW2), true);
+    let map = env.imgsync(&["map", "img.qcow2"]);
+    assert_eq!(map.status.code(), Some(0), "{map:?}");
+    // Cut so that the file ends before that sector: the descriptor names
+    // bytes the file lacks. map and check say so without reading the data.
+    for cut in [end - 512, end - 1024] {
+        std::fs::write(env.path("img.qcow2"), &b[..cut as usize]).expect("write");
+        // (map streams: the lines before the damage may be out already.)
+        let out = env.imgsync(&["map", "img.qcow2"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "cut at {cut:#x}: {stderr}");
+        let line = stderr.strip_suffix('\n').expect("one line");
+        assert!(!line.contains('\n'), "cut at {cut:#x}: {stderr}");
+        for needle in [
+            "img.qcow2",
+            "compressed cluster",
+            &format!("{host:#x}"),
+            "beyond the end of the file",
+        ] {
+            assert!(line.contains(needle), "cut at {cut:#x}: {line}");
+        }
+        let out = env.imgsync(&["check", "img.qcow2"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "cut at {cut:#x}: {text}");
+        assert!(
+            text.contains(&format!("compressed cluster at {host:#x}"))
+                && text.contains("beyond the end of the file"),
+            "cut at {cut:#x}: {text}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "imgsync: img.qcow2: check found 1 corruption and 0 leaked clusters\n",
+            "cut at {cut:#x}"
+        );
+    }
+}
