@@ -22,11 +22,20 @@ use crate::io::{open_image_metadata, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
     let report = report(path, format)?;
+    print_stdout(&report, output)?;
+    finish(&path.display().to_string(), &report)
+}
+
+/// Prints a report on stdout. A reader that went away (`check img | head
+/// -1`) does not change the verdict: the exit status still says what was
+/// found, never the quiet 0 of a broken pipe elsewhere.
+pub fn print_stdout(report: &Value, output: OutputFormat) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    print(&mut out, &report, output)?;
-    out.flush()?;
-    finish(&path.display().to_string(), &report)
+    match print(&mut out, report, output).and_then(|()| Ok(out.flush()?)) {
+        Err(e) if super::output::is_broken_pipe(&e) => Ok(()),
+        r => r,
+    }
 }
 
 /// `run`, printing into `out` (stdout, or the protocol for a remote client).
@@ -140,7 +149,7 @@ fn problems_json(list: &[Problem]) -> Value {
 }
 
 /// Prints a report as `output` asks.
-pub fn print(out: &mut dyn Write, report: &Value, output: OutputFormat) -> Result<()> {
+fn print(out: &mut dyn Write, report: &Value, output: OutputFormat) -> Result<()> {
     match output {
         OutputFormat::Json => {
             if report.get("total-clusters").is_some() {

@@ -408,10 +408,7 @@ pub fn query(
     }
     let report: serde_json::Value = serde_json::from_slice(&report)
         .map_err(|e| anyhow!("{host}: {path}: the check report is not JSON: {e}"))?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    super::check::print(&mut out, &report, output)?;
-    out.flush()?;
+    super::check::print_stdout(&report, output)?;
     super::check::finish(&format!("{host}: {path}"), &report)
 }
 

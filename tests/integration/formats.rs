@@ -1382,3 +1382,25 @@ fn compressed_cluster_cut_short_by_its_last_sector_is_metadata_damage() {
         );
     }
 }
+
+#[test]
+fn check_verdict_survives_a_reader_that_left() {
+    // `imgsync check img | head -1` style: the reader is gone before check
+    // prints (EPIPE); the exit status must still be the verdict, not the
+    // quiet 0 of a broken pipe.
+    let env = qemu_env!();
+    let (mut b, l2) = damaged_base(&env);
+    let l1 = be64(&b, 40);
+    b[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    for output in ["human", "json"] {
+        let script = format!(
+            "(sleep 0.5; '{}' check --output {output} img.qcow2 2>/dev/null; echo $? >rc) | true",
+            env!("CARGO_BIN_EXE_imgsync")
+        );
+        let out = env.run("sh", &["-c", &script]);
+        assert!(out.status.success(), "{out:?}");
+        let rc = std::fs::read_to_string(env.path("rc")).expect("rc");
+        assert_eq!(rc.trim(), "2", "--output {output}");
+    }
+}
