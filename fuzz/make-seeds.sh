@@ -32,6 +32,13 @@ qemu-img convert -c -f qcow2 -O qcow2 -o cluster_size=4k,compression_type=zstd \
     "$tmp/plain-zstd.qcow2" "$tmp/comp-zstd.qcow2"
 qemu-img convert -c -f qcow2 -O qcow2 -o cluster_size=512 "$tmp/data-512.qcow2" "$tmp/comp-512.qcow2"
 qemu-img create -q -u -f qcow2 -o cluster_size=512 -b base.raw -F raw "$tmp/backing.qcow2" 16k
+# Compressed clusters written by qemu-io (the file ends inside the last
+# descriptor's last sector), and the same file cut before that sector
+# (metadata damage for map and check).
+python3 -c 'import random, sys; r = random.Random(3); sys.stdout.buffer.write(bytes(r.randrange(16) for _ in range(8192)))' >"$tmp/text.bin"
+mk comp-io cluster_size=4k 64k "write -c -s $tmp/text.bin 0 8k"
+size=$(stat -c %s "$tmp/comp-io.qcow2")
+head -c $(( size / 512 * 512 - 512 )) "$tmp/comp-io.qcow2" >"$tmp/comp-io-cut.qcow2"
 
 for target in qcow2_header image_map_read; do
     mkdir -p "corpus/$target"

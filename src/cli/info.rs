@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::output::human_size;
 use super::{exit, OutputFormat};
 use crate::io::journal::JournalState;
-use crate::io::{open_image, OpenOptions};
+use crate::io::{open_image_metadata, OpenOptions};
 
 pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
     let mut out = BufWriter::new(super::output::stdout());
@@ -27,7 +27,10 @@ pub fn run_to(
     format: Option<Format>,
     output: OutputFormat,
 ) -> Result<u8> {
-    let image = open_image(
+    // Only this image's metadata: info reads nothing through a backing
+    // file or data file, so it opens none (and shows their names even for
+    // a probed image, as qemu-img info does).
+    let image = open_image_metadata(
         path,
         OpenOptions {
             format,

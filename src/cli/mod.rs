@@ -24,12 +24,19 @@ use imgsync_formats::Format;
 use crate::protocol::msg::QueryCommand;
 
 /// Exit statuses (the contract in CLI.md): 0 success, 1 differs (compare),
-/// 2 error, 3 corruption found (check).
+/// 2 error; `check` has qemu-img check's own codes.
 pub mod exit {
     pub const OK: u8 = 0;
     pub const DIFFERS: u8 = 1;
     pub const ERROR: u8 = 2;
-    pub const CORRUPT: u8 = 3;
+    /// check: the check could not be completed (the image cannot be opened
+    /// or read), as qemu-img check's 1. Every error of `check` exits so: a
+    /// 2 there would read as "corruption found".
+    pub const CHECK_INCOMPLETE: u8 = 1;
+    /// check: corruption found (qemu-img check's 2).
+    pub const CHECK_CORRUPT: u8 = 2;
+    /// check: only leaked clusters found (qemu-img check's 3).
+    pub const CHECK_LEAKS: u8 = 3;
 }
 
 #[derive(Parser, Debug)]
@@ -73,6 +80,9 @@ impl From<FormatArg> for Format {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Show an image's format, sizes, backing file and format details
+    ///
+    /// Only the image's own metadata is read: a backing file or external
+    /// data file it names is shown, never opened (so no -f is needed).
     Info {
         /// Image format (probed from the magic when absent)
         #[arg(short = 'f', long = "format", value_enum)]
@@ -250,7 +260,13 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = remote::parse_timeout)]
         timeout: u64,
     },
-    /// Validate an image's metadata: exit 0 clean, 3 corruption found, 2 error
+    /// Validate an image's metadata, with qemu-img check's exit status
+    ///
+    /// Exit 0 clean, 2 corruption found, 3 only leaked clusters (wasted
+    /// space, no harm to data), 1 the check could not be completed (the
+    /// image cannot be opened or read). With 2 or 3 one stderr line names
+    /// the image and the counts. Only the image's own tables are read: a
+    /// backing file or data file it names is shown by `info`, never opened.
     Check {
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
@@ -290,10 +306,15 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit::ERROR
-            } else {
+            // `check` has no usage-error status of its own: like qemu-img
+            // check, it says "not completed" (its 2 means corruption).
+            let is_check = std::env::args_os().nth(1).is_some_and(|a| a == "check");
+            let code = if !e.use_stderr() {
                 exit::OK
+            } else if is_check {
+                exit::CHECK_INCOMPLETE
+            } else {
+                exit::ERROR
             };
             // clap prints with print!/eprint!, which panic on a closed
             // stream: render it and write it ourselves.
@@ -317,6 +338,10 @@ pub fn main() -> ExitCode {
             | Command::Check { .. }
             | Command::Compare { .. }
     );
+    let error_code = match cli.command {
+        Command::Check { .. } => exit::CHECK_INCOMPLETE,
+        _ => exit::ERROR,
+    };
     let result = match cli.command {
         Command::Info {
             format,
@@ -429,7 +454,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(exit::OK);
             }
             output::eprint_line(&format!("imgsync: {}", output::one_line(&e)));
-            ExitCode::from(exit::ERROR)
+            ExitCode::from(error_code)
         }
     }
 }

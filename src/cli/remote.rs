@@ -398,8 +398,16 @@ fn print_stats(a: &Args, s: &Stats) -> Result<()> {
     Ok(())
 }
 
+/// A remote check's JSON report is held in memory to be printed here;
+/// qemu-img check's lists are capped (1000 problems each), so a real one is
+/// well under this.
+const MAX_CHECK_REPORT: usize = 16 << 20;
+
 /// info, map or check of an image on a host: the remote imgsync runs it and
-/// its output is printed here.
+/// its output is printed here. A check is asked for as JSON whatever
+/// `output` is, and printed here from that report: its exit status and
+/// stderr line then come from the counts, as for a local check (and do not
+/// depend on what an older serve thought its status should be).
 pub fn query(
     host: &Host,
     path: &str,
@@ -408,13 +416,15 @@ pub fn query(
     output: OutputFormat,
     ssh: &SshArgs,
 ) -> Result<u8> {
+    let is_check = command == QueryCommand::Check;
     let mut peer = Peer::connect(host, ssh)?;
     let req = Request::Query(QueryRequest {
         command,
         path: path.as_bytes().to_vec(),
         format: format.map(wire_format),
-        json: output == OutputFormat::Json,
+        json: is_check || output == OutputFormat::Json,
     });
+    let mut report = Vec::new();
     let r = (|| -> engine::Result<u8> {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         peer.fw.flush()?;
@@ -422,6 +432,15 @@ pub fn query(
         loop {
             let (k, p) = peer.fr.read_frame()?;
             match Message::decode(k, p, &peer.limits)? {
+                Message::Output(b) if is_check => {
+                    if report.len() + b.len() > MAX_CHECK_REPORT {
+                        return Err(protocol::Error::Remote(format!(
+                            "{path}: check report larger than {MAX_CHECK_REPORT} bytes"
+                        ))
+                        .into());
+                    }
+                    report.extend_from_slice(&b);
+                }
                 Message::Output(b) => {
                     out.write_all(&b).map_err(engine::Error::Dest)?;
                 }
@@ -440,14 +459,21 @@ pub fn query(
             }
         }
     })();
-    match r {
+    let code = match r {
         Ok(code) => {
             peer.finish();
-            Ok(code)
+            code
         }
-        Err(engine::Error::Dest(e)) => Err(anyhow!(e).context("stdout")),
-        Err(e) => Err(peer.fail(e)),
+        Err(engine::Error::Dest(e)) => return Err(anyhow!(e).context("stdout")),
+        Err(e) => return Err(peer.fail(e)),
+    };
+    if !is_check {
+        return Ok(code);
     }
+    let report: serde_json::Value = serde_json::from_slice(&report)
+        .map_err(|e| anyhow!("{host}: {path}: the check report is not JSON: {e}"))?;
+    super::check::print_stdout(&report, output)?;
+    super::check::finish(&format!("{host}: {path}"), &report)
 }
 
 /// Compares local `local` with the image at `host:path`, pulled as a

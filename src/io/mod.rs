@@ -10,5 +10,5 @@ pub mod output;
 pub mod owned;
 
 pub use file::LocalFile;
-pub use open::{open_image, open_image_files, OpenError, OpenOptions};
+pub use open::{open_image, open_image_files, open_image_metadata, OpenError, OpenOptions};
 pub use output::Output;

@@ -57,6 +57,15 @@ pub fn open_image(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
     open_image_files(path, opts).map(|(image, _)| image)
 }
 
+/// Opens `path` alone, for commands that read its metadata and no guest
+/// data (`info`, `check`): a backing file or external data file it names is
+/// never opened, so the image has no backing and no data file attached. As
+/// nothing is followed, a probed image naming other files is not refused
+/// (qemu-img info opens with BDRV_O_NO_BACKING the same way).
+pub fn open_image_metadata(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
+    open_layer(path, opts, &mut HashSet::new(), 0, false)
+}
+
 /// Opens `path` with its whole backing chain, and lists the files it reads
 /// (canonical paths of every image in the chain and of external data files),
 /// so a writer can refuse to overwrite any of them.
@@ -65,15 +74,18 @@ pub fn open_image_files(
     opts: OpenOptions,
 ) -> Result<(Image, Vec<PathBuf>), OpenError> {
     let mut seen = HashSet::new();
-    let image = open_layer(path, opts, &mut seen, 0)?;
+    let image = open_layer(path, opts, &mut seen, 0, true)?;
     Ok((image, seen.into_iter().collect()))
 }
 
+/// Opens the image at `path`; with `follow`, also the files it names (its
+/// data file and backing chain), else only its own metadata.
 fn open_layer(
     path: &Path,
     opts: OpenOptions,
     seen: &mut HashSet<PathBuf>,
     depth: usize,
+    follow: bool,
 ) -> Result<Image, OpenError> {
     let io_err = |source| OpenError::Io {
         path: path.to_path_buf(),
@@ -120,6 +132,9 @@ fn open_layer(
                 },
             )
             .map_err(fmt_err)?;
+            if !follow {
+                return Ok(Image::new(Layer::Qcow2(q)));
+            }
             let header = q.header().clone();
             // Probe safety: a guest can write a qcow2 header naming any host
             // file into its raw disk; only follow names when told it is qcow2.
@@ -165,6 +180,7 @@ fn open_layer(
                 },
                 seen,
                 depth + 1,
+                true,
             )?;
             Image::with_backing(layer, backing).map_err(fmt_err)
         }

@@ -197,10 +197,17 @@ impl Env {
 
     /// Runs imgsync and returns its stdout as JSON; panics unless it succeeds.
     pub fn imgsync_json(&self, args: &[&str]) -> Value {
+        self.imgsync_json_code(args, 0)
+    }
+
+    /// Runs imgsync and returns its stdout as JSON; panics unless it exits
+    /// with `code` (`check` reports problems with 2 or 3).
+    pub fn imgsync_json_code(&self, args: &[&str], code: i32) -> Value {
         let out = self.imgsync(args);
-        assert!(
-            out.status.success(),
-            "imgsync {args:?} failed ({}): {}",
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "imgsync {args:?} ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -461,10 +468,10 @@ pub fn check_check(env: &Env, s: Subject<'_>, exact: bool) {
             String::from_utf8_lossy(&q.stdout)
         )
     });
-    // qemu-img check: 0 clean, 2 corruptions, 3 leaks only.
+    // imgsync check exits as qemu-img check: 0 clean, 2 corruptions, 3
+    // leaks only.
     let expected = match q.status.code() {
-        Some(0) => 0,
-        Some(2) | Some(3) => 3,
+        Some(c @ (0 | 2 | 3)) => c,
         other => panic!("qemu-img check {}: exit {other:?}: {theirs}", s.img),
     };
     assert_eq!(
@@ -764,10 +771,16 @@ pub fn check_guest_bytes(env: &Env, s: Subject<'_>, vsize: u64) {
 /// 2, nothing on stdout, exactly one line on stderr starting `imgsync: `.
 /// Returns that line.
 pub fn assert_one_line_error(out: &Output, what: &str) -> String {
+    assert_one_line_error_code(out, what, 2)
+}
+
+/// [`assert_one_line_error`] with exit status `code` (`check`'s errors exit
+/// 1, as qemu-img check's).
+pub fn assert_one_line_error_code(out: &Output, what: &str, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),
-        Some(2),
+        Some(code),
         "{what}: exit status (stderr: {stderr})"
     );
     assert!(

@@ -8,7 +8,9 @@
 //!   (c) the guest view read through `open_image` + `read_at` equals
 //!       `qemu-img convert -O raw` byte for byte.
 //! The opener tests check refusals (loops, probed names, json:, missing
-//! files): one line on stderr starting `imgsync: `, exit status 2.
+//! files): one line on stderr starting `imgsync: `, exit status 2 (1 for
+//! `check`, as qemu-img check). `info` and `check` open no file but the
+//! image: they show what it names instead of refusing.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -17,7 +19,8 @@ use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 
 use crate::common::{
-    assert_one_line_error, check_against_qemu, explicit, probed, random_bytes, Env, Op, KIB, MIB,
+    assert_one_line_error_code, check_against_qemu, explicit, probed, random_bytes, Env, Op, KIB,
+    MIB,
 };
 use imgsync::formats::Format;
 use imgsync::io::{open_image, OpenOptions};
@@ -818,22 +821,63 @@ fn raw_fully_allocated() {
 // ---------------------------------------------------------------------------
 // the opener: refusals
 
-/// Runs `info` and `map` (with `args` before the image) and checks both fail
-/// with one line containing every one of `needles`.
-fn assert_refused(env: &Env, args: &[&str], img: &str, needles: &[&str]) {
-    for cmd in ["info", "map", "check"] {
+/// The commands that read guest data through the files an image names.
+const READERS: &[&str] = &["map", "convert", "compare", "sync"];
+const ALL: &[&str] = &["info", "check", "map", "convert", "compare", "sync"];
+
+/// Runs each of `cmds` on `img` (with `args` before it; convert and sync
+/// get a destination, compare a blank raw second image) and checks each
+/// fails with one line containing every one of `needles`, exit status 2
+/// (1 for `check`, as qemu-img check), writing nothing.
+fn assert_refused(env: &Env, cmds: &[&str], args: &[&str], img: &str, needles: &[&str]) {
+    std::fs::write(env.path("blank.raw"), vec![0u8; 4096]).expect("write blank.raw");
+    for &cmd in cmds {
         let mut a = vec![cmd];
         a.extend_from_slice(args);
         a.push(img);
+        match cmd {
+            "convert" | "sync" => a.push("out.raw"),
+            "compare" => a.extend_from_slice(&["-F", "raw", "blank.raw"]),
+            _ => {}
+        }
         let out = env.imgsync(&a);
-        let line = assert_one_line_error(&out, &format!("imgsync {a:?}"));
+        let code = if cmd == "check" { 1 } else { 2 };
+        let line = assert_one_line_error_code(&out, &format!("imgsync {a:?}"), code);
         for n in needles {
             assert!(
                 line.contains(n),
                 "imgsync {a:?}: error {line:?} does not mention {n:?}"
             );
         }
+        assert!(!env.path("out.raw").exists(), "imgsync {a:?} wrote out.raw");
     }
+}
+
+/// `info` and `check` of `img` (with `args` before it) open no file but the
+/// image: info shows `key` (`backing-filename` or `data-file`) as `name`,
+/// check exits 0 (the image's own tables are clean).
+fn assert_metadata_shown(env: &Env, args: &[&str], img: &str, key: &str, name: &str) {
+    let mut a = vec!["info", "--output", "json"];
+    a.extend_from_slice(args);
+    a.push(img);
+    let info = env.imgsync_json(&a);
+    let shown = if key == "data-file" {
+        &info["format-specific"]["data"][key]
+    } else {
+        &info[key]
+    };
+    assert_eq!(shown, name, "imgsync {a:?}: {info}");
+    let mut a = vec!["check"];
+    a.extend_from_slice(args);
+    a.push(img);
+    let out = env.imgsync(&a);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "imgsync {a:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -847,7 +891,20 @@ fn backing_loop_is_refused() {
     env.qemu_img(&[
         "rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
     ]);
-    assert_refused(&env, &["-f", "qcow2"], "a.qcow2", &["loop", "a.qcow2"]);
+    assert_refused(
+        &env,
+        READERS,
+        &["-f", "qcow2"],
+        "a.qcow2",
+        &["loop", "a.qcow2"],
+    );
+    assert_metadata_shown(
+        &env,
+        &["-f", "qcow2"],
+        "a.qcow2",
+        "backing-filename",
+        "b.qcow2",
+    );
     let err = open_image(
         &env.path("a.qcow2"),
         OpenOptions {
@@ -867,7 +924,20 @@ fn backing_self_reference_is_refused() {
     env.qemu_img(&[
         "rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2",
     ]);
-    assert_refused(&env, &["-f", "qcow2"], "a.qcow2", &["loop", "a.qcow2"]);
+    assert_refused(
+        &env,
+        READERS,
+        &["-f", "qcow2"],
+        "a.qcow2",
+        &["loop", "a.qcow2"],
+    );
+    assert_metadata_shown(
+        &env,
+        &["-f", "qcow2"],
+        "a.qcow2",
+        "backing-filename",
+        "a.qcow2",
+    );
 }
 
 #[test]
@@ -887,7 +957,14 @@ fn backing_loop_through_another_name_is_refused() {
         "qcow2",
         "a.qcow2",
     ]);
-    assert_refused(&env, &["-f", "qcow2"], "a.qcow2", &["loop"]);
+    assert_refused(&env, READERS, &["-f", "qcow2"], "a.qcow2", &["loop"]);
+    assert_metadata_shown(
+        &env,
+        &["-f", "qcow2"],
+        "a.qcow2",
+        "backing-filename",
+        "sub/../a.qcow2",
+    );
 }
 
 #[test]
@@ -906,7 +983,9 @@ fn probed_raw_disk_with_qcow2_header_naming_backing_is_refused() {
         "x",
         "1M",
     ]);
-    assert_refused(&env, &[], "x", &["x", "-f qcow2", "/etc/passwd"]);
+    assert_refused(&env, READERS, &[], "x", &["x", "-f qcow2", "/etc/passwd"]);
+    // info and check follow no name: they show it.
+    assert_metadata_shown(&env, &[], "x", "backing-filename", "/etc/passwd");
     let err = open_image(&env.path("x"), OpenOptions::default())
         .err()
         .expect("refused");
@@ -930,10 +1009,12 @@ fn probed_image_naming_data_file_is_refused() {
     ]);
     assert_refused(
         &env,
+        READERS,
         &[],
         "img.qcow2",
         &["img.qcow2", "-f qcow2", "data.raw"],
     );
+    assert_metadata_shown(&env, &[], "img.qcow2", "data-file", "data.raw");
 }
 
 #[test]
@@ -952,7 +1033,20 @@ fn json_backing_name_is_refused() {
         "qcow2",
         "top.qcow2",
     ]);
-    assert_refused(&env, &["-f", "qcow2"], "top.qcow2", &["top.qcow2", "json:"]);
+    assert_refused(
+        &env,
+        READERS,
+        &["-f", "qcow2"],
+        "top.qcow2",
+        &["top.qcow2", "json:"],
+    );
+    assert_metadata_shown(
+        &env,
+        &["-f", "qcow2"],
+        "top.qcow2",
+        "backing-filename",
+        r#"json:{"file":{"driver":"file","filename":"base.qcow2"}}"#,
+    );
 }
 
 #[test]
@@ -971,7 +1065,17 @@ fn missing_backing_file_is_named() {
         "top.qcow2",
     ]);
     std::fs::remove_file(env.path("gone.qcow2")).expect("rm");
-    assert_refused(&env, &["-f", "qcow2"], "top.qcow2", &["gone.qcow2"]);
+    assert_refused(
+        &env,
+        READERS,
+        &["-f", "qcow2"],
+        "top.qcow2",
+        &["gone.qcow2"],
+    );
+    // As qemu-img info: the name is shown, the file is not needed.
+    for args in [&[][..], &["-f", "qcow2"]] {
+        assert_metadata_shown(&env, args, "top.qcow2", "backing-filename", "gone.qcow2");
+    }
     let err = open_image(
         &env.path("top.qcow2"),
         OpenOptions {
@@ -1002,15 +1106,19 @@ fn missing_data_file_is_named() {
         "1M",
     ]);
     std::fs::remove_file(env.path("gone.raw")).expect("rm");
-    assert_refused(&env, &["-f", "qcow2"], "img.qcow2", &["gone.raw"]);
+    assert_refused(&env, READERS, &["-f", "qcow2"], "img.qcow2", &["gone.raw"]);
+    for args in [&[][..], &["-f", "qcow2"]] {
+        assert_metadata_shown(&env, args, "img.qcow2", "data-file", "gone.raw");
+    }
 }
 
 #[test]
 fn nonexistent_image_is_named() {
     let env = crate::common::temp_env(); // needs no qemu-img
-    assert_refused(&env, &[], "no-such.img", &["no-such.img"]);
+    assert_refused(&env, ALL, &[], "no-such.img", &["no-such.img"]);
     assert_refused(
         &env,
+        ALL,
         &["-f", "qcow2", "--output", "json"],
         "no-such.img",
         &["no-such.img"],
@@ -1037,18 +1145,30 @@ fn damaged_base(env: &Env) -> (Vec<u8>, usize) {
     (b, l2)
 }
 
-/// Runs `imgsync check` (human) and asserts exit 3 and that the report
-/// carries every needle; then holds the image to `qemu-img check`'s verdict.
-fn assert_check_finds(env: &Env, needles: &[&str]) {
+/// Runs `imgsync check` (human) and asserts qemu-img check's exit status
+/// `code` (2 corruption, 3 only leaks), one stderr line naming the image and
+/// the counts, and that the report carries every needle; then holds the
+/// image to `qemu-img check`'s verdict.
+fn assert_check_finds(env: &Env, code: i32, needles: &[&str]) {
     let out = env.imgsync(&["check", "img.qcow2"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "imgsync check: {text}");
+    assert_eq!(out.status.code(), Some(code), "imgsync check: {text}");
     for needle in needles {
         assert!(
             text.contains(needle),
             "imgsync check: no {needle:?} in {text}"
         );
     }
+    let json = env.imgsync_json_code(&["check", "--output", "json", "img.qcow2"], code);
+    let (c, l) = (&json["corruptions"], &json["leaks"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "imgsync: img.qcow2: check found {c} corruption{} and {l} leaked cluster{}\n",
+            if c == 1 { "" } else { "s" },
+            if l == 1 { "" } else { "s" }
+        ),
+    );
     crate::common::check_check(env, probed("img.qcow2", QCOW2), false);
 }
 
@@ -1062,6 +1182,7 @@ fn check_finds_leaked_cluster() {
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
     assert_check_finds(
         &env,
+        3,
         &[&format!("{entry:#x}"), "leaked clusters were found"],
     );
 }
@@ -1076,6 +1197,7 @@ fn check_finds_data_cluster_over_l1_table() {
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
     assert_check_finds(
         &env,
+        2,
         &["errors were found on the image", &format!("{l1:#x}")],
     );
 }
@@ -1088,7 +1210,7 @@ fn check_finds_l2_table_beyond_end_of_file() {
     let far: u64 = 1 << 40;
     b[l1..l1 + 8].copy_from_slice(&(far | 1 << 63).to_be_bytes());
     std::fs::write(env.path("img.qcow2"), &b).expect("write");
-    assert_check_finds(&env, &[&format!("{far:#x}")]);
+    assert_check_finds(&env, 2, &[&format!("{far:#x}")]);
 }
 
 #[test]
@@ -1137,7 +1259,148 @@ fn check_of_a_raw_image_is_clean() {
 fn check_refuses_what_it_cannot_open() {
     let env = crate::common::temp_env(); // needs no qemu-img
     std::fs::write(env.path("short.qcow2"), b"QFI\xfb\0\0\0\x03").expect("write");
-    let out = env.imgsync(&["check", "-f", "qcow2", "short.qcow2"]);
-    let line = assert_one_line_error(&out, "imgsync check short.qcow2");
-    assert!(line.contains("short.qcow2"), "{line}");
+    // qemu-img check's 1: the check could not be completed (2 would read
+    // as "corruption found").
+    for args in [&["-f", "qcow2"][..], &[], &["--output", "json"]] {
+        let mut a = vec!["check"];
+        a.extend_from_slice(args);
+        a.push("short.qcow2");
+        let out = env.imgsync(&a);
+        let line = assert_one_line_error_code(&out, &format!("imgsync {a:?}"), 1);
+        assert!(line.contains("short.qcow2"), "{line}");
+    }
+    // A file that cannot be read at all.
+    std::fs::create_dir(env.path("dir.qcow2")).expect("mkdir");
+    let out = env.imgsync(&["check", "dir.qcow2"]);
+    let line = assert_one_line_error_code(&out, "imgsync check dir.qcow2", 1);
+    assert!(line.contains("dir.qcow2"), "{line}");
+    // A usage error is no verdict on any image either.
+    let out = env.imgsync(&["check", "--no-such-option", "short.qcow2"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn check_exit_status_is_corruption_over_leaks() {
+    let env = qemu_env!();
+    let (mut b, l2) = damaged_base(&env);
+    // A leak (the second data cluster unhooked) and a corruption (the first
+    // pointed at the L1 table): 2, corruption, whatever the leaks.
+    b[l2 + 8..l2 + 16].fill(0);
+    let l1 = be64(&b, 40);
+    b[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    let json = env.imgsync_json_code(&["check", "--output", "json", "img.qcow2"], 2);
+    assert!(json["leaks"].as_u64() > Some(0), "{json}");
+    assert_check_finds(
+        &env,
+        2,
+        &[
+            "errors were found on the image",
+            "leaked clusters were found",
+        ],
+    );
+}
+
+/// `(host offset, end)` of every compressed cluster descriptor in the active
+/// L2 tables of qcow2 `b` (the end rounded up to the descriptor's last
+/// 512-byte sector, as the spec's sector count gives it).
+fn compressed_ranges(b: &[u8]) -> Vec<(u64, u64)> {
+    let cluster_bits = u32::from_be_bytes(b[20..24].try_into().expect("4 bytes"));
+    let l1_size = u32::from_be_bytes(b[36..40].try_into().expect("4 bytes")) as usize;
+    let l1 = be64(b, 40) as usize;
+    // Descriptor: bits 0..x the host offset, x..61 the sectors after the
+    // first, x = 62 - (cluster_bits - 8).
+    let x = 62 - (cluster_bits - 8);
+    let mut ranges = Vec::new();
+    for i in 0..l1_size {
+        let l2 = (be64(b, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+        if l2 == 0 {
+            continue;
+        }
+        for j in 0..(1usize << cluster_bits) / 8 {
+            let e = be64(b, l2 + 8 * j);
+            if e & 1 << 62 != 0 {
+                let host = e & ((1 << x) - 1);
+                let sectors = ((e >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1;
+                ranges.push((host, host / 512 * 512 + sectors * 512));
+            }
+        }
+    }
+    ranges
+}
+
+#[test]
+fn compressed_cluster_cut_short_by_its_last_sector_is_metadata_damage() {
+    let env = qemu_env!();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    env.qemu_io("qcow2", "img.qcow2", &[Compressed(0, MIB)]);
+    let b = std::fs::read(env.path("img.qcow2")).expect("read image");
+    let (host, end) = compressed_ranges(&b)
+        .into_iter()
+        .max_by_key(|r| r.1)
+        .expect("compressed clusters");
+    let len = b.len() as u64;
+    // As qemu-io wrote it, the last compressed cluster's range passes the
+    // end of the file inside its last sector: valid.
+    assert!(
+        end - 512 < len && len <= end && len % 512 != 0,
+        "file of {len:#x} bytes, last compressed range {host:#x}..{end:#x}"
+    );
+    crate::common::check_check(&env, probed("img.qcow2", QCOW2), true);
+    let map = env.imgsync(&["map", "img.qcow2"]);
+    assert_eq!(map.status.code(), Some(0), "{map:?}");
+    // Cut so that the file ends before that sector: the descriptor names
+    // bytes the file lacks. map and check say so without reading the data.
+    for cut in [end - 512, end - 1024] {
+        std::fs::write(env.path("img.qcow2"), &b[..cut as usize]).expect("write");
+        // (map streams: the lines before the damage may be out already.)
+        let out = env.imgsync(&["map", "img.qcow2"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "cut at {cut:#x}: {stderr}");
+        let line = stderr.strip_suffix('\n').expect("one line");
+        assert!(!line.contains('\n'), "cut at {cut:#x}: {stderr}");
+        for needle in [
+            "img.qcow2",
+            "compressed cluster",
+            &format!("{host:#x}"),
+            "beyond the end of the file",
+        ] {
+            assert!(line.contains(needle), "cut at {cut:#x}: {line}");
+        }
+        let out = env.imgsync(&["check", "img.qcow2"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "cut at {cut:#x}: {text}");
+        assert!(
+            text.contains(&format!("compressed cluster at {host:#x}"))
+                && text.contains("beyond the end of the file"),
+            "cut at {cut:#x}: {text}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "imgsync: img.qcow2: check found 1 corruption and 0 leaked clusters\n",
+            "cut at {cut:#x}"
+        );
+    }
+}
+
+#[test]
+fn check_verdict_survives_a_reader_that_left() {
+    // `imgsync check img | head -1` style: the reader is gone before check
+    // prints (EPIPE); the exit status must still be the verdict, not the
+    // quiet 0 of a broken pipe.
+    let env = qemu_env!();
+    let (mut b, l2) = damaged_base(&env);
+    let l1 = be64(&b, 40);
+    b[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
+    std::fs::write(env.path("img.qcow2"), &b).expect("write");
+    for output in ["human", "json"] {
+        let script = format!(
+            "(sleep 0.5; '{}' check --output {output} img.qcow2 2>/dev/null; echo $? >rc) | true",
+            env!("CARGO_BIN_EXE_imgsync")
+        );
+        let out = env.run("sh", &["-c", &script]);
+        assert!(out.status.success(), "{out:?}");
+        let rc = std::fs::read_to_string(env.path("rc")).expect("rc");
+        assert_eq!(rc.trim(), "2", "--output {output}");
+    }
 }

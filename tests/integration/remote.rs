@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Op, Tmpfs, KIB, MIB};
+use crate::common::{
+    assert_one_line_error, assert_one_line_error_code, data_regions, random_bytes, Env, Op, Tmpfs,
+    KIB, MIB,
+};
 use crate::sshd::Sshd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_imgsync");
@@ -825,6 +828,95 @@ fn info_map_and_check_of_a_remote_image_print_what_they_print_locally() {
             line.contains("127.0.0.1") && line.contains("missing.qcow2"),
             "{line}"
         );
+    }
+}
+
+/// `check host:IMG` exits as qemu-img check (0 clean, 2 corruption, 3 only
+/// leaks, 1 not completed) and prints what a local check prints, its stderr
+/// line naming the host and the image; `info` and `check` of an overlay
+/// whose backing file is gone work without -f.
+#[test]
+fn check_of_a_remote_image_exits_as_qemu_img_check() {
+    let (env, sshd) = ssh_env!();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "clean.qcow2", "16M"]);
+    env.qemu_io("qcow2", "clean.qcow2", &[Op::Data(0, 128 * KIB)]);
+    let b = fs::read(env.path("clean.qcow2")).unwrap();
+    let l1 = be64(&b, 40);
+    let l2 = (be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    // Leak: the second data cluster unhooked from its L2 table.
+    let mut leak = b.clone();
+    leak[l2 + 8..l2 + 16].fill(0);
+    fs::write(env.path("leak.qcow2"), &leak).unwrap();
+    // Corruption: the first data cluster pointed at the L1 table.
+    let mut corrupt = b.clone();
+    corrupt[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
+    fs::write(env.path("corrupt.qcow2"), &corrupt).unwrap();
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    fs::remove_file(env.path("base.qcow2")).unwrap();
+    let host = format!("127.0.0.1:{}", sshd.port());
+    for via in BOTH {
+        for (img, code) in [
+            ("clean.qcow2", 0),
+            ("leak.qcow2", 3),
+            ("corrupt.qcow2", 2),
+            ("top.qcow2", 0),
+        ] {
+            let p = env.path(img);
+            for out in ["human", "json"] {
+                let local = env.imgsync(&["check", "--output", out, &p.display().to_string()]);
+                assert_eq!(local.status.code(), Some(code), "local check {img}");
+                let mut a = vec!["check".to_string(), "--output".into(), out.into()];
+                a.extend(ssh_args(&sshd, via, BIN));
+                a.push(url(&sshd, &p));
+                let remote = run(&env, &sshd, &a, &[]);
+                let what = format!("{via:?} check {img} --output {out}");
+                assert_eq!(remote.status.code(), Some(code), "{what}");
+                assert_eq!(
+                    String::from_utf8_lossy(&remote.stdout),
+                    String::from_utf8_lossy(&local.stdout),
+                    "{what}"
+                );
+                let local_err = String::from_utf8_lossy(&local.stderr);
+                let remote_err = String::from_utf8_lossy(&remote.stderr);
+                if code == 0 {
+                    assert_eq!(remote_err, "", "{what}");
+                } else {
+                    assert!(local_err.contains("check found"), "{what}: {local_err}");
+                    assert_eq!(
+                        remote_err,
+                        local_err.replacen("imgsync: ", &format!("imgsync: {host}: "), 1),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        // Cannot be opened: 1, one line naming the host and the image.
+        let mut a = vec!["check".to_string()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &env.path("missing.qcow2")));
+        let line = assert_one_line_error_code(&run(&env, &sshd, &a, &[]), "remote check", 1);
+        assert!(
+            line.contains(&host) && line.contains("missing.qcow2"),
+            "{line}"
+        );
+        // The overlay's backing file is shown, not opened.
+        let mut a = vec!["info".to_string(), "--output".into(), "json".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &env.path("top.qcow2")));
+        let info = json(&run(&env, &sshd, &a, &[]));
+        assert_eq!(info["backing-filename"], "base.qcow2", "{via:?}: {info}");
     }
 }
 

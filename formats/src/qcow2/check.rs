@@ -795,7 +795,8 @@ impl<'a> Checker<'a> {
                     continue;
                 }
                 // The last sector may run past the end of a file that ends
-                // inside it (qemu writes the compressed bytes only).
+                // inside it (qemu writes the compressed bytes only); a range
+                // reaching further is damaged metadata (as Qcow2::lookup).
                 let end = host.saturating_add(size);
                 if end > self.file_size.next_multiple_of(512) {
                     self.corruption(
@@ -806,9 +807,11 @@ impl<'a> Checker<'a> {
                             self.file_size
                         ),
                     );
-                    continue;
                 }
-                let len = size.min(self.file_size - host);
+                // The part inside the file is still referenced: counting it
+                // keeps its clusters from being called leaked (a repair of
+                // leaks would free them under the descriptor).
+                let len = size.min(self.file_size.saturating_sub(host));
                 self.reference(Use::Compressed, host, len, u.times, at);
                 continue;
             }
@@ -1887,6 +1890,30 @@ mod tests {
         put64(&mut b, l2, (e & !((1u64 << 58) - 1)) | past);
         let r = check_bytes(b);
         assert_has(&r.corruptions, &format!("compressed cluster at {past:#x}"));
+    }
+
+    #[test]
+    fn compressed_cluster_cut_short_is_corruption_not_a_leak() {
+        require_qemu!();
+        let b = image("cluster_size=4096", "4M", &["write -c -P 1 0 4k"], &[]);
+        let (l2, _) = first_l2_and_data(&b);
+        let e = get64(&b, l2);
+        assert_ne!(e & OFLAG_COMPRESSED, 0);
+        // 4 KiB clusters: host offset in bits 0..58, sectors after the
+        // first in bits 58..61.
+        let host = e & ((1u64 << 58) - 1);
+        let end = host / 512 * 512 + ((e >> 58 & 0xf) + 1) * 512;
+        let len = b.len() as u64;
+        assert!(end - 512 < len && len <= end, "the cluster ends the file");
+        // Two more sectors claimed: the file ends before the descriptor's
+        // last sector, so corruption; the part in the file stays referenced
+        // (not a leak, which a repair would free under the descriptor).
+        let mut b = b;
+        put64(&mut b, l2, e + (2 << 58));
+        let r = check_bytes(b);
+        assert_has(&r.corruptions, &format!("compressed cluster at {host:#x}"));
+        assert_has(&r.corruptions, "beyond the end of the file");
+        assert!(r.leaks.is_empty(), "{:#?}", r.leaks);
     }
 
     #[test]

@@ -356,6 +356,20 @@ impl Qcow2 {
                     "compressed cluster for guest offset {guest_offset:#x} at {host_offset:#x} points into the image header"
                 )));
             }
+            // The descriptor counts whole 512-byte sectors and its last sector
+            // holds at least one byte of the cluster (spec, "Compressed
+            // Clusters Descriptor"), so the file may end inside that sector
+            // (qemu writes the compressed bytes only), never before it: a
+            // range reaching further past the end is damaged metadata, found
+            // here by map and check rather than by reading the data.
+            if host_offset.saturating_add(compressed_size) > self.file_size.next_multiple_of(512) {
+                return Err(Error::BeyondEof {
+                    what: "compressed cluster",
+                    offset: host_offset,
+                    len: compressed_size,
+                    file_size: self.file_size,
+                });
+            }
             return Ok((
                 ClusterKind::Compressed {
                     host_offset,

@@ -829,6 +829,47 @@ fn compressed_cluster_overlapping_eof_is_read_as_far_as_it_goes() {
     assert_eq!(read(&img, 3 * cs, cs).unwrap(), compressed_contents(cs));
 }
 
+/// The hand-built image with its compressed cluster's descriptor covering
+/// `sectors` sectors from its (sector-aligned) host offset, and the file
+/// cut `short` bytes before the end of the last of them.
+fn compressed_cluster_cut(sectors: u64, short: u64) -> Vec<u8> {
+    let mut b = build(Spec {
+        compressed: Some(CompressionType::Zlib),
+        ..Spec::default()
+    });
+    let host = cluster_at(&b, COMPRESSED_CLUSTER);
+    let at = l2_entry_at(&b, GUEST_COMPRESSED);
+    put64(&mut b, at, compressed_entry(16, host, sectors * 512));
+    b.truncate((host + sectors * 512 - short) as usize);
+    b
+}
+
+#[test]
+fn compressed_cluster_reaching_past_eof_by_its_last_sector_is_rejected() {
+    // The file ends one byte into the descriptor's last sector: valid (qemu
+    // writes such files), and map needs no data.
+    let img = image(compressed_cluster_cut(3, 511));
+    assert_eq!(
+        extents(&img).unwrap()[3],
+        ext(3 << 16, 1 << 16, ExtentKind::Data)
+    );
+    // Nothing of the last sector is in the file: the descriptor claims
+    // bytes the file does not have. Found by map, before any data is read.
+    for short in [512, 513, 1024] {
+        let b = compressed_cluster_cut(3, short);
+        let host = cluster_at(&b, COMPRESSED_CLUSTER);
+        let err = extents(&image(b)).unwrap_err();
+        assert_says(
+            &err,
+            &[
+                "compressed cluster",
+                &format!("{host:#x}"),
+                "beyond the end of the file",
+            ],
+        );
+    }
+}
+
 #[test]
 fn deflate_cluster_that_does_not_decompress_is_rejected() {
     let mut b = build(Spec {
