@@ -530,3 +530,52 @@ fn sync_progress_covers_comparing_and_sending() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_whose_client_is_killed_ends_with_2_and_keeps_the_journal() {
+    let (env, sshd) = ssh_env!();
+    crate::sync::big_pair(&env);
+    crate::sync::copy(&env.path("old.raw"), &env.path("dst.raw"));
+    let journal = env.path(".dst.raw.imgsync-journal");
+    for via in BOTH {
+        let _ = std::fs::remove_file(&journal);
+        crate::sync::copy(&env.path("old.raw"), &env.path("dst.raw"));
+        let pidfile = sshd.path(&format!("serve-{via:?}.pid"));
+        let status = sshd.path(&format!("serve-{via:?}.status"));
+        let _ = std::fs::remove_file(&pidfile);
+        let _ = std::fs::remove_file(&status);
+        // The serve's exit status, kept by the shell that ran it (sshd has
+        // closed its stderr by then: printing there used to panic, 101).
+        let script = sshd.script(
+            &format!("serve-{via:?}"),
+            &format!(
+                "sh -c 'echo $$ > {}; exec {BIN} \"$@\"' serve \"$@\"\necho $? > {}",
+                pidfile.display(),
+                status.display()
+            ),
+        );
+        let mut a = vec![
+            "sync".to_string(),
+            "-q".into(),
+            "--compress-level".into(),
+            "0".into(),
+        ];
+        a.extend(ssh_args(&sshd, via, &script.display().to_string()));
+        a.push("src.raw".into());
+        a.push(url(&sshd, &env.path("dst.raw")));
+        let mut child = remote_cmd(&env, &sshd, &a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = crate::remote::wait_for_pid(&pidfile);
+        crate::remote::wait_until(|| crate::remote::wchar(&pid) > 20 * MIB, "serve writes");
+        kill(child.id(), "KILL");
+        let _ = child.wait();
+        crate::remote::wait_until(|| status.exists(), "serve ends");
+        std::thread::sleep(Duration::from_millis(100));
+        let code = std::fs::read_to_string(&status).unwrap();
+        assert_eq!(code.trim(), "2", "{via:?}: serve exit status");
+        assert!(journal.exists(), "{via:?}: the journal must be kept");
+    }
+}
