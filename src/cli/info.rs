@@ -10,12 +10,17 @@ use serde_json::{json, Map, Value};
 
 use super::output::human_size;
 use super::{exit, OutputFormat};
-use crate::io::{open_image, OpenOptions};
+use crate::io::{open_source, Locking, OpenOptions};
 
-pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+pub fn run(
+    path: &Path,
+    format: Option<Format>,
+    locking: Locking,
+    output: OutputFormat,
+) -> Result<u8> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let code = run_to(&mut out, path, format, output)?;
+    let code = run_to(&mut out, path, format, locking, output)?;
     out.flush()?;
     Ok(code)
 }
@@ -25,15 +30,19 @@ pub fn run_to(
     out: &mut dyn Write,
     path: &Path,
     format: Option<Format>,
+    locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
-    let image = open_image(
+    let source = open_source(
         path,
         OpenOptions {
             format,
             allow_corrupt: true,
+            locking,
         },
     )?;
+    super::warn_in_use(&source.in_use, "what is shown");
+    let image = source.image;
     let actual_size = std::fs::metadata(path)
         .with_context(|| path.display().to_string())?
         .blocks()

@@ -22,7 +22,11 @@ pub const VERSION: u16 = 1;
 pub mod caps {
     /// CHUNK payloads may be zstd-compressed.
     pub const ZSTD: u64 = 1;
-    pub const ALL: u64 = ZSTD;
+    /// Sync pull: after SYNC_DONE the sender (the server) answers EXIT(0)
+    /// when SRC did not change while it was read, or ERROR when it did; a
+    /// server without the bit just closes.
+    pub const SOURCE_CHECK: u64 = 2;
+    pub const ALL: u64 = ZSTD | SOURCE_CHECK;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

@@ -496,6 +496,7 @@ fn backing_chain_depth_3() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .expect("open chain");
@@ -853,6 +854,7 @@ fn backing_loop_is_refused() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .err()
@@ -977,6 +979,7 @@ fn missing_backing_file_is_named() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .err()
