@@ -18,10 +18,15 @@ use imgsync_formats::Format;
 use serde_json::{json, Value};
 
 use super::{exit, OutputFormat};
-use crate::io::{open_image_metadata, OpenOptions};
+use crate::io::{open_metadata_source, Locking, OpenOptions};
 
-pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
-    let report = report(path, format)?;
+pub fn run(
+    path: &Path,
+    format: Option<Format>,
+    locking: Locking,
+    output: OutputFormat,
+) -> Result<u8> {
+    let report = report(path, format, locking)?;
     print_stdout(&report, output)?;
     finish(&path.display().to_string(), &report)
 }
@@ -42,9 +47,10 @@ pub fn run_to(
     out: &mut dyn Write,
     path: &Path,
     format: Option<Format>,
+    locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
-    let report = report(path, format)?;
+    let report = report(path, format, locking)?;
     print(out, &report, output)?;
     exit_code(&report)
 }
@@ -101,15 +107,18 @@ fn summary(report: &Value) -> String {
 
 /// Checks the image's own metadata (a backing file or data file it names
 /// is not opened: checking one image's tables needs no other file).
-fn report(path: &Path, format: Option<Format>) -> Result<Value> {
+fn report(path: &Path, format: Option<Format>, locking: Locking) -> Result<Value> {
     let filename = path.display().to_string();
-    let image = open_image_metadata(
+    let source = open_metadata_source(
         path,
         OpenOptions {
             format,
             allow_corrupt: true,
+            locking,
         },
     )?;
+    super::warn_in_use(&source.in_use, "what is shown");
+    let image = source.image;
     if let Some(j) = super::sync::journal_of(path) {
         // Consistent metadata, inconsistent content: part old, part new.
         return Ok(

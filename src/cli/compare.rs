@@ -13,7 +13,7 @@ use super::progress::{interrupt_flag, progress_of, Reporting};
 use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine::compare::{self, Outcome};
-use crate::io::{open_image, OpenOptions};
+use crate::io::{open_source, OpenOptions};
 
 pub struct Args {
     pub a: OsString,
@@ -22,18 +22,22 @@ pub struct Args {
     pub format_b: Option<Format>,
     pub reporting: Reporting,
     pub output: OutputFormat,
+    pub force_share: bool,
     pub ssh: SshArgs,
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let open = |path: &Path, format| {
-        open_image(
+    let open = |path: &Path, format| -> Result<imgsync_formats::Image> {
+        let source = open_source(
             path,
             OpenOptions {
                 format,
                 allow_corrupt: false,
+                locking: super::locking(args.force_share),
             },
-        )
+        )?;
+        super::warn_in_use(&source.in_use, "the comparison");
+        Ok(source.image)
     };
     let cancel = interrupt_flag();
     let bar = args.reporting.bar();
@@ -56,6 +60,7 @@ pub fn run(args: Args) -> Result<u8> {
                 &host,
                 &path,
                 args.format_b,
+                args.force_share,
                 &args.ssh,
                 progress,
                 &cancel,
@@ -69,6 +74,7 @@ pub fn run(args: Args) -> Result<u8> {
                 &host,
                 &path,
                 args.format_a,
+                args.force_share,
                 &args.ssh,
                 progress,
                 &cancel,

@@ -15,7 +15,7 @@ use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine;
 use crate::engine::convert::{self, ConvertOptions};
-use crate::io::{open_image_files, OpenOptions, Output};
+use crate::io::{open_source, OpenOptions, Output, Source};
 
 /// Largest `-S` accepted (qemu-img's limit).
 const MAX_MIN_SPARSE: u64 = 16 << 20;
@@ -34,6 +34,7 @@ pub struct Args {
     pub threads: Option<usize>,
     pub compress_level: Option<i32>,
     pub stats: bool,
+    pub force_share: bool,
     pub ssh: SshArgs,
     pub reporting: Reporting,
     pub output: OutputFormat,
@@ -54,26 +55,13 @@ pub fn run(a: Args) -> Result<u8> {
     }
     let src = Location::parse(&a.src)?;
     let dst = Location::parse(&a.dst)?;
-    let open_src = |path: &Path| {
-        open_image_files(
-            path,
-            OpenOptions {
-                format: a.format,
-                allow_corrupt: false,
-            },
-        )
-    };
     match (&src, &dst) {
         (Location::Local(s), Location::Local(d)) => run_local(&a, s, d),
         (Location::Local(s), Location::Remote { host, path }) => {
-            let (image, _) = open_src(s)?;
-            remote::push(&a, image, host, path)
+            remote::push(&a, open_src(&a, s)?, host, path)
         }
         (Location::Remote { host, path }, Location::Local(d)) => remote::pull(&a, host, path, d),
-        (Location::Local(s), Location::Stdio) => {
-            let (image, _) = open_src(s)?;
-            remote::to_stdout(&a, image)
-        }
+        (Location::Local(s), Location::Stdio) => remote::to_stdout(&a, open_src(&a, s)?),
         (Location::Stdio, Location::Local(d)) => remote::from_stdin(&a, d),
         _ => bail!(
             "{} -> {}: one side must be a local file (remote to remote and stream to stream are not supported)",
@@ -83,19 +71,29 @@ pub fn run(a: Args) -> Result<u8> {
     }
 }
 
-fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
-    let (image, files) = open_image_files(
+/// SRC with its chain, locked as qemu-img locks a source (or not, with
+/// `-U`, warning when a writer has it) and stamped.
+fn open_src(a: &Args, src: &Path) -> Result<Source> {
+    let source = open_source(
         src,
         OpenOptions {
             format: a.format,
             allow_corrupt: false,
+            locking: super::locking(a.force_share),
         },
     )?;
+    super::warn_in_use(&source.in_use, "the copy");
+    Ok(source)
+}
+
+fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
+    let source = open_src(a, src)?;
+    let (image, files) = (&source.image, &source.files);
     let output_format = a.output_format.unwrap_or(image.format());
     if a.compress && output_format != Format::Qcow2 {
         bail!("-c (compression) needs qcow2 output (-O qcow2)");
     }
-    refuse_overwriting_source(dst, &files)?;
+    refuse_overwriting_source(dst, files)?;
 
     let opts = ConvertOptions {
         output_format,
@@ -108,12 +106,12 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
             .threads
             .unwrap_or_else(crate::engine::pipeline::default_workers),
     };
-    convert::check_options(&image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
+    convert::check_options(image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
     let cancel = interrupt_flag();
     let out = Output::create(dst).with_context(|| dst.display().to_string())?;
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
-    let result = convert::convert(&image, &out, &opts, progress, &cancel);
+    let result = convert::convert(image, &out, &opts, progress, &cancel);
     drop(bar);
     let report = match result {
         Ok(r) => r,
@@ -122,6 +120,16 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     };
     if cancel.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(engine_error(engine::Error::Interrupted, src, dst, None));
+    }
+    if let Err(e) = source.watch.check() {
+        // A file output is dropped unlinked; a device was written in place.
+        if out.is_block_device() {
+            bail!(
+                "{e}; {} was written but holds no consistent image either",
+                dst.display()
+            );
+        }
+        return Err(e.into());
     }
     out.commit()
         .with_context(|| format!("{}: completing the output", dst.display()))?;
@@ -166,6 +174,8 @@ pub fn engine_error(
         e @ engine::Error::DeviceTooSmall { .. } => anyhow!("{dst}: {e}"),
         engine::Error::Interrupted => anyhow!("{dst}: interrupted; nothing was written"),
         e @ engine::Error::Internal(_) => anyhow!("{src}: {e}"),
+        // Names the file of the chain that changed.
+        e @ engine::Error::SourceChanged(_) => anyhow!(e),
         engine::Error::Protocol(e) => anyhow!(e),
     }
 }

@@ -11,11 +11,16 @@ use serde_json::{json, Map, Value};
 use super::output::human_size;
 use super::{exit, OutputFormat};
 use crate::io::journal::JournalState;
-use crate::io::{open_image_metadata, OpenOptions};
+use crate::io::{open_metadata_source, Locking, OpenOptions};
 
-pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+pub fn run(
+    path: &Path,
+    format: Option<Format>,
+    locking: Locking,
+    output: OutputFormat,
+) -> Result<u8> {
     let mut out = BufWriter::new(super::output::stdout());
-    let code = run_to(&mut out, path, format, output)?;
+    let code = run_to(&mut out, path, format, locking, output)?;
     out.flush()?;
     Ok(code)
 }
@@ -25,18 +30,22 @@ pub fn run_to(
     out: &mut dyn Write,
     path: &Path,
     format: Option<Format>,
+    locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
     // Only this image's metadata: info reads nothing through a backing
     // file or data file, so it opens none (and shows their names even for
     // a probed image, as qemu-img info does).
-    let image = open_image_metadata(
+    let source = open_metadata_source(
         path,
         OpenOptions {
             format,
             allow_corrupt: true,
+            locking,
         },
     )?;
+    super::warn_in_use(&source.in_use, "what is shown");
+    let image = source.image;
     let actual_size = std::fs::metadata(path)
         .with_context(|| path.display().to_string())?
         .blocks()

@@ -8,11 +8,16 @@ use anyhow::{Context, Result};
 use imgsync_formats::{Extent, ExtentKind, Format};
 
 use super::{exit, OutputFormat};
-use crate::io::{open_image, OpenOptions};
+use crate::io::{open_source, Locking, OpenOptions};
 
-pub fn run(path: &Path, format: Option<Format>, output: OutputFormat) -> Result<u8> {
+pub fn run(
+    path: &Path,
+    format: Option<Format>,
+    locking: Locking,
+    output: OutputFormat,
+) -> Result<u8> {
     let mut out = BufWriter::new(super::output::stdout());
-    let code = run_to(&mut out, path, format, output)?;
+    let code = run_to(&mut out, path, format, locking, output)?;
     out.flush()?;
     Ok(code)
 }
@@ -22,15 +27,19 @@ pub fn run_to(
     out: &mut dyn Write,
     path: &Path,
     format: Option<Format>,
+    locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
-    let image = open_image(
+    let source = open_source(
         path,
         OpenOptions {
             format,
             allow_corrupt: false,
+            locking,
         },
     )?;
+    super::warn_in_use(&source.in_use, "what is shown");
+    let image = source.image;
     match output {
         OutputFormat::Json => write!(out, "[")?,
         OutputFormat::Human => {

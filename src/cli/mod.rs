@@ -89,6 +89,11 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
@@ -100,6 +105,11 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
@@ -160,6 +170,11 @@ enum Command {
         /// time, rate)
         #[arg(long)]
         stats: bool,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         #[command(flatten)]
@@ -189,6 +204,11 @@ enum Command {
         reporting: progress::Reporting,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         /// Image A: a path, [user@]host:PATH or ssh://...
@@ -242,6 +262,11 @@ enum Command {
         /// the wire, time)
         #[arg(long)]
         stats: bool,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         #[command(flatten)]
@@ -272,6 +297,11 @@ enum Command {
         format: Option<FormatArg>,
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Read the image even while a running qemu has it open for
+        /// writing (as qemu-img -U); what is read may then be
+        /// inconsistent, and a change while it is read is still an error
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         ssh: remote::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
@@ -285,20 +315,43 @@ fn query(
     image: &OsString,
     format: Option<FormatArg>,
     output: OutputFormat,
+    force_share: bool,
     ssh: &remote::SshArgs,
 ) -> anyhow::Result<u8> {
     let format = format.map(Into::into);
+    let locking = locking(force_share);
     match location::Location::parse(image)? {
         location::Location::Local(p) => match command {
-            QueryCommand::Info => info::run(&p, format, output),
-            QueryCommand::Map => map::run(&p, format, output),
-            QueryCommand::Check => check::run(&p, format, output),
+            QueryCommand::Info => info::run(&p, format, locking, output),
+            QueryCommand::Map => map::run(&p, format, locking, output),
+            QueryCommand::Check => check::run(&p, format, locking, output),
             QueryCommand::Rollback => sync::rollback_to(&mut output::stdout(), &p),
         },
         location::Location::Remote { host, path } => {
-            remote::query(&host, &path, command, format, output, ssh)
+            remote::query(&host, &path, command, format, output, force_share, ssh)
         }
         location::Location::Stdio => anyhow::bail!("-: not an image (use a file or host:PATH)"),
+    }
+}
+
+/// qemu's locks on what a command reads: qemu-img's, or none in the way
+/// with `-U`.
+pub fn locking(force_share: bool) -> crate::io::Locking {
+    if force_share {
+        crate::io::Locking::ForceShare
+    } else {
+        crate::io::Locking::Read
+    }
+}
+
+/// With `-U`: one warning line per file a writer holds, as the error lines
+/// are written. `what`: what may be inconsistent.
+pub fn warn_in_use(in_use: &[std::path::PathBuf], what: &str) {
+    for p in in_use {
+        eprintln!(
+            "imgsync: {}: warning: in use by another process (a running VM?) and read anyway (-U): {what} may be inconsistent",
+            p.display()
+        );
     }
 }
 
@@ -346,21 +399,38 @@ pub fn main() -> ExitCode {
         Command::Info {
             format,
             output,
+            force_share,
             ssh,
             image,
-        } => query(QueryCommand::Info, &image, format, output, &ssh),
+        } => query(
+            QueryCommand::Info,
+            &image,
+            format,
+            output,
+            force_share,
+            &ssh,
+        ),
         Command::Map {
             format,
             output,
+            force_share,
             ssh,
             image,
-        } => query(QueryCommand::Map, &image, format, output, &ssh),
+        } => query(QueryCommand::Map, &image, format, output, force_share, &ssh),
         Command::Check {
             format,
             output,
+            force_share,
             ssh,
             image,
-        } => query(QueryCommand::Check, &image, format, output, &ssh),
+        } => query(
+            QueryCommand::Check,
+            &image,
+            format,
+            output,
+            force_share,
+            &ssh,
+        ),
         Command::Convert {
             format,
             output_format,
@@ -373,6 +443,7 @@ pub fn main() -> ExitCode {
             threads,
             compress_level,
             stats,
+            force_share,
             ssh,
             reporting,
             output,
@@ -395,6 +466,7 @@ pub fn main() -> ExitCode {
             threads,
             compress_level,
             stats,
+            force_share,
             ssh,
             reporting,
             output,
@@ -410,6 +482,7 @@ pub fn main() -> ExitCode {
             compress_level,
             threads,
             stats,
+            force_share,
             ssh,
             reporting,
             output,
@@ -425,6 +498,7 @@ pub fn main() -> ExitCode {
             compress_level,
             threads,
             stats,
+            force_share,
             ssh,
             reporting,
             output,
@@ -434,6 +508,7 @@ pub fn main() -> ExitCode {
             format_b,
             reporting,
             output,
+            force_share,
             ssh,
             a,
             b,
@@ -444,6 +519,7 @@ pub fn main() -> ExitCode {
             format_b: format_b.map(Into::into),
             reporting,
             output,
+            force_share,
             ssh,
         }),
     };

@@ -16,9 +16,9 @@ use super::output::human_size;
 use super::progress::{interrupt_flag, interrupted, progress_of};
 use super::{exit, OutputFormat};
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::remote::{self, handshake_caps, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, Progress};
-use crate::io::Output;
+use crate::io::{Output, Source};
 use crate::protocol::msg::{
     kind, Hello, ImageInfo, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
     WireCompression, WireFormat,
@@ -107,6 +107,8 @@ struct Peer {
     fw: Writer,
     waiter: Box<dyn Waiter>,
     limits: Limits,
+    /// Capabilities both ends have.
+    caps: u64,
 }
 
 impl Peer {
@@ -119,9 +121,10 @@ impl Peer {
             fw: FrameWriter::new(conn.writer),
             waiter: conn.waiter,
             limits: Limits::DEFAULT,
+            caps: 0,
         };
-        match handshake(&mut peer.fr, &mut peer.fw) {
-            Ok(l) => peer.limits = l,
+        match handshake_caps(&mut peer.fr, &mut peer.fw) {
+            Ok((l, c)) => (peer.limits, peer.caps) = (l, c),
             Err(e) => return Err(peer.fail(e)),
         }
         Ok(peer)
@@ -414,6 +417,7 @@ pub fn query(
     command: QueryCommand,
     format: Option<Format>,
     output: OutputFormat,
+    force_share: bool,
     ssh: &SshArgs,
 ) -> Result<u8> {
     let is_check = command == QueryCommand::Check;
@@ -423,6 +427,7 @@ pub fn query(
         path: path.as_bytes().to_vec(),
         format: format.map(wire_format),
         json: is_check || output == OutputFormat::Json,
+        force_share,
     });
     let mut report = Vec::new();
     let r = (|| -> engine::Result<u8> {
@@ -486,6 +491,7 @@ pub fn compare(
     host: &Host,
     path: &str,
     format: Option<Format>,
+    force_share: bool,
     ssh: &SshArgs,
     progress: &dyn Progress,
     cancel: &std::sync::atomic::AtomicBool,
@@ -500,6 +506,7 @@ pub fn compare(
         chunk: convert::CHUNK_BYTES as u32,
         unit: 1 << 16,
         level: AUTO_LEVEL,
+        force_share,
     });
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
@@ -604,6 +611,7 @@ pub fn sync_pull(
     check_space: bool,
     reread: bool,
     level: Option<i32>,
+    force_share: bool,
     workers: usize,
     ssh: &SshArgs,
     cancel: &std::sync::atomic::AtomicBool,
@@ -616,6 +624,7 @@ pub fn sync_pull(
         block_size,
         key,
         level: level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
+        force_share,
     });
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
@@ -651,6 +660,17 @@ pub fn sync_pull(
     let src_name = location_name(host, path);
     match r {
         Ok(got) => {
+            if peer.caps & protocol::caps::SOURCE_CHECK != 0 {
+                // The sender's last word: did SRC hold still while read?
+                if let Err(e) = recv_msg(&mut peer.fr, &peer.limits, kind::EXIT) {
+                    let e = peer.fail(e);
+                    bail!(
+                        "{}; {}",
+                        super::output::one_line(&e),
+                        super::sync::dst_holds_the_copy(&dst.display())
+                    );
+                }
+            }
             let wire = peer.fw.bytes + peer.fr.bytes;
             peer.finish();
             let done = got.done;
@@ -682,15 +702,16 @@ pub fn sync_pull(
 }
 
 /// Local SRC to DST on a host.
-pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
+pub fn push(a: &Args, source: Source, host: &Host, path: &str) -> Result<u8> {
+    let image = &source.image;
     let started = Instant::now();
     let src = a.src.to_string_lossy().into_owned();
     let output_format = a.output_format.unwrap_or(image.format());
     let opts = convert_options(a, output_format)?;
     let dst_name = location_name(host, path);
-    convert::check_options(&image, &opts)
+    convert::check_options(image, &opts)
         .map_err(|e| engine_error(e, Path::new(&src), Path::new(&dst_name), None))?;
-    let info = remote::image_info(&image, convert::output_unit(&opts))
+    let info = remote::image_info(image, convert::output_unit(&opts))
         .map_err(|e| engine_error(e, Path::new(&src), Path::new(&dst_name), None))?;
     let cancel = interrupt_flag();
     let mut peer = Peer::connect(host, &a.ssh)?;
@@ -720,11 +741,26 @@ pub fn push(a: &Args, image: Image, host: &Host, path: &str) -> Result<u8> {
     progress.start(info.data_bytes);
     let sopts = send_options(a, &opts);
     let limits = peer.limits;
-    let sent = remote::send_chunks(&image, &mut peer.fw, &limits, &sopts, progress, &cancel);
+    let sent = remote::send_chunks(
+        image,
+        &mut peer.fw,
+        &limits,
+        &sopts,
+        &source.watch,
+        progress,
+        &cancel,
+    );
     drop(bar);
     let sent = match sent {
         Ok(s) => s,
-        Err(e @ (engine::Error::Source(_) | engine::Error::Internal(_))) => {
+        Err(
+            e @ (engine::Error::Source(_)
+            | engine::Error::Internal(_)
+            | engine::Error::SourceChanged(_)),
+        ) => {
+            // No END: the receiver puts nothing in place. Say why there.
+            let _ = send_msg(&mut peer.fw, &Message::Error(e.to_string()));
+            let _ = peer.fw.flush();
             drop(peer);
             return Err(engine_error(e, Path::new(&src), Path::new(&dst_name), None));
         }
@@ -781,6 +817,7 @@ pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
         level: a
             .compress_level
             .map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
+        force_share: a.force_share,
     });
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
@@ -891,7 +928,8 @@ fn receive_into<R: Read + Send>(
 }
 
 /// Local SRC as a one-way protocol stream on stdout (`convert SRC -`).
-pub fn to_stdout(a: &Args, image: Image) -> Result<u8> {
+pub fn to_stdout(a: &Args, source: Source) -> Result<u8> {
+    let image = &source.image;
     let stdout = std::io::stdout();
     if stdout.is_terminal() {
         bail!("-: refusing to write an imgsync stream to a terminal (pipe it into `imgsync convert - DST`)");
@@ -900,7 +938,7 @@ pub fn to_stdout(a: &Args, image: Image) -> Result<u8> {
     let opts = convert_options(a, output_format)?;
     let src = a.src.to_string_lossy().into_owned();
     let named = |e| engine_error(e, Path::new(&src), Path::new("-"), None);
-    let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    let info = remote::image_info(image, 1 << 16).map_err(named)?;
     let mut fw = FrameWriter::new(BufWriter::with_capacity(1 << 20, stdout));
     let cancel = interrupt_flag();
     let bar = a.reporting.bar();
@@ -912,8 +950,15 @@ pub fn to_stdout(a: &Args, image: Image) -> Result<u8> {
     let r = (|| {
         send_msg(&mut fw, &Message::Hello(Hello::ours()))?;
         send_msg(&mut fw, &Message::Image(info))?;
-        let sent =
-            remote::send_chunks(&image, &mut fw, &Limits::DEFAULT, &sopts, progress, &cancel)?;
+        let sent = remote::send_chunks(
+            image,
+            &mut fw,
+            &Limits::DEFAULT,
+            &sopts,
+            &source.watch,
+            progress,
+            &cancel,
+        )?;
         // Dropping a BufWriter would swallow the last write's error: a
         // reader that went away before the end must fail the convert.
         fw.flush()?;

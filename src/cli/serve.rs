@@ -17,13 +17,14 @@ use super::progress::interrupt_flag;
 use super::remote::{format_of, AUTO_LEVEL};
 use super::{exit, output};
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::remote::{self, handshake_caps, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, NoProgress};
-use crate::io::{open_image, OpenOptions, Output};
+use crate::io::{open_source, OpenOptions, Output, Source};
 use crate::protocol::msg::{
     kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, WireCompression,
+    WireFormat,
 };
-use crate::protocol::{FrameReader, FrameWriter, Limits, Message};
+use crate::protocol::{caps, FrameReader, FrameWriter, Limits, Message};
 use crate::transport::watch::{FdReader, FdWriter, Watch};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
@@ -57,7 +58,8 @@ pub fn run(timeout: u64) -> Result<u8> {
         256 << 10,
         FdWriter::new(stdout, watch).map_err(|e| anyhow!(e).context("serve: stdout"))?,
     ));
-    let limits = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let (limits, caps) =
+        handshake_caps(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
     let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
         Ok(Message::Request(r)) => r,
         Ok(_) => unreachable!("recv_msg checks the type"),
@@ -77,7 +79,7 @@ pub fn run(timeout: u64) -> Result<u8> {
         Request::Send(r) => send(&mut fw, &limits, r),
         Request::Query(q) => query(&mut fw, q),
         Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, r),
-        Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, r),
+        Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, caps, r),
     };
     match result {
         Ok(()) => Ok(exit::OK),
@@ -160,16 +162,26 @@ fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest)
     Ok(())
 }
 
+/// SRC here, locked as the client asked (`-U` or not) and stamped.
+/// Warnings (`-U` beside a writer) go to this end's stderr.
+fn open_src(src: &Path, format: Option<WireFormat>, force_share: bool) -> Result<Source> {
+    let source = open_source(
+        src,
+        OpenOptions {
+            format: format.map(format_of),
+            allow_corrupt: false,
+            locking: super::locking(force_share),
+        },
+    )?;
+    super::warn_in_use(&source.in_use, "the copy");
+    Ok(source)
+}
+
 fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> Result<()> {
     let src = path_of(&r.path);
     let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
-    let image = open_image(
-        &src,
-        OpenOptions {
-            format: r.format.map(format_of),
-            allow_corrupt: false,
-        },
-    )?;
+    let source = open_src(&src, r.format, r.force_share)?;
+    let image = &source.image;
     let chunk = u64::from(r.chunk);
     if !chunk.is_power_of_two() || chunk < 65536 || chunk > u64::from(limits.max_chunk) {
         return Err(anyhow!(
@@ -184,7 +196,7 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
             r.min_sparse
         ));
     }
-    let info = remote::image_info(&image, r.unit).map_err(named)?;
+    let info = remote::image_info(image, r.unit).map_err(named)?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
     let opts = SendOptions {
         min_sparse: r.min_sparse,
@@ -198,7 +210,17 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
         ..SendOptions::default()
     };
     let cancel = interrupt_flag();
-    remote::send_chunks(&image, fw, limits, &opts, &NoProgress, &cancel).map_err(named)?;
+    // A SRC that changed while read ends the stream with ERROR, not END.
+    remote::send_chunks(
+        image,
+        fw,
+        limits,
+        &opts,
+        &source.watch,
+        &NoProgress,
+        &cancel,
+    )
+    .map_err(named)?;
     Ok(())
 }
 
@@ -212,14 +234,15 @@ fn query<W: Write>(fw: &mut FrameWriter<W>, q: QueryRequest) -> Result<()> {
         super::OutputFormat::Human
     };
     let format = q.format.map(format_of);
+    let locking = super::locking(q.force_share);
     let mut out = FrameOut {
         fw,
         buf: Vec::new(),
     };
     let code = match q.command {
-        QueryCommand::Info => super::info::run_to(&mut out, &path, format, output),
-        QueryCommand::Map => super::map::run_to(&mut out, &path, format, output),
-        QueryCommand::Check => super::check::run_to(&mut out, &path, format, output),
+        QueryCommand::Info => super::info::run_to(&mut out, &path, format, locking, output),
+        QueryCommand::Map => super::map::run_to(&mut out, &path, format, locking, output),
+        QueryCommand::Check => super::check::run_to(&mut out, &path, format, locking, output),
         QueryCommand::Rollback => super::sync::rollback_to(&mut out, &path),
     }?;
     out.flush()?;
@@ -296,6 +319,7 @@ fn sync_send(
     fr: &mut Reader,
     fw: &mut Writer,
     limits: &Limits,
+    caps: u64,
     r: crate::protocol::msg::SyncSendRequest,
 ) -> Result<()> {
     let src = path_of(&r.path);
@@ -306,14 +330,9 @@ fn sync_send(
         return Err(anyhow!("{}: bad block size {bs} requested", src.display()));
     }
     let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
-    let image = open_image(
-        &src,
-        OpenOptions {
-            format: r.format.map(format_of),
-            allow_corrupt: false,
-        },
-    )?;
-    let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    let source = open_src(&src, r.format, r.force_share)?;
+    let image = &source.image;
+    let info = remote::image_info(image, 1 << 16).map_err(named)?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
     let params = crate::protocol::msg::SyncParams {
@@ -335,16 +354,14 @@ fn sync_send(
         state: Default::default(),
     };
     let cancel = interrupt_flag();
-    crate::engine::sync::sync_send(
-        &image,
-        fr,
-        fw,
-        limits,
-        &params,
-        &sopts,
-        &NoProgress,
-        &cancel,
-    )
-    .map_err(named)?;
+    crate::engine::sync::sync_send(image, fr, fw, limits, &params, &sopts, &NoProgress, &cancel)
+        .map_err(named)?;
+    // DST is complete as sent; whether SRC held still meanwhile is the
+    // last word (ERROR from `run` when it did not).
+    source.watch.check().map_err(|e| anyhow!(e))?;
+    if caps & caps::SOURCE_CHECK != 0 {
+        send_msg(fw, &Message::Exit(exit::OK)).map_err(named)?;
+        fw.flush().map_err(|e| named(e.into()))?;
+    }
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::engine::sync::{
     self, SyncReceiveOptions, SyncReport, SyncSendOptions, Target, MAX_BLOCK, MIN_BLOCK,
 };
 use crate::engine::{self, pipeline};
-use crate::io::{journal, open_image, LocalFile, OpenOptions, Output};
+use crate::io::{journal, lock, open_image, open_source, LocalFile, Locking, OpenOptions, Output};
 use crate::protocol::msg::SyncParams;
 use crate::protocol::{FrameReader, FrameWriter, Limits};
 
@@ -39,6 +39,7 @@ pub struct Args {
     pub compress_level: Option<i32>,
     pub threads: Option<usize>,
     pub stats: bool,
+    pub force_share: bool,
     pub ssh: SshArgs,
     pub reporting: Reporting,
     pub output: OutputFormat,
@@ -71,22 +72,23 @@ pub fn run(a: Args) -> Result<u8> {
     let started = Instant::now();
     // Whether DST existed before this run (None: not known yet).
     let mut existed = None;
-    let report = (|| -> Result<(SyncReport, u64)> {
+    let report = (|| -> Result<((SyncReport, u64), Option<crate::io::Source>)> {
         Ok(match (&src_loc, &dst_loc) {
             (Location::Local(s), Location::Local(d)) => {
-                let image = open_src(s, a.format)?;
-                let params = params(&a, image.virtual_size())?;
+                let source = open_src(&a, s)?;
+                let params = params(&a, source.image.virtual_size())?;
                 refuse_same(s, d)?;
                 let target = open_target(d)?;
                 existed = Some(matches!(target, Target::Existing { .. }));
-                local(&a, &image, s, d, target, &params, &sopts, &cancel)?
+                let r = local(&a, &source.image, s, d, target, &params, &sopts, &cancel)?;
+                (r, Some(source))
             }
             (Location::Local(s), Location::Remote { host, path }) => {
-                let image = open_src(s, a.format)?;
-                let params = params(&a, image.virtual_size())?;
+                let source = open_src(&a, s)?;
+                let params = params(&a, source.image.virtual_size())?;
                 let bar = a.reporting.bar();
                 let r = remote::sync_push(
-                    &image,
+                    &source.image,
                     s,
                     host,
                     path,
@@ -97,13 +99,13 @@ pub fn run(a: Args) -> Result<u8> {
                     &cancel,
                 );
                 drop(bar);
-                r?
+                (r?, Some(source))
             }
             (Location::Remote { host, path }, Location::Local(d)) => {
                 let key = random_key()?;
                 let target = open_target(d)?;
                 existed = Some(matches!(target, Target::Existing { .. }));
-                remote::sync_pull(
+                let r = remote::sync_pull(
                     host,
                     path,
                     a.format,
@@ -115,16 +117,25 @@ pub fn run(a: Args) -> Result<u8> {
                     !a.no_space_check,
                     a.checksum,
                     a.compress_level,
+                    a.force_share,
                     workers,
                     &a.ssh,
                     &cancel,
-                )?
+                )?;
+                (r, None)
             }
             _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
         })
     })();
     let report = match report {
-        Ok(r) => r,
+        Ok((r, source)) => {
+            // DST is complete as what was read; a SRC that changed meanwhile
+            // is still an error (its own message says what DST holds).
+            if let Some(source) = source {
+                source_held_still(&source, &dst_loc)?;
+            }
+            r
+        }
         Err(e) => {
             let state = match &dst_loc {
                 Location::Local(d) => local_state(d, existed, !a.no_journal, &sopts.state),
@@ -165,14 +176,33 @@ pub fn random_key() -> Result<[u8; 32]> {
     Ok(k)
 }
 
-fn open_src(path: &Path, format: Option<Format>) -> Result<imgsync_formats::Image> {
-    Ok(open_image(
+/// SRC with its chain, locked as qemu-img locks a source (or, with `-U`,
+/// not in a writer's way, with a warning when one has it) and stamped.
+fn open_src(a: &Args, path: &Path) -> Result<crate::io::Source> {
+    let source = open_source(
         path,
         OpenOptions {
-            format,
+            format: a.format,
             allow_corrupt: false,
+            locking: super::locking(a.force_share),
         },
-    )?)
+    )?;
+    super::warn_in_use(&source.in_use, "the copy");
+    Ok(source)
+}
+
+/// After a sync that completed: SRC must be as it was opened, or the copy
+/// DST now holds is of no consistent image.
+fn source_held_still(source: &crate::io::Source, dst: &Location) -> Result<()> {
+    source
+        .watch
+        .check()
+        .map_err(|e| anyhow!("{e}; {}", dst_holds_the_copy(dst)))
+}
+
+/// What DST holds after a sync whose SRC changed while it was read.
+pub fn dst_holds_the_copy(dst: &dyn std::fmt::Display) -> String {
+    format!("{dst} holds that copy (all the data read was written, and its digest matched)")
 }
 
 fn refuse_same(src: &Path, dst: &Path) -> Result<()> {
@@ -218,6 +248,9 @@ pub fn open_target(dst: &Path) -> Result<Target> {
             anyhow!(e).context(name())
         }
     })?;
+    // qemu's write locks, held while `file` is open: a running qemu's
+    // image is refused, and no VM can start on DST mid-sync.
+    lock::lock_for_writing(&file).with_context(name)?;
     let mut magic = [0u8; 4];
     if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
         && magic == *b"QFI\xfb"
@@ -230,7 +263,16 @@ pub fn open_target(dst: &Path) -> Result<Target> {
     let size = LocalFile::open(dst)
         .and_then(|f| f.size())
         .with_context(name)?;
-    let image = open_src(dst, Some(Format::Raw))?;
+    // Read through a second descriptor, unlocked: `file`'s locks cover it
+    // (and its own read locks would conflict with them).
+    let image = open_image(
+        dst,
+        OpenOptions {
+            format: Some(Format::Raw),
+            allow_corrupt: false,
+            locking: Locking::None,
+        },
+    )?;
     // The identity of the file opened, not of whatever the name means by
     // the time the journal is checked.
     let id = journal::DstId::of(&file).with_context(name)?;
@@ -433,6 +475,7 @@ fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
             crate::protocol::msg::QueryCommand::Rollback,
             None,
             OutputFormat::Human,
+            false,
             &a.ssh,
         ),
         Location::Stdio => bail!("-: --rollback needs the destination image"),

@@ -42,6 +42,9 @@ pub enum Error {
     /// The stream from the peer, or the peer's own error.
     #[error(transparent)]
     Protocol(#[from] crate::protocol::Error),
+    /// The source changed while it was read (the message names the file).
+    #[error(transparent)]
+    SourceChanged(#[from] crate::io::watch::WatchError),
     /// A broken invariant inside imgsync (a bug), not bad input.
     #[error("internal error: {0}")]
     Internal(String),

@@ -16,6 +16,7 @@ use super::pipeline::{self, BufPool, Chunk, Encoder, ImageSource, PipelineOption
 use super::plan::{self, DataSummary};
 use super::zero::Segment;
 use super::{Error, Progress, Result};
+use crate::io::watch::SourceWatch;
 use crate::io::Output;
 use crate::protocol::digest::{chunk_hash, StreamDigest};
 use crate::protocol::msg::{
@@ -114,6 +115,15 @@ pub fn handshake<R: Read, W: Write + Send + 'static>(
     fr: &mut FrameReader<R>,
     fw: &mut FrameWriter<W>,
 ) -> Result<Limits> {
+    handshake_caps(fr, fw).map(|(limits, _)| limits)
+}
+
+/// [`handshake`], also returning the capabilities both ends have
+/// ([`protocol::caps`]).
+pub fn handshake_caps<R: Read, W: Write + Send + 'static>(
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+) -> Result<(Limits, u64)> {
     let ours = protocol::msg::Hello::ours();
     send_msg(fw, &Message::Hello(ours))?;
     fw.flush()?;
@@ -126,7 +136,7 @@ pub fn handshake<R: Read, W: Write + Send + 'static>(
             if h.caps & protocol::caps::KEEPALIVE != 0 {
                 fw.start_keepalive(KEEPALIVE_EVERY);
             }
-            Ok(limits)
+            Ok((limits, ours.caps & h.caps))
         }
         _ => unreachable_msg(),
     }
@@ -160,7 +170,10 @@ fn unreachable_msg<T>() -> Result<T> {
 }
 
 /// Sends `image`'s data as CHUNK frames followed by END. The caller has
-/// sent HELLO and IMAGE (and received READY when the peer answers).
+/// sent HELLO and IMAGE (and received READY when the peer answers). Before
+/// END, `watch` must find the source as it was opened: a source that
+/// changed meanwhile ends the stream without END, so the receiver never
+/// puts the copy in place.
 /// `level`, when given, is read before each chunk is compressed, so the
 /// caller may tune it while the transfer runs.
 pub fn send_chunks<W: Write>(
@@ -168,6 +181,7 @@ pub fn send_chunks<W: Write>(
     fw: &mut FrameWriter<W>,
     limits: &Limits,
     opts: &SendOptions,
+    watch: &SourceWatch,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<SendStats> {
@@ -208,6 +222,7 @@ pub fn send_chunks<W: Write>(
     };
     let (data_sent, chunk_bytes, chunks) = (sink.data_sent, sink.chunk_bytes, end.chunks);
     let final_level = level.load(Ordering::Relaxed);
+    watch.check()?;
     send_msg(fw, &Message::End(end))?;
     fw.flush()?;
     progress.finish();
@@ -714,6 +729,7 @@ mod tests {
             &mut fw,
             &Limits::DEFAULT,
             &opts,
+            &SourceWatch::default(),
             &NoProgress,
             &AtomicBool::new(false),
         )

@@ -5,10 +5,15 @@ pub mod cpu;
 pub mod file;
 pub mod hashcache;
 pub mod journal;
+pub mod lock;
 pub mod open;
 pub mod output;
 pub mod owned;
+pub mod watch;
 
 pub use file::LocalFile;
-pub use open::{open_image, open_image_files, open_image_metadata, OpenError, OpenOptions};
+pub use open::{
+    open_image, open_image_files, open_image_metadata, open_metadata_source, open_source, Locking,
+    OpenError, OpenOptions, Source,
+};
 pub use output::Output;

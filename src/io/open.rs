@@ -1,6 +1,8 @@
 //! Opening an image by path: format probing (with probe safety), the backing
 //! chain (names resolved against the overlay's directory, loops and deep
-//! chains refused) and the external data file.
+//! chains refused) and the external data file. Every file is locked as
+//! qemu-img locks it ([`super::lock`]) and stamped so a change while it is
+//! read is caught ([`super::watch`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,8 @@ use imgsync_formats::qcow2::{self, Qcow2};
 use imgsync_formats::raw::Raw;
 use imgsync_formats::{probe, Format, Image, Layer, Storage};
 
+use super::lock::{self, Access, LockError};
+use super::watch::SourceWatch;
 use super::LocalFile;
 
 /// How to open an image.
@@ -20,6 +24,35 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Open a QCOW2 image even with the corrupt bit set (for `check`).
     pub allow_corrupt: bool,
+    /// How the chain's files are locked against a running qemu.
+    pub locking: Locking,
+}
+
+/// qemu's image locks on the files an image reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Locking {
+    /// As qemu-img: refused while a qemu has any of them open for writing,
+    /// and no qemu can open them for writing while they are open here.
+    #[default]
+    Read,
+    /// `-U/--force-share`: read whatever others do.
+    ForceShare,
+    /// No locks: the caller already holds them on another descriptor of
+    /// the same file (sync reading its own DST).
+    None,
+}
+
+/// An opened source: the image, the files it reads, and what is needed
+/// to check them afterwards.
+pub struct Source {
+    pub image: Image,
+    /// Canonical paths of every image of the chain and of data files.
+    pub files: Vec<PathBuf>,
+    /// With [`Locking::ForceShare`]: the files another process has open
+    /// for writing (the copy may be inconsistent).
+    pub in_use: Vec<PathBuf>,
+    /// Every file's size, times and header as opened.
+    pub watch: SourceWatch,
 }
 
 /// An image that could not be opened; `path` is the file at fault (the
@@ -40,6 +73,11 @@ pub enum OpenError {
     },
     #[error("{}: {reason}", path.display())]
     Refused { path: PathBuf, reason: String },
+    #[error(
+        "{}: is in use by another process (a running VM?); stop it, copy a snapshot, or pass -U/--force-share to read it anyway",
+        path.display()
+    )]
+    InUse { path: PathBuf },
 }
 
 impl OpenError {
@@ -47,7 +85,8 @@ impl OpenError {
         match self {
             OpenError::Io { path, .. }
             | OpenError::Format { path, .. }
-            | OpenError::Refused { path, .. } => path,
+            | OpenError::Refused { path, .. }
+            | OpenError::InUse { path } => path,
         }
     }
 }
@@ -63,7 +102,19 @@ pub fn open_image(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
 /// nothing is followed, a probed image naming other files is not refused
 /// (qemu-img info opens with BDRV_O_NO_BACKING the same way).
 pub fn open_image_metadata(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
-    open_layer(path, opts, &mut HashSet::new(), 0, false)
+    open_metadata_source(path, opts).map(|s| s.image)
+}
+
+/// [`open_image_metadata`], locked and stamped as [`open_source`] does.
+pub fn open_metadata_source(path: &Path, opts: OpenOptions) -> Result<Source, OpenError> {
+    let mut cx = Chain::default();
+    let image = open_layer(path, opts, &mut cx, 0, false)?;
+    Ok(Source {
+        image,
+        files: cx.seen.into_iter().collect(),
+        in_use: cx.in_use,
+        watch: cx.watch,
+    })
 }
 
 /// Opens `path` with its whole backing chain, and lists the files it reads
@@ -73,9 +124,51 @@ pub fn open_image_files(
     path: &Path,
     opts: OpenOptions,
 ) -> Result<(Image, Vec<PathBuf>), OpenError> {
-    let mut seen = HashSet::new();
-    let image = open_layer(path, opts, &mut seen, 0, true)?;
-    Ok((image, seen.into_iter().collect()))
+    open_source(path, opts).map(|s| (s.image, s.files))
+}
+
+/// Opens `path` with its whole backing chain, locked and stamped.
+pub fn open_source(path: &Path, opts: OpenOptions) -> Result<Source, OpenError> {
+    let mut cx = Chain::default();
+    let image = open_layer(path, opts, &mut cx, 0, true)?;
+    Ok(Source {
+        image,
+        files: cx.seen.into_iter().collect(),
+        in_use: cx.in_use,
+        watch: cx.watch,
+    })
+}
+
+#[derive(Default)]
+struct Chain {
+    seen: HashSet<PathBuf>,
+    in_use: Vec<PathBuf>,
+    watch: SourceWatch,
+}
+
+/// Opens one file of the chain read-only and locks it.
+fn open_file(path: &Path, locking: Locking, cx: &mut Chain) -> Result<Arc<LocalFile>, OpenError> {
+    let io_err = |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = LocalFile::open(path).map_err(io_err)?;
+    let access = match locking {
+        Locking::Read => Access::Read,
+        Locking::ForceShare => Access::ReadForceShare,
+        Locking::None => return Ok(Arc::new(file)),
+    };
+    match lock::lock(file.file(), access) {
+        Ok(l) if l.in_use => cx.in_use.push(path.to_path_buf()),
+        Ok(_) => {}
+        Err(LockError::InUse) => {
+            return Err(OpenError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(LockError::Io(e)) => return Err(io_err(e)),
+    }
+    Ok(Arc::new(file))
 }
 
 /// Opens the image at `path`; with `follow`, also the files it names (its
@@ -83,7 +176,7 @@ pub fn open_image_files(
 fn open_layer(
     path: &Path,
     opts: OpenOptions,
-    seen: &mut HashSet<PathBuf>,
+    cx: &mut Chain,
     depth: usize,
     follow: bool,
 ) -> Result<Image, OpenError> {
@@ -105,12 +198,13 @@ fn open_layer(
         )));
     }
     let canonical = std::fs::canonicalize(path).map_err(io_err)?;
-    if !seen.insert(canonical.clone()) {
+    if !cx.seen.insert(canonical.clone()) {
         return Err(refused(
             "backing chain loop: this file is already in the chain".to_string(),
         ));
     }
-    let file: Arc<dyn Storage> = Arc::new(LocalFile::open(path).map_err(io_err)?);
+    let local = open_file(path, opts.locking, cx)?;
+    let file: Arc<dyn Storage> = local.clone();
 
     let format = match opts.format {
         Some(f) => f,
@@ -123,7 +217,10 @@ fn open_layer(
     };
 
     match format {
-        Format::Raw => Ok(Image::new(Layer::Raw(Raw::open(file).map_err(fmt_err)?))),
+        Format::Raw => {
+            cx.watch.add(path, local, 0).map_err(io_err)?;
+            Ok(Image::new(Layer::Raw(Raw::open(file).map_err(fmt_err)?)))
+        }
         Format::Qcow2 => {
             let mut q = Qcow2::open_with(
                 file,
@@ -136,6 +233,11 @@ fn open_layer(
                 return Ok(Image::new(Layer::Qcow2(q)));
             }
             let header = q.header().clone();
+            // The header cluster: what a writer rewrites when it allocates,
+            // resizes or marks the image dirty.
+            cx.watch
+                .add(path, local, 1u64 << header.cluster_bits)
+                .map_err(io_err)?;
             // Probe safety: a guest can write a qcow2 header naming any host
             // file into its raw disk; only follow names when told it is qcow2.
             if opts.format.is_none() {
@@ -152,13 +254,16 @@ fn open_layer(
             let dir = path.parent().unwrap_or(Path::new("."));
             if let Some(name) = header.data_file.as_deref() {
                 let data_path = resolve_name(dir, name).map_err(&refused)?;
-                let data = LocalFile::open(&data_path).map_err(|source| OpenError::Io {
-                    path: data_path.clone(),
-                    source,
-                })?;
-                q.set_data_file(Arc::new(data));
+                let data = open_file(&data_path, opts.locking, cx)?;
+                cx.watch
+                    .add(&data_path, data.clone(), 0)
+                    .map_err(|source| OpenError::Io {
+                        path: data_path.clone(),
+                        source,
+                    })?;
+                q.set_data_file(data);
                 if let Ok(p) = std::fs::canonicalize(&data_path) {
-                    seen.insert(p);
+                    cx.seen.insert(p);
                 }
             }
             let layer = Layer::Qcow2(q);
@@ -177,8 +282,9 @@ fn open_layer(
                 OpenOptions {
                     format: backing_format,
                     allow_corrupt: false,
+                    locking: opts.locking,
                 },
-                seen,
+                cx,
                 depth + 1,
                 true,
             )?;

@@ -11,7 +11,8 @@
 //! the output is dropped without commit (errors, and SIGINT/SIGTERM, which
 //! the engine turns into errors).
 //!
-//! Block devices: written in place (there is no temporary to rename); ranges
+//! Block devices: written in place (there is no temporary to rename), with
+//! qemu's write locks taken (refused while a running qemu uses it); ranges
 //! that must read as zeros are zeroed with BLKZEROOUT, falling back to
 //! `fallocate(FALLOC_FL_ZERO_RANGE)` and then to writing zeros.
 
@@ -77,6 +78,9 @@ impl Output {
                             e
                         }
                     })?;
+                // qemu's write locks (see `lock`), held while the output is
+                // open: a device a running qemu uses is refused.
+                super::lock::lock_for_writing(&file)?;
                 let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))?;
                 return Ok(Output {
                     file,

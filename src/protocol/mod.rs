@@ -24,7 +24,11 @@ pub mod caps {
     pub const ZSTD: u64 = 1;
     /// KEEPALIVE frames may be sent to this end.
     pub const KEEPALIVE: u64 = 2;
-    pub const ALL: u64 = ZSTD | KEEPALIVE;
+    /// Sync pull: after SYNC_DONE the sender (the server) answers EXIT(0)
+    /// when SRC did not change while it was read, or ERROR when it did; a
+    /// server without the bit just closes.
+    pub const SOURCE_CHECK: u64 = 4;
+    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

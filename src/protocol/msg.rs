@@ -124,6 +124,9 @@ pub struct SendRequest {
     pub unit: u64,
     /// zstd level for the payloads (0: uncompressed).
     pub level: i8,
+    /// Read the image even while a qemu has it open for writing
+    /// (`-U/--force-share`; see [`ReadFlags`]).
+    pub force_share: bool,
 }
 
 /// The server runs a read-only command on the image at `path` and sends
@@ -134,6 +137,8 @@ pub struct QueryRequest {
     pub path: Vec<u8>,
     pub format: Option<WireFormat>,
     pub json: bool,
+    /// `-U/--force-share` (see [`ReadFlags`]).
+    pub force_share: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +182,39 @@ pub struct SyncSendRequest {
     pub block_size: u32,
     pub key: [u8; 32],
     pub level: i8,
+    /// `-U/--force-share` (see [`ReadFlags`]).
+    pub force_share: bool,
+}
+
+/// The optional last byte of the requests that read an image (send,
+/// query, sync-send), added after protocol version 1's first release:
+/// absent means 0, and it is sent only when a bit is set, so a request
+/// without them is what older servers expect (an older server refuses one
+/// with them as trailing bytes rather than ignoring it).
+pub struct ReadFlags;
+
+impl ReadFlags {
+    /// Bit 0: read the image whatever qemu's locks say (`-U`).
+    pub const FORCE_SHARE: u8 = 1;
+    pub const KNOWN: u8 = Self::FORCE_SHARE;
+
+    fn encode(v: &mut Vec<u8>, force_share: bool) {
+        if force_share {
+            v.push(Self::FORCE_SHARE);
+        }
+    }
+
+    /// Reads the byte if the frame has it; unknown bits are refused.
+    fn decode(d: &mut Dec) -> Result<bool> {
+        if d.p.is_empty() {
+            return Ok(false);
+        }
+        let b = d.u8()?;
+        if b & !Self::KNOWN != 0 {
+            return Err(malformed(d.what, format!("unknown read flags {b:#x}")));
+        }
+        Ok(b & Self::FORCE_SHARE != 0)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -371,6 +409,7 @@ impl Message {
                 v.extend_from_slice(&r.chunk.to_be_bytes());
                 v.extend_from_slice(&r.unit.to_be_bytes());
                 v.push(r.level as u8);
+                ReadFlags::encode(v, r.force_share);
             }
             Message::Image(i) => {
                 v.push(i.format.map_or(0, |f| f as u8));
@@ -413,6 +452,7 @@ impl Message {
                 put_bytes(v, &q.path);
                 v.push(q.format.map_or(0, |f| f as u8));
                 v.push(u8::from(q.json));
+                ReadFlags::encode(v, q.force_share);
             }
             Message::Output(b) => v.extend_from_slice(b),
             Message::Exit(c) => v.push(*c),
@@ -435,6 +475,7 @@ impl Message {
                 v.extend_from_slice(&r.block_size.to_be_bytes());
                 v.extend_from_slice(&r.key);
                 v.push(r.level as u8);
+                ReadFlags::encode(v, r.force_share);
             }
             Message::SyncInfo(i) => {
                 v.push(u8::from(i.exists) | (u8::from(i.resumed) << 1) | (u8::from(i.cached) << 2));
@@ -544,6 +585,7 @@ impl Message {
                     chunk: d.u32()?,
                     unit: d.u64()?,
                     level: d.u8()? as i8,
+                    force_share: ReadFlags::decode(&mut d)?,
                 })),
                 3 => {
                     let command = match d.u8()? {
@@ -558,6 +600,7 @@ impl Message {
                         path: d.bytes(4096)?.to_vec(),
                         format: WireFormat::decode(d.u8()?, what)?,
                         json: d.u8()? != 0,
+                        force_share: ReadFlags::decode(&mut d)?,
                     }))
                 }
                 4 => {
@@ -584,6 +627,7 @@ impl Message {
                     block_size: d.u32()?,
                     key: d.array()?,
                     level: d.u8()? as i8,
+                    force_share: ReadFlags::decode(&mut d)?,
                 })),
                 op => return Err(malformed(what, format!("unknown operation {op}"))),
             },
@@ -909,14 +953,54 @@ mod tests {
         // Every truncation is refused, never a panic.
         for cut in 0..v.len() {
             if let Ok(short) = Message::decode(m.kind(), &v[..cut], &Limits::DEFAULT) {
-                // Only a CHUNK's zstd payload can be cut and still parse.
+                // Only a CHUNK's zstd payload can be cut and still parse,
+                // or a request's optional read flags byte be left off.
                 assert!(
                     matches!(short, Message::Chunk(ref c) if c.zstd)
-                        || matches!(short, Message::Blocks(ref b) if b.zstd),
+                        || matches!(short, Message::Blocks(ref b) if b.zstd)
+                        || (cut + 1 == v.len() && without_read_flags(&m) == Some(short.clone())),
                     "{cut}: {short:?}"
                 );
             }
         }
+    }
+
+    /// `m` as a server that gets no read flags byte decodes it.
+    fn without_read_flags(m: &Message) -> Option<Message> {
+        let mut m = m.clone();
+        match &mut m {
+            Message::Request(Request::Send(r)) if r.force_share => r.force_share = false,
+            Message::Request(Request::Query(q)) if q.force_share => q.force_share = false,
+            Message::Request(Request::SyncSend(r)) if r.force_share => r.force_share = false,
+            _ => return None,
+        }
+        Some(m)
+    }
+
+    /// A request without -U is byte for byte what the first release sent
+    /// (older servers refuse trailing bytes); with it, one byte more.
+    #[test]
+    fn read_flags_are_sent_only_when_set_and_unknown_bits_are_refused() {
+        let q = |force_share| {
+            let mut v = Vec::new();
+            Message::Request(Request::Query(QueryRequest {
+                command: QueryCommand::Info,
+                path: b"/i".to_vec(),
+                format: None,
+                json: false,
+                force_share,
+            }))
+            .encode(&mut v);
+            v
+        };
+        // op 3, command 1, path (u32 length 2, "/i"), format 0, json 0
+        assert_eq!(q(false), [3, 1, 0, 0, 0, 2, b'/', b'i', 0, 0]);
+        let mut with = q(true);
+        assert_eq!(with[..with.len() - 1], q(false)[..]);
+        assert_eq!(with.last(), Some(&ReadFlags::FORCE_SHARE));
+        *with.last_mut().unwrap() = 0x02;
+        let e = Message::decode(kind::REQUEST, &with, &Limits::DEFAULT).unwrap_err();
+        assert!(e.to_string().contains("unknown read flags"), "{e}");
     }
 
     fn chunk() -> ChunkFrame {
@@ -950,6 +1034,16 @@ mod tests {
             chunk: 2 << 20,
             unit: 65536,
             level: -1,
+            force_share: false,
+        })));
+        round_trip(Message::Request(Request::Send(SendRequest {
+            path: b"vm.qcow2".to_vec(),
+            format: Some(WireFormat::Qcow2),
+            min_sparse: 512,
+            chunk: 2 << 20,
+            unit: 65536,
+            level: 3,
+            force_share: true,
         })));
         round_trip(Message::Image(ImageInfo {
             format: Some(WireFormat::Raw),
@@ -975,12 +1069,14 @@ mod tests {
             path: b"/d".to_vec(),
             format: None,
             json: false,
+            force_share: false,
         })));
         round_trip(Message::Request(Request::Query(QueryRequest {
             command: QueryCommand::Map,
             path: b"/x".to_vec(),
             format: Some(WireFormat::Qcow2),
             json: true,
+            force_share: true,
         })));
         round_trip(Message::Exit(3));
         let params = SyncParams {
@@ -1001,6 +1097,15 @@ mod tests {
             block_size: 4096,
             key: [1; 32],
             level: -128,
+            force_share: false,
+        })));
+        round_trip(Message::Request(Request::SyncSend(SyncSendRequest {
+            path: b"/s".to_vec(),
+            format: Some(WireFormat::Raw),
+            block_size: 65536,
+            key: [2; 32],
+            level: 1,
+            force_share: true,
         })));
         round_trip(Message::SyncInfo(SyncInfo {
             exists: true,
@@ -1044,7 +1149,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]); // caps: zstd, keepalive
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 7]); // caps: zstd, keepalive, source check
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

@@ -718,6 +718,7 @@ pub fn check_guest_bytes(env: &Env, s: Subject<'_>, vsize: u64) {
         OpenOptions {
             format: s.explicit.then_some(s.format),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("{}: open_image: {e:#}", s.img));

@@ -499,6 +499,7 @@ fn backing_chain_depth_3() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .expect("open chain");
@@ -910,6 +911,7 @@ fn backing_loop_is_refused() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .err()
@@ -1081,6 +1083,7 @@ fn missing_backing_file_is_named() {
         OpenOptions {
             format: Some(QCOW2),
             allow_corrupt: false,
+            ..Default::default()
         },
     )
     .err()

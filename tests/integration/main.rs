@@ -5,7 +5,9 @@
 //!            output, free space, signals, block devices);
 //!   remote:  convert over a real sshd, both transports;
 //!   sync:    imgsync sync locally and over sshd (change patterns,
-//!            interruptions, rollback, a small file system).
+//!            interruptions, rollback, a small file system);
+//!   lock:    qemu's image locks against a running qemu-io, and a source
+//!            that changes while it is read (local, device, over sshd).
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -14,6 +16,7 @@
 mod common;
 mod convert;
 mod formats;
+mod lock;
 mod remote;
 mod sshd;
 mod sync;
