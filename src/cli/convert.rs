@@ -15,7 +15,7 @@ use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine;
 use crate::engine::convert::{self, ConvertOptions};
-use crate::io::{open_image_files, OpenOptions, Output};
+use crate::io::{open_image_files, FileMeta, OpenOptions, Output};
 
 /// Largest `-S` accepted (qemu-img's limit).
 const MAX_MIN_SPARSE: u64 = 16 << 20;
@@ -67,12 +67,12 @@ pub fn run(a: Args) -> Result<u8> {
         (Location::Local(s), Location::Local(d)) => run_local(&a, s, d),
         (Location::Local(s), Location::Remote { host, path }) => {
             let (image, _) = open_src(s)?;
-            remote::push(&a, image, host, path)
+            remote::push(&a, image, s, host, path)
         }
         (Location::Remote { host, path }, Location::Local(d)) => remote::pull(&a, host, path, d),
         (Location::Local(s), Location::Stdio) => {
             let (image, _) = open_src(s)?;
-            remote::to_stdout(&a, image)
+            remote::to_stdout(&a, image, s)
         }
         (Location::Stdio, Location::Local(d)) => remote::from_stdin(&a, d),
         _ => bail!(
@@ -111,6 +111,8 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     convert::check_options(&image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
     let cancel = interrupt_flag();
     let out = Output::create(dst).with_context(|| dst.display().to_string())?;
+    out.adopt(&FileMeta::of_path(src).with_context(|| src.display().to_string())?)
+        .with_context(|| dst.display().to_string())?;
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
     let result = convert::convert(&image, &out, &opts, progress, &cancel);

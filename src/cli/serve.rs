@@ -18,7 +18,7 @@ use super::{exit, output};
 use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, NoProgress};
-use crate::io::{open_image, OpenOptions, Output};
+use crate::io::{open_image, FileMeta, OpenOptions, Output};
 use crate::protocol::msg::{
     kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, WireCompression,
 };
@@ -35,18 +35,19 @@ pub fn run() -> Result<u8> {
         Limits::DEFAULT.max_frame,
     );
     let mut fw = FrameWriter::new(BufWriter::with_capacity(256 << 10, std::io::stdout()));
-    let limits = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let negotiated = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let (limits, caps) = (negotiated.limits, negotiated.caps);
     let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
         Ok(Message::Request(r)) => r,
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(anyhow!(e).context("serve")),
     };
     let result = match req {
-        Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
-        Request::Send(r) => send(&mut fw, &limits, r),
+        Request::Receive(r) => receive(&mut fr, &mut fw, &limits, caps, r),
+        Request::Send(r) => send(&mut fw, &limits, caps, r),
         Request::Query(q) => query(&mut fw, q),
-        Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, r),
-        Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, r),
+        Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, caps, r),
+        Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, caps, r),
     };
     match result {
         Ok(()) => Ok(exit::OK),
@@ -72,13 +73,20 @@ fn path_of(bytes: &[u8]) -> PathBuf {
     p.to_path_buf()
 }
 
-fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest) -> Result<()> {
+fn receive(
+    fr: &mut Reader,
+    fw: &mut Writer,
+    limits: &Limits,
+    caps: u64,
+    r: ReceiveRequest,
+) -> Result<()> {
     let dst = path_of(&r.path);
     let info = match recv_msg(fr, limits, kind::IMAGE) {
         Ok(Message::Image(i)) => i,
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(anyhow!(e).context("serve")),
     };
+    let meta = remote::recv_meta(fr, limits, caps).map_err(|e| anyhow!(e).context("serve"))?;
     let output_format = format_of(r.format);
     let opts = ConvertOptions {
         output_format,
@@ -99,6 +107,10 @@ fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest)
     }
     convert::check_size_options(info.virtual_size, &opts).map_err(named)?;
     let out = Output::create(&dst).map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    if let Some(m) = meta {
+        out.adopt(&remote::io_meta(&m))
+            .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    }
     remote::check_receive(&info, &out, &opts).map_err(named)?;
     send_msg(fw, &Message::Ready).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
@@ -129,7 +141,12 @@ fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest)
     Ok(())
 }
 
-fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> Result<()> {
+fn send<W: Write>(
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    caps: u64,
+    r: SendRequest,
+) -> Result<()> {
     let src = path_of(&r.path);
     let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
     let image = open_image(
@@ -154,7 +171,10 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
         ));
     }
     let info = remote::image_info(&image, r.unit).map_err(named)?;
+    let meta =
+        FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
+    remote::send_meta(fw, caps, &meta).map_err(named)?;
     let opts = SendOptions {
         min_sparse: r.min_sparse,
         chunk,
@@ -233,9 +253,11 @@ fn sync_receive(
     fr: &mut Reader,
     fw: &mut Writer,
     limits: &Limits,
+    caps: u64,
     r: crate::protocol::msg::SyncReceiveRequest,
 ) -> Result<()> {
     let dst = path_of(&r.path);
+    let meta = remote::recv_meta(fr, limits, caps).map_err(|e| anyhow!(e).context("serve"))?;
     let bs = r.params.block_size;
     if !bs.is_power_of_two()
         || !(crate::engine::sync::MIN_BLOCK..=crate::engine::sync::MAX_BLOCK).contains(&bs)
@@ -243,6 +265,11 @@ fn sync_receive(
         return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
     }
     let target = super::sync::open_target(&dst)?;
+    if let Some(m) = meta {
+        target
+            .adopt(&remote::io_meta(&m))
+            .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    }
     let cancel = interrupt_flag();
     crate::engine::sync::sync_receive(
         target,
@@ -265,6 +292,7 @@ fn sync_send(
     fr: &mut Reader,
     fw: &mut Writer,
     limits: &Limits,
+    caps: u64,
     r: crate::protocol::msg::SyncSendRequest,
 ) -> Result<()> {
     let src = path_of(&r.path);
@@ -283,7 +311,10 @@ fn sync_send(
         },
     )?;
     let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    let meta =
+        FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
+    remote::send_meta(fw, caps, &meta).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
     let params = crate::protocol::msg::SyncParams {
         block_size: bs,

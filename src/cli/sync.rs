@@ -24,7 +24,7 @@ use crate::engine::sync::{
     self, SyncReceiveOptions, SyncReport, SyncSendOptions, Target, MAX_BLOCK, MIN_BLOCK,
 };
 use crate::engine::{self, pipeline};
-use crate::io::{journal, open_image, LocalFile, OpenOptions, Output};
+use crate::io::{journal, open_image, FileMeta, LocalFile, OpenOptions, Output};
 use crate::protocol::msg::SyncParams;
 use crate::protocol::{FrameReader, FrameWriter, Limits};
 
@@ -74,6 +74,9 @@ pub fn run(a: Args) -> Result<u8> {
             let params = params(&a, image.virtual_size())?;
             refuse_same(s, d)?;
             let target = open_target(d)?;
+            target
+                .adopt(&FileMeta::of_path(s).with_context(|| s.display().to_string())?)
+                .with_context(|| d.display().to_string())?;
             local(&a, &image, s, d, target, &params, &sopts, &cancel)?
         }
         (Location::Local(s), Location::Remote { host, path }) => {

@@ -16,10 +16,10 @@ use super::pipeline::{self, BufPool, Chunk, Encoder, ImageSource, PipelineOption
 use super::plan::{self, DataSummary};
 use super::zero::Segment;
 use super::{Error, Progress, Result};
-use crate::io::Output;
+use crate::io::{self, Output};
 use crate::protocol::digest::{chunk_hash, StreamDigest};
 use crate::protocol::msg::{
-    encode_chunk_head, kind, ChunkFrame, ChunkHead, End, ImageInfo, WireFormat,
+    encode_chunk_head, kind, ChunkFrame, ChunkHead, End, FileMeta, ImageInfo, WireFormat,
 };
 use crate::protocol::{self, frame, FrameReader, FrameWriter, Limits, Message};
 
@@ -108,12 +108,21 @@ pub fn recv_msg<R: Read>(fr: &mut FrameReader<R>, limits: &Limits, want: u8) -> 
     Ok(Message::expect(k, p, limits, want)?)
 }
 
+/// What both ends of a session agreed on in HELLO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The smaller of each limit.
+    pub limits: Limits,
+    /// The capabilities both ends announced.
+    pub caps: u64,
+}
+
 /// Both ends send HELLO, then read the peer's; the limits are the smaller
-/// of each.
+/// of each, the capabilities those both have.
 pub fn handshake<R: Read, W: Write>(
     fr: &mut FrameReader<R>,
     fw: &mut FrameWriter<W>,
-) -> Result<Limits> {
+) -> Result<Negotiated> {
     let ours = protocol::msg::Hello::ours();
     send_msg(fw, &Message::Hello(ours))?;
     fw.flush()?;
@@ -121,9 +130,53 @@ pub fn handshake<R: Read, W: Write>(
         Message::Hello(h) => {
             let limits = ours.limits.negotiate(h.limits);
             fr.set_max_len(limits.max_frame);
-            Ok(limits)
+            Ok(Negotiated {
+                limits,
+                caps: ours.caps & h.caps,
+            })
         }
         _ => unreachable_msg(),
+    }
+}
+
+/// Reads the META frame a peer with `caps::META` sends (its source file's
+/// permission bits and owner); `None` when the peer does not send one.
+pub fn recv_meta<R: Read>(
+    fr: &mut FrameReader<R>,
+    limits: &Limits,
+    caps: u64,
+) -> Result<Option<FileMeta>> {
+    if caps & protocol::caps::META == 0 {
+        return Ok(None);
+    }
+    match recv_msg(fr, limits, kind::META)? {
+        Message::Meta(m) => Ok(Some(m)),
+        _ => unreachable_msg(),
+    }
+}
+
+/// Sends the source file's `meta` as a META frame when the peer reads it
+/// (`caps::META`).
+pub fn send_meta<W: Write>(fw: &mut FrameWriter<W>, caps: u64, meta: &io::FileMeta) -> Result<()> {
+    if caps & protocol::caps::META == 0 {
+        return Ok(());
+    }
+    send_msg(fw, &Message::Meta(wire_meta(meta)))
+}
+
+pub fn wire_meta(m: &io::FileMeta) -> FileMeta {
+    FileMeta {
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+    }
+}
+
+pub fn io_meta(m: &FileMeta) -> io::FileMeta {
+    io::FileMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
     }
 }
 
@@ -738,6 +791,61 @@ mod tests {
         let mut buf = vec![0u8; back.virtual_size() as usize];
         back.read_at(&mut buf, 0).unwrap();
         Ok(buf)
+    }
+
+    /// META is written and read only when both ends announce caps::META:
+    /// an older peer never sees a frame it would refuse, and a reader
+    /// whose peer does not send one does not wait for it.
+    #[test]
+    fn meta_crosses_only_when_both_ends_announce_it() {
+        let m = io::FileMeta {
+            mode: 0o640,
+            uid: 7,
+            gid: 8,
+        };
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(&mut fw, protocol::caps::ZSTD, &m).unwrap();
+        assert!(fw.into_inner().is_empty(), "sent to a peer without META");
+
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(&mut fw, protocol::caps::ALL, &m).unwrap();
+        send_msg(&mut fw, &Message::Ready).unwrap();
+        let bytes = fw.into_inner();
+        let mut fr = FrameReader::new(&bytes[..], Limits::DEFAULT.max_frame);
+        let got = recv_meta(&mut fr, &Limits::DEFAULT, protocol::caps::ALL).unwrap();
+        assert_eq!(got.map(|g| io_meta(&g)), Some(m));
+
+        // Without the capability nothing is read: the next frame is READY.
+        let mut fw = FrameWriter::new(Vec::new());
+        send_msg(&mut fw, &Message::Ready).unwrap();
+        let bytes = fw.into_inner();
+        let mut fr = FrameReader::new(&bytes[..], Limits::DEFAULT.max_frame);
+        assert_eq!(
+            recv_meta(&mut fr, &Limits::DEFAULT, protocol::caps::ZSTD).unwrap(),
+            None
+        );
+        assert!(recv_msg(&mut fr, &Limits::DEFAULT, kind::READY).is_ok());
+    }
+
+    /// A one-way stream puts META after END, where a reader that predates
+    /// it has stopped reading: the chunks are received without it.
+    #[test]
+    fn stream_readers_stop_at_end_before_meta() {
+        let (img, content) = image(3);
+        let (mut bytes, _) = stream(&img, 0);
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(
+            &mut fw,
+            protocol::caps::ALL,
+            &io::FileMeta {
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+        )
+        .unwrap();
+        bytes.extend(fw.into_inner());
+        assert!(receive(&img, &bytes, Format::Raw).unwrap() == content);
     }
 
     #[test]

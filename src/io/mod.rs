@@ -10,4 +10,4 @@ pub mod output;
 
 pub use file::LocalFile;
 pub use open::{open_image, open_image_files, OpenError, OpenOptions};
-pub use output::Output;
+pub use output::{FileMeta, Output};

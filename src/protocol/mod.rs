@@ -22,7 +22,11 @@ pub const VERSION: u16 = 1;
 pub mod caps {
     /// CHUNK payloads may be zstd-compressed.
     pub const ZSTD: u64 = 1;
-    pub const ALL: u64 = ZSTD;
+    /// The sender of an image says which permission bits and owner a new
+    /// DST takes (a META frame; see `docs/protocol.md`). Sent only to a
+    /// peer that announced it: older readers refuse unknown frames.
+    pub const META: u64 = 2;
+    pub const ALL: u64 = ZSTD | META;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

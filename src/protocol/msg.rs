@@ -25,6 +25,7 @@ pub mod kind {
     pub const PUNCH: u8 = 16;
     pub const SYNC_END: u8 = 17;
     pub const SYNC_DONE: u8 = 18;
+    pub const META: u8 = 19;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -47,6 +48,7 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::PUNCH => "PUNCH",
         kind::SYNC_END => "SYNC_END",
         kind::SYNC_DONE => "SYNC_DONE",
+        kind::META => "META",
         _ => "unknown",
     }
 }
@@ -277,6 +279,17 @@ pub struct Done {
     pub clusters_compressed: u64,
 }
 
+/// The source file's permission bits (`st_mode & 0o7777`) and numeric
+/// owner and group, for a DST the receiver creates (as `rsync -a`: the
+/// receiver keeps the bits, drops setuid/setgid unless root, and sets the
+/// owner only as root). Ids travel as numbers, never names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileMeta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
@@ -311,6 +324,8 @@ pub enum Message {
         bytes_read: u64,
     },
     SyncDone(SyncDone),
+    /// The source file's metadata (`caps::META`).
+    Meta(FileMeta),
 }
 
 impl Message {
@@ -334,6 +349,7 @@ impl Message {
             Message::Punch { .. } => kind::PUNCH,
             Message::SyncEnd { .. } => kind::SYNC_END,
             Message::SyncDone(_) => kind::SYNC_DONE,
+            Message::Meta(_) => kind::META,
         }
     }
 
@@ -479,6 +495,11 @@ impl Message {
                     d.blocks_punched,
                     d.journal_bytes,
                 ] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+            }
+            Message::Meta(m) => {
+                for x in [m.mode, m.uid, m.gid] {
                     v.extend_from_slice(&x.to_be_bytes());
                 }
             }
@@ -684,6 +705,19 @@ impl Message {
                 blocks_punched: d.u64()?,
                 journal_bytes: d.u64()?,
             }),
+            kind::META => {
+                let mode = d.u32()?;
+                // Permission bits only: a file type or unknown bit from the
+                // peer is refused, never passed to chmod.
+                if mode & !0o7777 != 0 {
+                    return Err(malformed(what, format!("mode {mode:#o}")));
+                }
+                Message::Meta(FileMeta {
+                    mode,
+                    uid: d.u32()?,
+                    gid: d.u32()?,
+                })
+            }
             other => return Err(Error::UnknownType(other)),
         };
         d.finish()?;
@@ -1032,6 +1066,43 @@ mod tests {
             blocks_punched: 3,
             journal_bytes: 4,
         }));
+        round_trip(Message::Meta(FileMeta {
+            mode: 0o4750,
+            uid: 1000,
+            gid: u32::MAX,
+        }));
+    }
+
+    #[test]
+    fn golden_meta() {
+        let mut v = Vec::new();
+        Message::Meta(FileMeta {
+            mode: 0o640,
+            uid: 0x3e8,
+            gid: 6,
+        })
+        .encode(&mut v);
+        let want = [
+            0, 0, 0x01, 0xa0, // mode 0o640
+            0, 0, 0x03, 0xe8, // uid 1000
+            0, 0, 0, 6, // gid 6
+        ];
+        assert_eq!(v, want);
+    }
+
+    #[test]
+    fn meta_with_bits_beyond_the_permissions_is_refused() {
+        let mut v = Vec::new();
+        Message::Meta(FileMeta {
+            mode: 0o100644, // S_IFREG | 0644
+            uid: 0,
+            gid: 0,
+        })
+        .encode(&mut v);
+        assert!(matches!(
+            Message::decode(kind::META, &v, &Limits::DEFAULT),
+            Err(Error::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -1040,7 +1111,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // caps: zstd
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]); // caps: zstd, meta
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

@@ -5,7 +5,8 @@
 //!            output, free space, signals, block devices);
 //!   remote:  convert over a real sshd, both transports;
 //!   sync:    imgsync sync locally and over sshd (change patterns,
-//!            interruptions, rollback, a small file system).
+//!            interruptions, rollback, a small file system);
+//!   perms:   new images keep the source's mode and owner, every path.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -14,6 +15,7 @@
 mod common;
 mod convert;
 mod formats;
+mod perms;
 mod remote;
 mod sshd;
 mod sync;
