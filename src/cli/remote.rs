@@ -475,7 +475,7 @@ pub fn sync_push(
     });
     let limits = peer.limits;
     let r = send_msg(&mut peer.fw, &Message::Request(req))
-        .and_then(|_| remote::send_meta(&mut peer.fw, peer.caps, &meta))
+        .and_then(|_| remote::send_meta(&mut peer.fw, peer.caps, &meta, image))
         .and_then(|_| {
             crate::engine::sync::sync_send(
                 image,
@@ -648,7 +648,7 @@ pub fn push(a: &Args, image: Image, src_path: &Path, host: &Host, path: &str) ->
     let ready = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         send_msg(&mut peer.fw, &Message::Image(info))?;
-        remote::send_meta(&mut peer.fw, peer.caps, &meta)?;
+        remote::send_meta(&mut peer.fw, peer.caps, &meta, &image)?;
         peer.fw.flush()?;
         recv_msg(&mut peer.fr, &peer.limits, kind::READY)
     })();
@@ -840,6 +840,10 @@ fn receive_into<R: Read + Send>(
             remote::recv_meta(fr, limits, protocol::caps::META).map_err(Fail::Stream)?
         }
     };
+    remote::set_content_size(&out, info, opts, meta.as_ref()).map_err(|e| match e {
+        e @ engine::Error::Protocol(_) => Fail::Stream(e),
+        e => local(e),
+    })?;
     if let Some(m) = meta {
         out.adopt(&remote::io_meta(&m))
             .with_context(|| dst.display().to_string())
@@ -880,7 +884,7 @@ pub fn to_stdout(a: &Args, image: Image, src_path: &Path) -> Result<u8> {
         let sent =
             remote::send_chunks(&image, &mut fw, &Limits::DEFAULT, &sopts, progress, &cancel)?;
         // After END: a reader that predates META stops at END.
-        remote::send_meta(&mut fw, protocol::caps::ALL, &meta)?;
+        remote::send_meta(&mut fw, protocol::caps::ALL, &meta, &image)?;
         fw.flush()?;
         Ok(sent)
     })();

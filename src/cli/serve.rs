@@ -116,6 +116,7 @@ fn receive(
     fw.flush().map_err(|e| named(e.into()))?;
     let cancel = interrupt_flag();
     let report = remote::receive_chunks(fr, limits, &info, &out, &opts, &NoProgress, &cancel)
+        .and_then(|r| remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r))
         .map_err(|e| match e {
             engine::Error::Protocol(p) => anyhow!(
                 "{}: {} (nothing was written)",
@@ -174,7 +175,7 @@ fn send<W: Write>(
     let meta =
         FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
-    remote::send_meta(fw, caps, &meta).map_err(named)?;
+    remote::send_meta(fw, caps, &meta, &image).map_err(named)?;
     let opts = SendOptions {
         min_sparse: r.min_sparse,
         chunk,
@@ -310,16 +311,18 @@ fn sync_send(
             allow_corrupt: false,
         },
     )?;
-    let info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    let mut info = remote::image_info(&image, 1 << 16).map_err(named)?;
+    // The size DST takes: a raw file's exact length.
+    info.virtual_size = image.content_size();
     let meta =
         FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
-    remote::send_meta(fw, caps, &meta).map_err(named)?;
+    remote::send_meta(fw, caps, &meta, &image).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
     let params = crate::protocol::msg::SyncParams {
         block_size: bs,
         key: r.key,
-        src_size: image.virtual_size(),
+        src_size: image.content_size(),
         journal: true,
         check_space: true,
         reread: false,

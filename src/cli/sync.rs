@@ -71,7 +71,7 @@ pub fn run(a: Args) -> Result<u8> {
     let report = match (&src_loc, &dst_loc) {
         (Location::Local(s), Location::Local(d)) => {
             let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size())?;
+            let params = params(&a, image.content_size())?;
             refuse_same(s, d)?;
             let target = open_target(d)?;
             target
@@ -81,7 +81,7 @@ pub fn run(a: Args) -> Result<u8> {
         }
         (Location::Local(s), Location::Remote { host, path }) => {
             let image = open_src(s, a.format)?;
-            let params = params(&a, image.virtual_size())?;
+            let params = params(&a, image.content_size())?;
             let bar = a.reporting.bar();
             let r = remote::sync_push(
                 &image,

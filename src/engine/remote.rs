@@ -155,21 +155,55 @@ pub fn recv_meta<R: Read>(
     }
 }
 
-/// Sends the source file's `meta` as a META frame when the peer reads it
-/// (`caps::META`).
-pub fn send_meta<W: Write>(fw: &mut FrameWriter<W>, caps: u64, meta: &io::FileMeta) -> Result<()> {
+/// Sends the source file's `meta` and the length of a raw copy of
+/// `image` as a META frame when the peer reads it (`caps::META`).
+pub fn send_meta<W: Write>(
+    fw: &mut FrameWriter<W>,
+    caps: u64,
+    meta: &io::FileMeta,
+    image: &Image,
+) -> Result<()> {
     if caps & protocol::caps::META == 0 {
         return Ok(());
     }
-    send_msg(fw, &Message::Meta(wire_meta(meta)))
+    send_msg(fw, &Message::Meta(wire_meta(meta, image.content_size())))
 }
 
-pub fn wire_meta(m: &io::FileMeta) -> FileMeta {
+pub fn wire_meta(m: &io::FileMeta, size: u64) -> FileMeta {
     FileMeta {
         mode: m.mode & 0o7777,
         uid: m.uid,
         gid: m.gid,
+        size,
     }
+}
+
+/// A raw output received from `info` takes the source's exact length from
+/// META (IMAGE's virtual size rounds a raw file up to a sector, and the
+/// chunks hold no data past its end). Other outputs keep the virtual size.
+pub fn set_content_size(
+    out: &Output,
+    info: &ImageInfo,
+    opts: &ConvertOptions,
+    meta: Option<&FileMeta>,
+) -> Result<()> {
+    let Some(m) = meta else { return Ok(()) };
+    if opts.output_format != Format::Raw || m.size == info.virtual_size {
+        return Ok(());
+    }
+    // Only the tail of the last sector may be cut: anything else is not
+    // what the sender's own IMAGE said.
+    if m.size > info.virtual_size || info.virtual_size - m.size >= 512 {
+        return Err(protocol::Error::Malformed {
+            what: "META",
+            why: format!(
+                "size {:#x} for an image of {:#x} bytes",
+                m.size, info.virtual_size
+            ),
+        }
+        .into());
+    }
+    out.set_len(m.size).map_err(Error::Dest)
 }
 
 pub fn io_meta(m: &FileMeta) -> io::FileMeta {
@@ -679,6 +713,9 @@ pub fn summary_of(info: &ImageInfo, unit: u64) -> DataSummary {
     };
     DataSummary {
         virtual_size: info.virtual_size,
+        // A raw source's exact length comes later, in META (see
+        // `content_size`).
+        content_size: info.virtual_size,
         data_bytes: info.data_bytes,
         data_extents: info.data_extents,
         data_units,
@@ -798,17 +835,18 @@ mod tests {
     /// whose peer does not send one does not wait for it.
     #[test]
     fn meta_crosses_only_when_both_ends_announce_it() {
+        let (img, _) = image(5);
         let m = io::FileMeta {
             mode: 0o640,
             uid: 7,
             gid: 8,
         };
         let mut fw = FrameWriter::new(Vec::new());
-        send_meta(&mut fw, protocol::caps::ZSTD, &m).unwrap();
+        send_meta(&mut fw, protocol::caps::ZSTD, &m, &img).unwrap();
         assert!(fw.into_inner().is_empty(), "sent to a peer without META");
 
         let mut fw = FrameWriter::new(Vec::new());
-        send_meta(&mut fw, protocol::caps::ALL, &m).unwrap();
+        send_meta(&mut fw, protocol::caps::ALL, &m, &img).unwrap();
         send_msg(&mut fw, &Message::Ready).unwrap();
         let bytes = fw.into_inner();
         let mut fr = FrameReader::new(&bytes[..], Limits::DEFAULT.max_frame);
@@ -827,6 +865,35 @@ mod tests {
         assert!(recv_msg(&mut fr, &Limits::DEFAULT, kind::READY).is_ok());
     }
 
+    /// META may only cut the tail of the last sector off a raw output:
+    /// a size beyond IMAGE's, or a sector or more short of it, is refused.
+    #[test]
+    fn meta_size_only_trims_the_last_sector_of_a_raw_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Output::create(&dir.path().join("out")).unwrap();
+        out.set_len(1_000_448).unwrap();
+        let info = ImageInfo {
+            virtual_size: 1_000_448,
+            ..ImageInfo::default()
+        };
+        let raw = ConvertOptions::default();
+        let meta = |size| FileMeta {
+            size,
+            ..FileMeta::default()
+        };
+        for bad in [1_000_449, 1_000_448 - 512, 0] {
+            assert!(set_content_size(&out, &info, &raw, Some(&meta(bad))).is_err());
+        }
+        let qcow2 = ConvertOptions {
+            output_format: Format::Qcow2,
+            ..ConvertOptions::default()
+        };
+        set_content_size(&out, &info, &qcow2, Some(&meta(1_000_003))).unwrap();
+        assert_eq!(out.file().metadata().unwrap().len(), 1_000_448);
+        set_content_size(&out, &info, &raw, Some(&meta(1_000_003))).unwrap();
+        assert_eq!(out.file().metadata().unwrap().len(), 1_000_003);
+    }
+
     /// A one-way stream puts META after END, where a reader that predates
     /// it has stopped reading: the chunks are received without it.
     #[test]
@@ -842,6 +909,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
             },
+            &img,
         )
         .unwrap();
         bytes.extend(fw.into_inner());

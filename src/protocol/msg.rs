@@ -282,12 +282,16 @@ pub struct Done {
 /// The source file's permission bits (`st_mode & 0o7777`) and numeric
 /// owner and group, for a DST the receiver creates (as `rsync -a`: the
 /// receiver keeps the bits, drops setuid/setgid unless root, and sets the
-/// owner only as root). Ids travel as numbers, never names.
+/// owner only as root). Ids travel as numbers, never names. `size` is the
+/// length of a raw copy: a raw source's exact file length, which IMAGE's
+/// virtual size rounds up to a sector (as qemu does); else the virtual
+/// size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileMeta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    pub size: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -502,6 +506,7 @@ impl Message {
                 for x in [m.mode, m.uid, m.gid] {
                     v.extend_from_slice(&x.to_be_bytes());
                 }
+                v.extend_from_slice(&m.size.to_be_bytes());
             }
         }
     }
@@ -716,6 +721,7 @@ impl Message {
                     mode,
                     uid: d.u32()?,
                     gid: d.u32()?,
+                    size: d.u64()?,
                 })
             }
             other => return Err(Error::UnknownType(other)),
@@ -1070,6 +1076,7 @@ mod tests {
             mode: 0o4750,
             uid: 1000,
             gid: u32::MAX,
+            size: 1000003,
         }));
     }
 
@@ -1080,12 +1087,14 @@ mod tests {
             mode: 0o640,
             uid: 0x3e8,
             gid: 6,
+            size: 0xf4243,
         })
         .encode(&mut v);
         let want = [
             0, 0, 0x01, 0xa0, // mode 0o640
             0, 0, 0x03, 0xe8, // uid 1000
             0, 0, 0, 6, // gid 6
+            0, 0, 0, 0, 0, 0x0f, 0x42, 0x43, // size 1000003
         ];
         assert_eq!(v, want);
     }
@@ -1097,6 +1106,7 @@ mod tests {
             mode: 0o100644, // S_IFREG | 0644
             uid: 0,
             gid: 0,
+            size: 0,
         })
         .encode(&mut v);
         assert!(matches!(

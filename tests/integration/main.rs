@@ -6,7 +6,8 @@
 //!   remote:  convert over a real sshd, both transports;
 //!   sync:    imgsync sync locally and over sshd (change patterns,
 //!            interruptions, rollback, a small file system);
-//!   perms:   new images keep the source's mode and owner, every path.
+//!   perms:   new images keep the source's mode and owner, every path;
+//!   sizes:   raw copies keep a raw file's exact size, every path.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -17,6 +18,7 @@ mod convert;
 mod formats;
 mod perms;
 mod remote;
+mod sizes;
 mod sshd;
 mod sync;
 mod transport;
