@@ -461,6 +461,7 @@ pub fn sync_push(
     host: &Host,
     path: &str,
     params: &crate::protocol::msg::SyncParams,
+    dst_format: Option<Format>,
     sopts: &crate::engine::sync::SyncSendOptions,
     ssh: &SshArgs,
     progress: &dyn Progress,
@@ -469,9 +470,15 @@ pub fn sync_push(
     use crate::protocol::msg::SyncReceiveRequest;
     let meta = FileMeta::of_path(src).with_context(|| src.display().to_string())?;
     let mut peer = Peer::connect(host, ssh)?;
+    // An older serve cannot be told; it probes DST (and refuses a qcow2
+    // one, as before).
+    let dst_format = dst_format
+        .filter(|_| peer.caps & protocol::caps::DST_FORMAT != 0)
+        .map(wire_format);
     let req = Request::SyncReceive(SyncReceiveRequest {
         path: path.as_bytes().to_vec(),
         params: *params,
+        dst_format,
     });
     let limits = peer.limits;
     let r = send_msg(&mut peer.fw, &Message::Request(req))

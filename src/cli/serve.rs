@@ -265,7 +265,7 @@ fn sync_receive(
     {
         return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
     }
-    let target = super::sync::open_target(&dst)?;
+    let target = super::sync::open_target(&dst, r.dst_format.map(format_of))?;
     if let Some(m) = meta {
         target
             .adopt(&remote::io_meta(&m))

@@ -26,7 +26,11 @@ pub mod caps {
     /// DST takes (a META frame; see `docs/protocol.md`). Sent only to a
     /// peer that announced it: older readers refuse unknown frames.
     pub const META: u64 = 2;
-    pub const ALL: u64 = ZSTD | META;
+    /// REQUEST(sync-receive) may say DST's format (flag bit 3 and a
+    /// trailing format byte): `sync -O raw`/`-f raw` onto a file that
+    /// probes as qcow2. Older receivers refuse the trailing byte.
+    pub const DST_FORMAT: u64 = 4;
+    pub const ALL: u64 = ZSTD | META | DST_FORMAT;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

@@ -164,6 +164,9 @@ pub struct SyncParams {
 pub struct SyncReceiveRequest {
     pub path: Vec<u8>,
     pub params: SyncParams,
+    /// DST's format as the user named it (`-O`, else `-f`); `None`: DST is
+    /// probed. Sent only to a peer with `caps::DST_FORMAT`.
+    pub dst_format: Option<WireFormat>,
 }
 
 /// Sync pull: the server holds SRC and sends; it answers with IMAGE, then
@@ -441,8 +444,12 @@ impl Message {
                 v.push(
                     u8::from(r.params.journal)
                         | (u8::from(r.params.check_space) << 1)
-                        | (u8::from(r.params.reread) << 2),
+                        | (u8::from(r.params.reread) << 2)
+                        | (u8::from(r.dst_format.is_some()) << 3),
                 );
+                if let Some(f) = r.dst_format {
+                    v.push(f as u8);
+                }
             }
             Message::Request(Request::SyncSend(r)) => {
                 v.push(5);
@@ -588,7 +595,16 @@ impl Message {
                     let key = d.array()?;
                     let src_size = d.u64()?;
                     let flags = d.u8()?;
+                    let dst_format = if flags & 8 != 0 {
+                        Some(
+                            WireFormat::decode(d.u8()?, what)?
+                                .ok_or_else(|| malformed(what, "no DST format".to_string()))?,
+                        )
+                    } else {
+                        None
+                    };
                     Message::Request(Request::SyncReceive(SyncReceiveRequest {
+                        dst_format,
                         path,
                         params: SyncParams {
                             block_size,
@@ -1030,6 +1046,12 @@ mod tests {
         round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
             path: b"/d".to_vec(),
             params,
+            dst_format: None,
+        })));
+        round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
+            path: b"/d".to_vec(),
+            params,
+            dst_format: Some(WireFormat::Raw),
         })));
         round_trip(Message::Request(Request::SyncSend(SyncSendRequest {
             path: b"/s".to_vec(),
@@ -1121,7 +1143,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]); // caps: zstd, meta
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 7]); // caps: zstd, meta, DST format
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

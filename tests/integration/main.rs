@@ -7,7 +7,8 @@
 //!   sync:    imgsync sync locally and over sshd (change patterns,
 //!            interruptions, rollback, a small file system);
 //!   perms:   new images keep the source's mode and owner, every path;
-//!   sizes:   raw copies keep a raw file's exact size, every path.
+//!   sizes:   raw copies keep a raw file's exact size, every path;
+//!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes).
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -21,4 +22,5 @@ mod remote;
 mod sizes;
 mod sshd;
 mod sync;
+mod sync_format;
 mod transport;
