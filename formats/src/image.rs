@@ -127,6 +127,17 @@ impl Image {
         self.layer.virtual_size()
     }
 
+    /// The length of a raw copy of this image: a raw file's exact length
+    /// (its virtual size is rounded up to a sector, as qemu sees it; the
+    /// bytes in between read as zeros and are not part of the file), else
+    /// the virtual size. Never more than the virtual size.
+    pub fn content_size(&self) -> u64 {
+        match &self.layer {
+            Layer::Raw(r) => r.file_size(),
+            Layer::Qcow2(q) => q.virtual_size(),
+        }
+    }
+
     /// The extent starting at `offset`: one kind at one depth, at most
     /// `max_len` bytes (never past the virtual size). Does not read data.
     pub fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {

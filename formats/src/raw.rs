@@ -2,7 +2,8 @@
 //! SEEK_DATA/SEEK_HOLE view (everything is data where holes are unknown).
 //! Like qemu, the virtual size is the file size rounded up to whole 512-byte
 //! sectors (`bdrv_co_getlength` counts sectors); the tail past the end of
-//! the file is a hole that reads as zeros.
+//! the file is a hole that reads as zeros. A copy into a raw file keeps
+//! the file's exact length ([`Raw::file_size`]): a file is a file.
 
 use std::sync::Arc;
 
@@ -46,6 +47,12 @@ impl Raw {
 
     pub fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    /// The file's length in bytes (at most a sector short of the virtual
+    /// size): what a raw copy of it holds.
+    pub fn file_size(&self) -> u64 {
+        self.file_size
     }
 
     pub fn file(&self) -> &Arc<dyn Storage> {
@@ -107,6 +114,7 @@ mod tests {
         // 1000 bytes of 0xaa: the guest sees 1024 bytes, the last 24 zero.
         let raw = Raw::open(Arc::new(vec![0xaau8; 1000])).unwrap();
         assert_eq!(raw.virtual_size(), 1024);
+        assert_eq!(raw.file_size(), 1000);
         let mut buf = [0x55u8; 48];
         raw.read_at(&mut buf, 976).unwrap();
         assert_eq!(buf[..24], [0xaa; 24]);

@@ -15,7 +15,7 @@ use super::remote::{self, SshArgs};
 use super::{exit, OutputFormat};
 use crate::engine;
 use crate::engine::convert::{self, ConvertOptions};
-use crate::io::{open_source, OpenOptions, Output, Source};
+use crate::io::{open_source, FileMeta, OpenOptions, Output, Source};
 
 /// Largest `-S` accepted (qemu-img's limit).
 const MAX_MIN_SPARSE: u64 = 16 << 20;
@@ -58,10 +58,10 @@ pub fn run(a: Args) -> Result<u8> {
     match (&src, &dst) {
         (Location::Local(s), Location::Local(d)) => run_local(&a, s, d),
         (Location::Local(s), Location::Remote { host, path }) => {
-            remote::push(&a, open_src(&a, s)?, host, path)
+            remote::push(&a, open_src(&a, s)?, s, host, path)
         }
         (Location::Remote { host, path }, Location::Local(d)) => remote::pull(&a, host, path, d),
-        (Location::Local(s), Location::Stdio) => remote::to_stdout(&a, open_src(&a, s)?),
+        (Location::Local(s), Location::Stdio) => remote::to_stdout(&a, open_src(&a, s)?, s),
         (Location::Stdio, Location::Local(d)) => remote::from_stdin(&a, d),
         _ => bail!(
             "{} -> {}: one side must be a local file (remote to remote and stream to stream are not supported)",
@@ -109,6 +109,8 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     convert::check_options(image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
     let cancel = interrupt_flag();
     let out = Output::create(dst).with_context(|| dst.display().to_string())?;
+    out.adopt(&FileMeta::of_path(src).with_context(|| src.display().to_string())?)
+        .with_context(|| dst.display().to_string())?;
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
     let result = convert::convert(image, &out, &opts, progress, &cancel);

@@ -227,9 +227,13 @@ enum Command {
     /// interrupted sync resumes when rerun, or `--rollback DST` restores the
     /// previous image. DST absent: a full copy, appearing only when complete.
     Sync {
-        /// Source format (probed when absent)
+        /// Source format (probed when absent); DST's too unless -O
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
+        /// DST's format: raw (a DST that probes as qcow2 is then updated as
+        /// a file of bytes); qcow2 DSTs are not supported yet
+        #[arg(short = 'O', long = "output-format", value_enum)]
+        output_format: Option<FormatArg>,
         /// Comparison block size
         #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
         block_size: u64,
@@ -474,6 +478,7 @@ pub fn main() -> ExitCode {
         Command::Serve { timeout } => serve::run(timeout),
         Command::Sync {
             format,
+            output_format,
             block_size,
             no_journal,
             checksum,
@@ -490,6 +495,7 @@ pub fn main() -> ExitCode {
         } => sync::run(sync::Args {
             paths,
             format: format.map(Into::into),
+            output_format: output_format.map(Into::into),
             block_size,
             no_journal,
             checksum,

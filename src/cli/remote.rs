@@ -16,9 +16,9 @@ use super::output::human_size;
 use super::progress::{interrupt_flag, interrupted, progress_of};
 use super::{exit, OutputFormat};
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::remote::{self, handshake_caps, recv_msg, send_msg, SendOptions};
+use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, Progress};
-use crate::io::{Output, Source};
+use crate::io::{FileMeta, Output, Source};
 use crate::protocol::msg::{
     kind, Hello, ImageInfo, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
     WireCompression, WireFormat,
@@ -107,7 +107,7 @@ struct Peer {
     fw: Writer,
     waiter: Box<dyn Waiter>,
     limits: Limits,
-    /// Capabilities both ends have.
+    /// Capabilities both ends announced.
     caps: u64,
 }
 
@@ -123,8 +123,11 @@ impl Peer {
             limits: Limits::DEFAULT,
             caps: 0,
         };
-        match handshake_caps(&mut peer.fr, &mut peer.fw) {
-            Ok((l, c)) => (peer.limits, peer.caps) = (l, c),
+        match handshake(&mut peer.fr, &mut peer.fw) {
+            Ok(n) => {
+                peer.limits = n.limits;
+                peer.caps = n.caps;
+            }
             Err(e) => return Err(peer.fail(e)),
         }
         Ok(peer)
@@ -511,7 +514,10 @@ pub fn compare(
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         peer.fw.flush()?;
-        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+        let info = recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)?;
+        // The file's permissions do not take part in a compare.
+        remote::recv_meta(&mut peer.fr, &peer.limits, peer.caps)?;
+        Ok(info)
     })();
     let info = match info {
         Ok(Message::Image(i)) => i,
@@ -549,30 +555,40 @@ pub fn sync_push(
     host: &Host,
     path: &str,
     params: &crate::protocol::msg::SyncParams,
+    dst_format: Option<Format>,
     sopts: &crate::engine::sync::SyncSendOptions,
     ssh: &SshArgs,
     progress: &dyn Progress,
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<(crate::engine::sync::SyncReport, u64)> {
     use crate::protocol::msg::SyncReceiveRequest;
+    let meta = FileMeta::of_path(src).with_context(|| src.display().to_string())?;
     let mut peer = Peer::connect(host, ssh)?;
+    // An older serve cannot be told; it probes DST (and refuses a qcow2
+    // one, as before).
+    let dst_format = dst_format
+        .filter(|_| peer.caps & protocol::caps::DST_FORMAT != 0)
+        .map(wire_format);
     let req = Request::SyncReceive(SyncReceiveRequest {
         path: path.as_bytes().to_vec(),
         params: *params,
+        dst_format,
     });
     let limits = peer.limits;
-    let r = send_msg(&mut peer.fw, &Message::Request(req)).and_then(|_| {
-        crate::engine::sync::sync_send(
-            image,
-            &mut peer.fr,
-            &mut peer.fw,
-            &limits,
-            params,
-            sopts,
-            progress,
-            cancel,
-        )
-    });
+    let r = send_msg(&mut peer.fw, &Message::Request(req))
+        .and_then(|_| remote::send_meta(&mut peer.fw, peer.caps, &meta, image))
+        .and_then(|_| {
+            crate::engine::sync::sync_send(
+                image,
+                &mut peer.fr,
+                &mut peer.fw,
+                &limits,
+                params,
+                sopts,
+                progress,
+                cancel,
+            )
+        });
     match r {
         Ok(report) => {
             let wire = peer.fw.bytes + peer.fr.bytes;
@@ -629,13 +645,21 @@ pub fn sync_pull(
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         peer.fw.flush()?;
-        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+        let info = recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)?;
+        let meta = remote::recv_meta(&mut peer.fr, &peer.limits, peer.caps)?;
+        Ok((info, meta))
     })();
-    let info = match info {
-        Ok(Message::Image(i)) => i,
+    let (info, meta) = match info {
+        Ok((Message::Image(i), meta)) => (i, meta),
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(peer.fail(e)),
     };
+    if let Some(m) = meta {
+        if let Err(e) = target.adopt(&remote::io_meta(&m)) {
+            drop(peer);
+            return Err(anyhow!(e).context(dst.display().to_string()));
+        }
+    }
     let params = SyncParams {
         block_size,
         key,
@@ -702,10 +726,11 @@ pub fn sync_pull(
 }
 
 /// Local SRC to DST on a host.
-pub fn push(a: &Args, source: Source, host: &Host, path: &str) -> Result<u8> {
+pub fn push(a: &Args, source: Source, src_path: &Path, host: &Host, path: &str) -> Result<u8> {
     let image = &source.image;
     let started = Instant::now();
     let src = a.src.to_string_lossy().into_owned();
+    let meta = FileMeta::of_path(src_path).with_context(|| src.clone())?;
     let output_format = a.output_format.unwrap_or(image.format());
     let opts = convert_options(a, output_format)?;
     let dst_name = location_name(host, path);
@@ -730,6 +755,7 @@ pub fn push(a: &Args, source: Source, host: &Host, path: &str) -> Result<u8> {
     let ready = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         send_msg(&mut peer.fw, &Message::Image(info))?;
+        remote::send_meta(&mut peer.fw, peer.caps, &meta, &image)?;
         peer.fw.flush()?;
         recv_msg(&mut peer.fr, &peer.limits, kind::READY)
     })();
@@ -822,10 +848,12 @@ pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
     let info = (|| {
         send_msg(&mut peer.fw, &Message::Request(req))?;
         peer.fw.flush()?;
-        recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)
+        let info = recv_msg(&mut peer.fr, &peer.limits, kind::IMAGE)?;
+        let meta = remote::recv_meta(&mut peer.fr, &peer.limits, peer.caps)?;
+        Ok((info, meta))
     })();
-    let info = match info {
-        Ok(Message::Image(i)) => i,
+    let (info, meta) = match info {
+        Ok((Message::Image(i), meta)) => (i, meta),
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(peer.fail(e)),
     };
@@ -840,6 +868,7 @@ pub fn pull(a: &Args, host: &Host, path: &str, dst: &Path) -> Result<u8> {
         &mut peer.fr,
         &limits,
         &info,
+        Meta::Known(meta),
         &src_name,
         dst,
         &opts,
@@ -889,6 +918,15 @@ enum Fail {
     Stream(engine::Error),
 }
 
+/// Where a receiver learns the source file's permission bits and owner.
+enum Meta {
+    /// A session: META followed IMAGE (`None`: the peer has no `caps::META`).
+    Known(Option<protocol::msg::FileMeta>),
+    /// A one-way stream whose writer announced `caps::META`: META follows
+    /// END (readers that predate it stop reading at END).
+    AfterEnd,
+}
+
 /// Receives a stream's chunks into a new local DST, committed only when
 /// the stream's digest matched.
 #[allow(clippy::too_many_arguments)]
@@ -897,6 +935,7 @@ fn receive_into<R: Read + Send>(
     fr: &mut FrameReader<R>,
     limits: &Limits,
     info: &ImageInfo,
+    meta: Meta,
     src_name: &str,
     dst: &Path,
     opts: &ConvertOptions,
@@ -918,6 +957,21 @@ fn receive_into<R: Read + Send>(
         }
         Err(e) => return Err(local(e)),
     };
+    let meta = match meta {
+        Meta::Known(m) => m,
+        Meta::AfterEnd => {
+            remote::recv_meta(fr, limits, protocol::caps::META).map_err(Fail::Stream)?
+        }
+    };
+    remote::set_content_size(&out, info, opts, meta.as_ref()).map_err(|e| match e {
+        e @ engine::Error::Protocol(_) => Fail::Stream(e),
+        e => local(e),
+    })?;
+    if let Some(m) = meta {
+        out.adopt(&remote::io_meta(&m))
+            .with_context(|| dst.display().to_string())
+            .map_err(Fail::Local)?;
+    }
     if cancel.load(Ordering::Relaxed) {
         return Err(local(engine::Error::Interrupted));
     }
@@ -928,7 +982,7 @@ fn receive_into<R: Read + Send>(
 }
 
 /// Local SRC as a one-way protocol stream on stdout (`convert SRC -`).
-pub fn to_stdout(a: &Args, source: Source) -> Result<u8> {
+pub fn to_stdout(a: &Args, source: Source, src_path: &Path) -> Result<u8> {
     let image = &source.image;
     let stdout = std::io::stdout();
     if stdout.is_terminal() {
@@ -939,6 +993,7 @@ pub fn to_stdout(a: &Args, source: Source) -> Result<u8> {
     let src = a.src.to_string_lossy().into_owned();
     let named = |e| engine_error(e, Path::new(&src), Path::new("-"), None);
     let info = remote::image_info(image, 1 << 16).map_err(named)?;
+    let meta = FileMeta::of_path(src_path).with_context(|| src.clone())?;
     let mut fw = FrameWriter::new(BufWriter::with_capacity(1 << 20, stdout));
     let cancel = interrupt_flag();
     let bar = a.reporting.bar();
@@ -959,6 +1014,8 @@ pub fn to_stdout(a: &Args, source: Source) -> Result<u8> {
             progress,
             &cancel,
         )?;
+        // After END: a reader that predates META stops at END.
+        remote::send_meta(&mut fw, protocol::caps::ALL, &meta, image)?;
         // Dropping a BufWriter would swallow the last write's error: a
         // reader that went away before the end must fail the convert.
         fw.flush()?;
@@ -983,14 +1040,17 @@ pub fn from_stdin(a: &Args, dst: &Path) -> Result<u8> {
     }
     let limits = Limits::DEFAULT;
     let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, stdin), limits.max_frame);
-    let head = (|| -> engine::Result<ImageInfo> {
-        remote::recv_hello(&mut fr, &limits)?;
+    let head = (|| -> engine::Result<(u64, ImageInfo)> {
+        let caps = match remote::recv_hello(&mut fr, &limits)? {
+            Message::Hello(h) => h.caps,
+            _ => return Err(engine::Error::Internal("wrong message".into())),
+        };
         match recv_msg(&mut fr, &limits, kind::IMAGE)? {
-            Message::Image(i) => Ok(i),
+            Message::Image(i) => Ok((caps, i)),
             _ => Err(engine::Error::Internal("wrong message".into())),
         }
     })();
-    let info = head.map_err(|e| match e {
+    let (caps, info) = head.map_err(|e| match e {
         engine::Error::Protocol(protocol::Error::NotProtocol(head)) => anyhow!(
             "-: not an imgsync stream: it {}; pipe in what `imgsync convert SRC -` writes, or give an image's path instead of -",
             protocol::describe_foreign(&head)
@@ -1000,13 +1060,18 @@ pub fn from_stdin(a: &Args, dst: &Path) -> Result<u8> {
         }
         e => anyhow!("-: {}", one(&e)),
     })?;
+    let meta = if caps & protocol::caps::META != 0 {
+        Meta::AfterEnd
+    } else {
+        Meta::Known(None)
+    };
     let output_format = a
         .output_format
         .or(info.format.map(format_of))
         .unwrap_or(Format::Raw);
     let opts = convert_options(a, output_format)?;
     let cancel = interrupt_flag();
-    let report = match receive_into(a, &mut fr, &limits, &info, "-", dst, &opts, &cancel) {
+    let report = match receive_into(a, &mut fr, &limits, &info, meta, "-", dst, &opts, &cancel) {
         Ok(r) => r,
         Err(Fail::Local(e)) => return Err(e),
         Err(Fail::Stream(e)) => bail!("-: {} (nothing was written to {})", one(&e), dst.display()),

@@ -17,9 +17,9 @@ use super::progress::interrupt_flag;
 use super::remote::{format_of, AUTO_LEVEL};
 use super::{exit, output};
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::remote::{self, handshake_caps, recv_msg, send_msg, SendOptions};
+use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::{self, NoProgress};
-use crate::io::{open_source, OpenOptions, Output, Source};
+use crate::io::{open_source, FileMeta, OpenOptions, Output, Source};
 use crate::protocol::msg::{
     kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, WireCompression,
     WireFormat,
@@ -58,8 +58,8 @@ pub fn run(timeout: u64) -> Result<u8> {
         256 << 10,
         FdWriter::new(stdout, watch).map_err(|e| anyhow!(e).context("serve: stdout"))?,
     ));
-    let (limits, caps) =
-        handshake_caps(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let negotiated = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
+    let (limits, caps) = (negotiated.limits, negotiated.caps);
     let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
         Ok(Message::Request(r)) => r,
         Ok(_) => unreachable!("recv_msg checks the type"),
@@ -75,10 +75,10 @@ pub fn run(timeout: u64) -> Result<u8> {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     let result = match req {
-        Request::Receive(r) => receive(&mut fr, &mut fw, &limits, r),
-        Request::Send(r) => send(&mut fw, &limits, r),
+        Request::Receive(r) => receive(&mut fr, &mut fw, &limits, caps, r),
+        Request::Send(r) => send(&mut fw, &limits, caps, r),
         Request::Query(q) => query(&mut fw, q),
-        Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, r),
+        Request::SyncReceive(r) => sync_receive(&mut fr, &mut fw, &limits, caps, r),
         Request::SyncSend(r) => sync_send(&mut fr, &mut fw, &limits, caps, r),
     };
     match result {
@@ -105,13 +105,20 @@ fn path_of(bytes: &[u8]) -> PathBuf {
     p.to_path_buf()
 }
 
-fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest) -> Result<()> {
+fn receive(
+    fr: &mut Reader,
+    fw: &mut Writer,
+    limits: &Limits,
+    caps: u64,
+    r: ReceiveRequest,
+) -> Result<()> {
     let dst = path_of(&r.path);
     let info = match recv_msg(fr, limits, kind::IMAGE) {
         Ok(Message::Image(i)) => i,
         Ok(_) => unreachable!("recv_msg checks the type"),
         Err(e) => return Err(anyhow!(e).context("serve")),
     };
+    let meta = remote::recv_meta(fr, limits, caps).map_err(|e| anyhow!(e).context("serve"))?;
     let output_format = format_of(r.format);
     let opts = ConvertOptions {
         output_format,
@@ -132,11 +139,16 @@ fn receive(fr: &mut Reader, fw: &mut Writer, limits: &Limits, r: ReceiveRequest)
     }
     convert::check_size_options(info.virtual_size, &opts).map_err(named)?;
     let out = Output::create(&dst).map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    if let Some(m) = meta {
+        out.adopt(&remote::io_meta(&m))
+            .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    }
     remote::check_receive(&info, &out, &opts).map_err(named)?;
     send_msg(fw, &Message::Ready).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
     let cancel = interrupt_flag();
     let report = remote::receive_chunks(fr, limits, &info, &out, &opts, &NoProgress, &cancel)
+        .and_then(|r| remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r))
         .map_err(|e| match e {
             engine::Error::Protocol(p) => anyhow!(
                 "{}: {} (nothing was written)",
@@ -177,7 +189,12 @@ fn open_src(src: &Path, format: Option<WireFormat>, force_share: bool) -> Result
     Ok(source)
 }
 
-fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> Result<()> {
+fn send<W: Write>(
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    caps: u64,
+    r: SendRequest,
+) -> Result<()> {
     let src = path_of(&r.path);
     let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
     let source = open_src(&src, r.format, r.force_share)?;
@@ -197,7 +214,10 @@ fn send<W: Write>(fw: &mut FrameWriter<W>, limits: &Limits, r: SendRequest) -> R
         ));
     }
     let info = remote::image_info(image, r.unit).map_err(named)?;
+    let meta =
+        FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
+    remote::send_meta(fw, caps, &meta, &image).map_err(named)?;
     let opts = SendOptions {
         min_sparse: r.min_sparse,
         chunk,
@@ -287,16 +307,23 @@ fn sync_receive(
     fr: &mut Reader,
     fw: &mut Writer,
     limits: &Limits,
+    caps: u64,
     r: crate::protocol::msg::SyncReceiveRequest,
 ) -> Result<()> {
     let dst = path_of(&r.path);
+    let meta = remote::recv_meta(fr, limits, caps).map_err(|e| anyhow!(e).context("serve"))?;
     let bs = r.params.block_size;
     if !bs.is_power_of_two()
         || !(crate::engine::sync::MIN_BLOCK..=crate::engine::sync::MAX_BLOCK).contains(&bs)
     {
         return Err(anyhow!("{}: bad block size {bs} requested", dst.display()));
     }
-    let target = super::sync::open_target(&dst)?;
+    let target = super::sync::open_target(&dst, r.dst_format.map(format_of))?;
+    if let Some(m) = meta {
+        target
+            .adopt(&remote::io_meta(&m))
+            .map_err(|e| anyhow!(e).context(dst.display().to_string()))?;
+    }
     let cancel = interrupt_flag();
     crate::engine::sync::sync_receive(
         target,
@@ -332,13 +359,18 @@ fn sync_send(
     let named = |e: engine::Error| engine_error(e, &src, Path::new("-"), None);
     let source = open_src(&src, r.format, r.force_share)?;
     let image = &source.image;
-    let info = remote::image_info(image, 1 << 16).map_err(named)?;
+    let mut info = remote::image_info(image, 1 << 16).map_err(named)?;
+    // The size DST takes: a raw file's exact length.
+    info.virtual_size = image.content_size();
+    let meta =
+        FileMeta::of_path(&src).map_err(|e| anyhow!(e).context(src.display().to_string()))?;
     send_msg(fw, &Message::Image(info)).map_err(named)?;
+    remote::send_meta(fw, caps, &meta, &image).map_err(named)?;
     fw.flush().map_err(|e| named(e.into()))?;
     let params = crate::protocol::msg::SyncParams {
         block_size: bs,
         key: r.key,
-        src_size: image.virtual_size(),
+        src_size: image.content_size(),
         journal: true,
         check_space: true,
         reread: false,

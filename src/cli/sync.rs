@@ -24,13 +24,17 @@ use crate::engine::sync::{
     self, SyncReceiveOptions, SyncReport, SyncSendOptions, Target, MAX_BLOCK, MIN_BLOCK,
 };
 use crate::engine::{self, pipeline};
-use crate::io::{journal, lock, open_image, open_source, LocalFile, Locking, OpenOptions, Output};
+use crate::io::{
+    journal, lock, open_image, open_source, FileMeta, LocalFile, Locking, OpenOptions, Output,
+};
 use crate::protocol::msg::SyncParams;
 use crate::protocol::{FrameReader, FrameWriter, Limits};
 
 pub struct Args {
     pub paths: Vec<OsString>,
     pub format: Option<Format>,
+    /// `-O`: DST's format (else `-f`'s, else DST is probed).
+    pub output_format: Option<Format>,
     pub block_size: u64,
     pub no_journal: bool,
     pub checksum: bool,
@@ -61,6 +65,7 @@ pub fn run(a: Args) -> Result<u8> {
     }
     let src_loc = Location::parse(src)?;
     let dst_loc = Location::parse(dst)?;
+    let dst_format = dst_format(&a, &dst_loc)?;
     let workers = a.threads.unwrap_or_else(pipeline::default_workers);
     let sopts = SyncSendOptions {
         level: a.compress_level.unwrap_or(engine::remote::DEFAULT_LEVEL),
@@ -76,16 +81,19 @@ pub fn run(a: Args) -> Result<u8> {
         Ok(match (&src_loc, &dst_loc) {
             (Location::Local(s), Location::Local(d)) => {
                 let source = open_src(&a, s)?;
-                let params = params(&a, source.image.virtual_size())?;
+                let params = params(&a, source.image.content_size())?;
                 refuse_same(s, d)?;
-                let target = open_target(d)?;
+                let target = open_target(d, dst_format)?;
                 existed = Some(matches!(target, Target::Existing { .. }));
+                target
+                    .adopt(&FileMeta::of_path(s).with_context(|| s.display().to_string())?)
+                    .with_context(|| d.display().to_string())?;
                 let r = local(&a, &source.image, s, d, target, &params, &sopts, &cancel)?;
                 (r, Some(source))
             }
             (Location::Local(s), Location::Remote { host, path }) => {
                 let source = open_src(&a, s)?;
-                let params = params(&a, source.image.virtual_size())?;
+                let params = params(&a, source.image.content_size())?;
                 let bar = a.reporting.bar();
                 let r = remote::sync_push(
                     &source.image,
@@ -93,6 +101,7 @@ pub fn run(a: Args) -> Result<u8> {
                     host,
                     path,
                     &params,
+                    dst_format,
                     &sopts,
                     &a.ssh,
                     progress_of(&bar),
@@ -103,7 +112,7 @@ pub fn run(a: Args) -> Result<u8> {
             }
             (Location::Remote { host, path }, Location::Local(d)) => {
                 let key = random_key()?;
-                let target = open_target(d)?;
+                let target = open_target(d, dst_format)?;
                 existed = Some(matches!(target, Target::Existing { .. }));
                 let r = remote::sync_pull(
                     host,
@@ -154,6 +163,22 @@ pub fn run(a: Args) -> Result<u8> {
         started.elapsed().as_secs_f64(),
     )?;
     Ok(exit::OK)
+}
+
+/// DST's format as the user named it: `-O`, else `-f` (the format given
+/// for SRC applies to DST too, as the bytes rsync users sync). sync writes
+/// raw images and block devices only for now: a qcow2 DST is refused here,
+/// naming the option that asked for it.
+fn dst_format(a: &Args, dst: &Location) -> Result<Option<Format>> {
+    match (a.output_format, a.format) {
+        (Some(Format::Qcow2), _) => bail!(
+            "{dst}: -O qcow2: sync writes raw images and block devices only for now (imgsync convert -O qcow2 makes a qcow2 copy)"
+        ),
+        (None, Some(Format::Qcow2)) => bail!(
+            "{dst}: -f qcow2 names DST's format too, and sync writes raw images and block devices only for now; pass -O raw to sync the image's content into a raw DST"
+        ),
+        (o, f) => Ok(o.or(f)),
+    }
 }
 
 fn params(a: &Args, src_size: u64) -> Result<SyncParams> {
@@ -216,9 +241,17 @@ fn refuse_same(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// DST as the receiver sees it: an existing raw file or block device, or
-/// a new output when absent. A qcow2 DST is refused for now.
-pub fn open_target(dst: &Path) -> Result<Target> {
+/// a new output when absent. `format` is DST's format as the user named
+/// it (`None`: probed); a DST that probes as qcow2 is refused unless the
+/// user named it raw (then it is a file of bytes, as rsync sees it).
+pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
     let name = || dst.display().to_string();
+    if format == Some(Format::Qcow2) {
+        bail!(
+            "{}: sync writes raw images and block devices only for now, not qcow2",
+            dst.display()
+        );
+    }
     let meta = match std::fs::metadata(dst) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -252,11 +285,12 @@ pub fn open_target(dst: &Path) -> Result<Target> {
     // image is refused, and no VM can start on DST mid-sync.
     lock::lock_for_writing(&file).with_context(name)?;
     let mut magic = [0u8; 4];
-    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
+    if format.is_none()
+        && std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
         && magic == *b"QFI\xfb"
     {
         bail!(
-            "{}: is a qcow2 image; sync updates raw images and block devices only for now (sync into a raw copy, or convert it)",
+            "{}: is a qcow2 image; sync updates raw images and block devices only for now (pass -O raw to sync SRC onto the file's bytes as a raw image; or sync into a raw copy, or convert it)",
             dst.display()
         );
     }

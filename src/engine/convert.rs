@@ -195,7 +195,9 @@ where
     };
     let stats = match opts.output_format {
         Format::Raw => {
-            out.set_len(virtual_size).map_err(Error::Dest)?;
+            // A raw file's copy is exactly as long as the file (chunks hold
+            // no data past its end: the rest of its last sector is a hole).
+            out.set_len(summary.content_size).map_err(Error::Dest)?;
             let zero_fill = out.is_block_device() && !opts.target_is_zero;
             let mut sink = RawSink::new(out, virtual_size, zero_fill);
             let stats = pipeline::run(

@@ -30,6 +30,9 @@ impl Job {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataSummary {
     pub virtual_size: u64,
+    /// The length of a raw copy: a raw source's exact file length (its
+    /// virtual size is rounded up to a sector), else the virtual size.
+    pub content_size: u64,
     /// Bytes in data extents (what will be read).
     pub data_bytes: u64,
     /// Number of data extents.
@@ -44,6 +47,7 @@ pub struct DataSummary {
 pub fn summarize(image: &Image, unit: u64) -> Result<DataSummary> {
     let mut s = DataSummary {
         virtual_size: image.virtual_size(),
+        content_size: image.content_size(),
         ..Default::default()
     };
     let mut last_unit: Option<u64> = None;

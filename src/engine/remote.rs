@@ -17,10 +17,10 @@ use super::plan::{self, DataSummary};
 use super::zero::Segment;
 use super::{Error, Progress, Result};
 use crate::io::watch::SourceWatch;
-use crate::io::Output;
+use crate::io::{self, Output};
 use crate::protocol::digest::{chunk_hash, StreamDigest};
 use crate::protocol::msg::{
-    encode_chunk_head, kind, ChunkFrame, ChunkHead, End, ImageInfo, WireFormat,
+    encode_chunk_head, kind, ChunkFrame, ChunkHead, End, FileMeta, ImageInfo, WireFormat,
 };
 use crate::protocol::{self, frame, FrameReader, FrameWriter, Limits, Message};
 
@@ -109,21 +109,21 @@ pub fn recv_msg<R: Read>(fr: &mut FrameReader<R>, limits: &Limits, want: u8) -> 
     Ok(Message::expect(k, p, limits, want)?)
 }
 
+/// What both ends of a session agreed on in HELLO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The smaller of each limit.
+    pub limits: Limits,
+    /// The capabilities both ends announced.
+    pub caps: u64,
+}
+
 /// Both ends send HELLO, then read the peer's; the limits are the smaller
-/// of each.
+/// of each, the capabilities those both have.
 pub fn handshake<R: Read, W: Write + Send + 'static>(
     fr: &mut FrameReader<R>,
     fw: &mut FrameWriter<W>,
-) -> Result<Limits> {
-    handshake_caps(fr, fw).map(|(limits, _)| limits)
-}
-
-/// [`handshake`], also returning the capabilities both ends have
-/// ([`protocol::caps`]).
-pub fn handshake_caps<R: Read, W: Write + Send + 'static>(
-    fr: &mut FrameReader<R>,
-    fw: &mut FrameWriter<W>,
-) -> Result<(Limits, u64)> {
+) -> Result<Negotiated> {
     let ours = protocol::msg::Hello::ours();
     send_msg(fw, &Message::Hello(ours))?;
     fw.flush()?;
@@ -136,7 +136,10 @@ pub fn handshake_caps<R: Read, W: Write + Send + 'static>(
             if h.caps & protocol::caps::KEEPALIVE != 0 {
                 fw.start_keepalive(KEEPALIVE_EVERY);
             }
-            Ok((limits, ours.caps & h.caps))
+            Ok(Negotiated {
+                limits,
+                caps: ours.caps & h.caps,
+            })
         }
         _ => unreachable_msg(),
     }
@@ -160,6 +163,81 @@ pub fn recv_hello<R: Read>(fr: &mut FrameReader<R>, limits: &Limits) -> Result<M
             _ => Err(e),
         },
         ok => ok,
+    }
+}
+
+/// Reads the META frame a peer with `caps::META` sends (its source file's
+/// permission bits and owner); `None` when the peer does not send one.
+pub fn recv_meta<R: Read>(
+    fr: &mut FrameReader<R>,
+    limits: &Limits,
+    caps: u64,
+) -> Result<Option<FileMeta>> {
+    if caps & protocol::caps::META == 0 {
+        return Ok(None);
+    }
+    match recv_msg(fr, limits, kind::META)? {
+        Message::Meta(m) => Ok(Some(m)),
+        _ => unreachable_msg(),
+    }
+}
+
+/// Sends the source file's `meta` and the length of a raw copy of
+/// `image` as a META frame when the peer reads it (`caps::META`).
+pub fn send_meta<W: Write>(
+    fw: &mut FrameWriter<W>,
+    caps: u64,
+    meta: &io::FileMeta,
+    image: &Image,
+) -> Result<()> {
+    if caps & protocol::caps::META == 0 {
+        return Ok(());
+    }
+    send_msg(fw, &Message::Meta(wire_meta(meta, image.content_size())))
+}
+
+pub fn wire_meta(m: &io::FileMeta, size: u64) -> FileMeta {
+    FileMeta {
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+        size,
+    }
+}
+
+/// A raw output received from `info` takes the source's exact length from
+/// META (IMAGE's virtual size rounds a raw file up to a sector, and the
+/// chunks hold no data past its end). Other outputs keep the virtual size.
+pub fn set_content_size(
+    out: &Output,
+    info: &ImageInfo,
+    opts: &ConvertOptions,
+    meta: Option<&FileMeta>,
+) -> Result<()> {
+    let Some(m) = meta else { return Ok(()) };
+    if opts.output_format != Format::Raw || m.size == info.virtual_size {
+        return Ok(());
+    }
+    // Only the tail of the last sector may be cut: anything else is not
+    // what the sender's own IMAGE said.
+    if m.size > info.virtual_size || info.virtual_size - m.size >= 512 {
+        return Err(protocol::Error::Malformed {
+            what: "META",
+            why: format!(
+                "size {:#x} for an image of {:#x} bytes",
+                m.size, info.virtual_size
+            ),
+        }
+        .into());
+    }
+    out.set_len(m.size).map_err(Error::Dest)
+}
+
+pub fn io_meta(m: &FileMeta) -> io::FileMeta {
+    io::FileMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
     }
 }
 
@@ -667,6 +745,9 @@ pub fn summary_of(info: &ImageInfo, unit: u64) -> DataSummary {
     };
     DataSummary {
         virtual_size: info.virtual_size,
+        // A raw source's exact length comes later, in META (see
+        // `content_size`).
+        content_size: info.virtual_size,
         data_bytes: info.data_bytes,
         data_extents: info.data_extents,
         data_units,
@@ -780,6 +861,92 @@ mod tests {
         let mut buf = vec![0u8; back.virtual_size() as usize];
         back.read_at(&mut buf, 0).unwrap();
         Ok(buf)
+    }
+
+    /// META is written and read only when both ends announce caps::META:
+    /// an older peer never sees a frame it would refuse, and a reader
+    /// whose peer does not send one does not wait for it.
+    #[test]
+    fn meta_crosses_only_when_both_ends_announce_it() {
+        let (img, _) = image(5);
+        let m = io::FileMeta {
+            mode: 0o640,
+            uid: 7,
+            gid: 8,
+        };
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(&mut fw, protocol::caps::ZSTD, &m, &img).unwrap();
+        assert!(fw.into_inner().is_empty(), "sent to a peer without META");
+
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(&mut fw, protocol::caps::ALL, &m, &img).unwrap();
+        send_msg(&mut fw, &Message::Ready).unwrap();
+        let bytes = fw.into_inner();
+        let mut fr = FrameReader::new(&bytes[..], Limits::DEFAULT.max_frame);
+        let got = recv_meta(&mut fr, &Limits::DEFAULT, protocol::caps::ALL).unwrap();
+        assert_eq!(got.map(|g| io_meta(&g)), Some(m));
+
+        // Without the capability nothing is read: the next frame is READY.
+        let mut fw = FrameWriter::new(Vec::new());
+        send_msg(&mut fw, &Message::Ready).unwrap();
+        let bytes = fw.into_inner();
+        let mut fr = FrameReader::new(&bytes[..], Limits::DEFAULT.max_frame);
+        assert_eq!(
+            recv_meta(&mut fr, &Limits::DEFAULT, protocol::caps::ZSTD).unwrap(),
+            None
+        );
+        assert!(recv_msg(&mut fr, &Limits::DEFAULT, kind::READY).is_ok());
+    }
+
+    /// META may only cut the tail of the last sector off a raw output:
+    /// a size beyond IMAGE's, or a sector or more short of it, is refused.
+    #[test]
+    fn meta_size_only_trims_the_last_sector_of_a_raw_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Output::create(&dir.path().join("out")).unwrap();
+        out.set_len(1_000_448).unwrap();
+        let info = ImageInfo {
+            virtual_size: 1_000_448,
+            ..ImageInfo::default()
+        };
+        let raw = ConvertOptions::default();
+        let meta = |size| FileMeta {
+            size,
+            ..FileMeta::default()
+        };
+        for bad in [1_000_449, 1_000_448 - 512, 0] {
+            assert!(set_content_size(&out, &info, &raw, Some(&meta(bad))).is_err());
+        }
+        let qcow2 = ConvertOptions {
+            output_format: Format::Qcow2,
+            ..ConvertOptions::default()
+        };
+        set_content_size(&out, &info, &qcow2, Some(&meta(1_000_003))).unwrap();
+        assert_eq!(out.file().metadata().unwrap().len(), 1_000_448);
+        set_content_size(&out, &info, &raw, Some(&meta(1_000_003))).unwrap();
+        assert_eq!(out.file().metadata().unwrap().len(), 1_000_003);
+    }
+
+    /// A one-way stream puts META after END, where a reader that predates
+    /// it has stopped reading: the chunks are received without it.
+    #[test]
+    fn stream_readers_stop_at_end_before_meta() {
+        let (img, content) = image(3);
+        let (mut bytes, _) = stream(&img, 0);
+        let mut fw = FrameWriter::new(Vec::new());
+        send_meta(
+            &mut fw,
+            protocol::caps::ALL,
+            &io::FileMeta {
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+            &img,
+        )
+        .unwrap();
+        bytes.extend(fw.into_inner());
+        assert!(receive(&img, &bytes, Format::Raw).unwrap() == content);
     }
 
     #[test]

@@ -699,6 +699,17 @@ pub enum Target {
     New(crate::io::Output),
 }
 
+impl Target {
+    /// A new DST takes SRC's permission bits (and owner, for root); an
+    /// existing one keeps its own.
+    pub fn adopt(&self, meta: &crate::io::FileMeta) -> std::io::Result<()> {
+        match self {
+            Target::New(out) => out.adopt(meta),
+            Target::Existing { .. } => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SyncReceiveOptions {
     pub workers: usize,

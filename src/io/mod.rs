@@ -16,4 +16,4 @@ pub use open::{
     open_image, open_image_files, open_image_metadata, open_metadata_source, open_source, Locking,
     OpenError, OpenOptions, Source,
 };
-pub use output::Output;
+pub use output::{FileMeta, Output};

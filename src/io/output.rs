@@ -15,6 +15,13 @@
 //! qemu's write locks taken (refused while a running qemu uses it); ranges
 //! that must read as zeros are zeroed with BLKZEROOUT, falling back to
 //! `fallocate(FALLOC_FL_ZERO_RANGE)` and then to writing zeros.
+//!
+//! Permissions (as `rsync -a`): a new file takes the source's permission
+//! bits ([`Output::adopt`]) and, when this process is root, its owner and
+//! group; setuid/setgid are dropped when not root. A replaced file keeps
+//! its own mode, owner and group; a block device's node is never touched.
+//! Both are set on the descriptor before the file is linked, so the file
+//! never appears under its name with wider permissions, whatever the umask.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -34,7 +41,60 @@ pub struct Output {
     file: File,
     path: PathBuf,
     kind: Kind,
+    /// The file this output replaces kept its own metadata: `adopt` is a
+    /// no-op.
+    replaces: bool,
     committed: bool,
+}
+
+/// A source file's permission bits and owner, for a new output to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMeta {
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FileMeta {
+    /// The permission bits and owner of the file at `path` (following
+    /// symlinks, as the image is read through them).
+    pub fn of_path(path: &Path) -> io::Result<FileMeta> {
+        Ok(FileMeta::of(&std::fs::metadata(path)?))
+    }
+
+    pub fn of(m: &std::fs::Metadata) -> FileMeta {
+        FileMeta {
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        }
+    }
+}
+
+/// setuid and setgid: kept only by root (as rsync and cp -p do).
+const SET_ID_BITS: u32 = 0o6000;
+
+/// Whether this process runs as root (may give files away).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Gives `file` the owner (root only: others cannot give files away) and
+/// then the permission bits of `meta`. The owner goes first: chown clears
+/// setuid/setgid.
+fn apply_meta(file: &File, meta: &FileMeta) -> io::Result<()> {
+    let root = is_root();
+    if root {
+        std::os::unix::fs::fchown(file, Some(meta.uid), Some(meta.gid))?;
+    }
+    let mode = if root {
+        meta.mode & 0o7777
+    } else {
+        meta.mode & 0o7777 & !SET_ID_BITS
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 enum Kind {
@@ -86,6 +146,7 @@ impl Output {
                     file,
                     path: path.to_path_buf(),
                     kind: Kind::BlockDevice { size },
+                    replaces: true,
                     committed: false,
                 });
             }
@@ -103,7 +164,7 @@ impl Output {
             }
             _ => {}
         }
-        let existing_mode = std::fs::metadata(path).ok().map(|m| m.mode() & 0o7777);
+        let existing = std::fs::metadata(path).ok().map(|m| FileMeta::of(&m));
         let name = path
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "names no file"))?;
@@ -112,7 +173,7 @@ impl Output {
             _ => Path::new("."),
         };
         let dir = File::open(dir_path)?;
-        let mode = Mode::from_raw_mode(existing_mode.unwrap_or(0o666));
+        let mode = Mode::from_raw_mode(existing.map_or(0o666, |m| m.mode));
         let unnamed = if try_tmpfile {
             rustix::fs::openat(
                 &dir,
@@ -137,17 +198,46 @@ impl Output {
             }
             Err(e) => return Err(e.into()),
         };
-        if let Some(m) = existing_mode {
+        if let Some(old) = existing {
             // The umask may have narrowed the mode at creation; keep the old
-            // file's permissions, as an in-place rewrite would.
-            file.set_permissions(std::fs::Permissions::from_mode(m))?;
+            // file's permissions and owner, as an in-place rewrite would.
+            // Only root can give the file to another user; anyone may set a
+            // group it is in, and otherwise the new file is the writer's
+            // (as with any replace-by-rename).
+            let me = file.metadata()?;
+            if old.uid != me.uid() || old.gid != me.gid() {
+                let uid = (is_root() && old.uid != me.uid()).then_some(old.uid);
+                match std::os::unix::fs::fchown(&file, uid, Some(old.gid)) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mode = if is_root() {
+                old.mode
+            } else {
+                old.mode & !SET_ID_BITS
+            };
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
         Ok(Output {
             file,
             path: path.to_path_buf(),
             kind,
+            replaces: existing.is_some(),
             committed: false,
         })
+    }
+
+    /// Gives a new file the source's permission bits and, for root, its
+    /// owner and group (see the module docs). A replaced file and a block
+    /// device keep their own: this does nothing for them. Call before
+    /// [`Output::commit`].
+    pub fn adopt(&self, meta: &FileMeta) -> io::Result<()> {
+        if self.replaces || self.is_block_device() {
+            return Ok(());
+        }
+        apply_meta(&self.file, meta)
     }
 
     pub fn path(&self) -> &Path {
@@ -505,6 +595,90 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o640);
             assert_eq!(names(dir.path()), ["out.img"]);
+        }
+    }
+
+    /// A new file takes the source's bits exactly: neither widened nor
+    /// narrowed by the umask (0666 would be 0644 under the usual 022).
+    #[test]
+    fn new_file_adopts_the_source_mode_whatever_the_umask() {
+        for tmpfile in [true, false] {
+            for mode in [0o600, 0o666, 0o1750] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("out.img");
+                let out = Output::create_with(&path, tmpfile).unwrap();
+                let me = out.file().metadata().unwrap();
+                out.adopt(&FileMeta {
+                    mode,
+                    uid: me.uid(),
+                    gid: me.gid(),
+                })
+                .unwrap();
+                out.commit().unwrap();
+                let m = std::fs::metadata(&path).unwrap();
+                assert_eq!(m.mode() & 0o7777, mode, "tmpfile {tmpfile}");
+            }
+        }
+    }
+
+    /// As root, a new file takes the source's owner and group, and keeps
+    /// setuid/setgid. Needs root; skipped visibly otherwise.
+    #[test]
+    fn new_file_takes_the_source_owner_as_root() {
+        if !is_root() {
+            eprintln!("SKIP new_file_takes_the_source_owner_as_root: not root");
+            return;
+        }
+        for tmpfile in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out.img");
+            let out = Output::create_with(&path, tmpfile).unwrap();
+            out.adopt(&FileMeta {
+                mode: 0o6750,
+                uid: 1234,
+                gid: 5678,
+            })
+            .unwrap();
+            out.commit().unwrap();
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!((m.uid(), m.gid()), (1234, 5678), "tmpfile {tmpfile}");
+            assert_eq!(
+                m.mode() & 0o7777,
+                0o6750,
+                "chown must not clear set-id bits"
+            );
+        }
+    }
+
+    /// A replaced file keeps its own mode and owner whatever the source's;
+    /// the owner part needs root.
+    #[test]
+    fn replaced_file_keeps_its_mode_and_owner_not_the_sources() {
+        for tmpfile in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out.img");
+            std::fs::write(&path, b"old").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let owner = if is_root() {
+                std::os::unix::fs::chown(&path, Some(4321), Some(8765)).unwrap();
+                (4321, 8765)
+            } else {
+                let m = std::fs::metadata(&path).unwrap();
+                (m.uid(), m.gid())
+            };
+            let out = Output::create_with(&path, tmpfile).unwrap();
+            out.adopt(&FileMeta {
+                mode: 0o600,
+                uid: 1,
+                gid: 1,
+            })
+            .unwrap();
+            out.write_all_at(b"new", 0).unwrap();
+            out.commit().unwrap();
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"new");
+            assert_eq!(m.mode() & 0o7777, 0o640, "tmpfile {tmpfile}");
+            assert_eq!((m.uid(), m.gid()), owner, "tmpfile {tmpfile}");
         }
     }
 

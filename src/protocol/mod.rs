@@ -28,7 +28,15 @@ pub mod caps {
     /// when SRC did not change while it was read, or ERROR when it did; a
     /// server without the bit just closes.
     pub const SOURCE_CHECK: u64 = 4;
-    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK;
+    /// The sender of an image says which permission bits and owner a new
+    /// DST takes (a META frame; see `docs/protocol.md`). Sent only to a
+    /// peer that announced it: older readers refuse unknown frames.
+    pub const META: u64 = 8;
+    /// REQUEST(sync-receive) may say DST's format (flag bit 3 and a
+    /// trailing format byte): `sync -O raw`/`-f raw` onto a file that
+    /// probes as qcow2. Older receivers refuse the trailing byte.
+    pub const DST_FORMAT: u64 = 16;
+    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

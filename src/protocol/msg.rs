@@ -28,6 +28,7 @@ pub mod kind {
     /// No payload; sent by a busy end when the peer has the KEEPALIVE
     /// capability, and dropped by the reader (`FrameReader`).
     pub const KEEPALIVE: u8 = 19;
+    pub const META: u8 = 20;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -51,6 +52,7 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::SYNC_END => "SYNC_END",
         kind::SYNC_DONE => "SYNC_DONE",
         kind::KEEPALIVE => "KEEPALIVE",
+        kind::META => "META",
         _ => "unknown",
     }
 }
@@ -171,6 +173,9 @@ pub struct SyncParams {
 pub struct SyncReceiveRequest {
     pub path: Vec<u8>,
     pub params: SyncParams,
+    /// DST's format as the user named it (`-O`, else `-f`); `None`: DST is
+    /// probed. Sent only to a peer with `caps::DST_FORMAT`.
+    pub dst_format: Option<WireFormat>,
 }
 
 /// Sync pull: the server holds SRC and sends; it answers with IMAGE, then
@@ -319,6 +324,21 @@ pub struct Done {
     pub clusters_compressed: u64,
 }
 
+/// The source file's permission bits (`st_mode & 0o7777`) and numeric
+/// owner and group, for a DST the receiver creates (as `rsync -a`: the
+/// receiver keeps the bits, drops setuid/setgid unless root, and sets the
+/// owner only as root). Ids travel as numbers, never names. `size` is the
+/// length of a raw copy: a raw source's exact file length, which IMAGE's
+/// virtual size rounds up to a sector (as qemu does); else the virtual
+/// size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileMeta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
@@ -353,6 +373,8 @@ pub enum Message {
         bytes_read: u64,
     },
     SyncDone(SyncDone),
+    /// The source file's metadata (`caps::META`).
+    Meta(FileMeta),
 }
 
 impl Message {
@@ -376,6 +398,7 @@ impl Message {
             Message::Punch { .. } => kind::PUNCH,
             Message::SyncEnd { .. } => kind::SYNC_END,
             Message::SyncDone(_) => kind::SYNC_DONE,
+            Message::Meta(_) => kind::META,
         }
     }
 
@@ -465,8 +488,12 @@ impl Message {
                 v.push(
                     u8::from(r.params.journal)
                         | (u8::from(r.params.check_space) << 1)
-                        | (u8::from(r.params.reread) << 2),
+                        | (u8::from(r.params.reread) << 2)
+                        | (u8::from(r.dst_format.is_some()) << 3),
                 );
+                if let Some(f) = r.dst_format {
+                    v.push(f as u8);
+                }
             }
             Message::Request(Request::SyncSend(r)) => {
                 v.push(5);
@@ -526,6 +553,12 @@ impl Message {
                 ] {
                     v.extend_from_slice(&x.to_be_bytes());
                 }
+            }
+            Message::Meta(m) => {
+                for x in [m.mode, m.uid, m.gid] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+                v.extend_from_slice(&m.size.to_be_bytes());
             }
         }
     }
@@ -609,7 +642,16 @@ impl Message {
                     let key = d.array()?;
                     let src_size = d.u64()?;
                     let flags = d.u8()?;
+                    let dst_format = if flags & 8 != 0 {
+                        Some(
+                            WireFormat::decode(d.u8()?, what)?
+                                .ok_or_else(|| malformed(what, "no DST format".to_string()))?,
+                        )
+                    } else {
+                        None
+                    };
                     Message::Request(Request::SyncReceive(SyncReceiveRequest {
+                        dst_format,
                         path,
                         params: SyncParams {
                             block_size,
@@ -732,6 +774,20 @@ impl Message {
                 blocks_punched: d.u64()?,
                 journal_bytes: d.u64()?,
             }),
+            kind::META => {
+                let mode = d.u32()?;
+                // Permission bits only: a file type or unknown bit from the
+                // peer is refused, never passed to chmod.
+                if mode & !0o7777 != 0 {
+                    return Err(malformed(what, format!("mode {mode:#o}")));
+                }
+                Message::Meta(FileMeta {
+                    mode,
+                    uid: d.u32()?,
+                    gid: d.u32()?,
+                    size: d.u64()?,
+                })
+            }
             other => return Err(Error::UnknownType(other)),
         };
         d.finish()?;
@@ -1090,6 +1146,12 @@ mod tests {
         round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
             path: b"/d".to_vec(),
             params,
+            dst_format: None,
+        })));
+        round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
+            path: b"/d".to_vec(),
+            params,
+            dst_format: Some(WireFormat::Raw),
         })));
         round_trip(Message::Request(Request::SyncSend(SyncSendRequest {
             path: b"/s".to_vec(),
@@ -1141,6 +1203,47 @@ mod tests {
             blocks_punched: 3,
             journal_bytes: 4,
         }));
+        round_trip(Message::Meta(FileMeta {
+            mode: 0o4750,
+            uid: 1000,
+            gid: u32::MAX,
+            size: 1000003,
+        }));
+    }
+
+    #[test]
+    fn golden_meta() {
+        let mut v = Vec::new();
+        Message::Meta(FileMeta {
+            mode: 0o640,
+            uid: 0x3e8,
+            gid: 6,
+            size: 0xf4243,
+        })
+        .encode(&mut v);
+        let want = [
+            0, 0, 0x01, 0xa0, // mode 0o640
+            0, 0, 0x03, 0xe8, // uid 1000
+            0, 0, 0, 6, // gid 6
+            0, 0, 0, 0, 0, 0x0f, 0x42, 0x43, // size 1000003
+        ];
+        assert_eq!(v, want);
+    }
+
+    #[test]
+    fn meta_with_bits_beyond_the_permissions_is_refused() {
+        let mut v = Vec::new();
+        Message::Meta(FileMeta {
+            mode: 0o100644, // S_IFREG | 0644
+            uid: 0,
+            gid: 0,
+            size: 0,
+        })
+        .encode(&mut v);
+        assert!(matches!(
+            Message::decode(kind::META, &v, &Limits::DEFAULT),
+            Err(Error::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -1149,7 +1252,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 7]); // caps: zstd, keepalive, source check
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1f]); // caps: zstd, keepalive, source check, meta, DST format
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

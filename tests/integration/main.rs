@@ -8,6 +8,9 @@
 //!            interruptions, rollback, a small file system);
 //!   lock:    qemu's image locks against a running qemu-io, and a source
 //!            that changes while it is read (local, device, over sshd).
+//!   perms:   new images keep the source's mode and owner, every path;
+//!   sizes:   raw copies keep a raw file's exact size, every path;
+//!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes).
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -17,8 +20,11 @@ mod common;
 mod convert;
 mod formats;
 mod lock;
+mod perms;
 mod remote;
+mod sizes;
 mod sshd;
 mod sync;
+mod sync_format;
 mod transport;
 mod trust;
