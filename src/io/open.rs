@@ -107,14 +107,7 @@ pub fn open_image_metadata(path: &Path, opts: OpenOptions) -> Result<Image, Open
 
 /// [`open_image_metadata`], locked and stamped as [`open_source`] does.
 pub fn open_metadata_source(path: &Path, opts: OpenOptions) -> Result<Source, OpenError> {
-    let mut cx = Chain::default();
-    let image = open_layer(path, opts, &mut cx, 0, false)?;
-    Ok(Source {
-        image,
-        files: cx.seen.into_iter().collect(),
-        in_use: cx.in_use,
-        watch: cx.watch,
-    })
+    open_top(path, opts, false)
 }
 
 /// Opens `path` with its whole backing chain, and lists the files it reads
@@ -129,8 +122,13 @@ pub fn open_image_files(
 
 /// Opens `path` with its whole backing chain, locked and stamped.
 pub fn open_source(path: &Path, opts: OpenOptions) -> Result<Source, OpenError> {
+    open_top(path, opts, true)
+}
+
+/// The image at `path` as a [`Source`]; with `follow`, its chain too.
+fn open_top(path: &Path, opts: OpenOptions, follow: bool) -> Result<Source, OpenError> {
     let mut cx = Chain::default();
-    let image = open_layer(path, opts, &mut cx, 0, true)?;
+    let image = open_layer(path, opts, &mut cx, 0, follow)?;
     Ok(Source {
         image,
         files: cx.seen.into_iter().collect(),

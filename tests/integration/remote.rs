@@ -553,7 +553,7 @@ pub(crate) fn pid_script(sshd: &Sshd, name: &str, env_prefix: &str) -> (PathBuf,
 }
 
 /// Bytes the process has read (from /proc/PID/io).
-fn rchar(pid: &str) -> u64 {
+pub(crate) fn rchar(pid: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {

@@ -393,15 +393,7 @@ fn connect_timeout_bounds_a_server_that_never_greets() {
 }
 
 fn rchar(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("rchar: ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
+    crate::remote::rchar(&pid.to_string())
 }
 
 /// Starts `imgsync ARGS`, sends SIGINT once `ready` holds, returns its
