@@ -84,10 +84,10 @@ impl SshArgs {
             accept_new_host_key: self.accept_new_host_key,
             identities: self.identity.clone(),
             config: self.ssh_config.clone(),
-            watch: Watch {
-                timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
-                cancel: Some(interrupt_flag()),
-            },
+            watch: Watch::new(
+                (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
+                Some(interrupt_flag()),
+            ),
             connect_timeout: self.connect_timeout.map(Duration::from_secs),
         }
     }
@@ -113,7 +113,9 @@ struct Peer {
 
 impl Peer {
     fn connect(host: &Host, ssh: &SshArgs) -> Result<Peer> {
-        let conn = transport::connect(host, &ssh.options()).map_err(|e| anyhow!(e))?;
+        let opts = ssh.options();
+        let watch = opts.watch.clone();
+        let conn = transport::connect(host, &opts).map_err(|e| anyhow!(e))?;
         let mut peer = Peer {
             host: host.clone(),
             remote_imgsync: ssh.remote_imgsync.clone(),
@@ -127,6 +129,11 @@ impl Peer {
             Ok(n) => {
                 peer.limits = n.limits;
                 peer.caps = n.caps;
+                if n.caps & protocol::caps::KEEPALIVE == 0 {
+                    // An older serve says nothing while it is busy (a big
+                    // check, hashing): its silence is not death.
+                    watch.set_timeout(None);
+                }
             }
             Err(e) => return Err(peer.fail(e)),
         }

@@ -25,7 +25,7 @@ use crate::protocol::msg::{
     WireFormat,
 };
 use crate::protocol::{caps, FrameReader, FrameWriter, Limits, Message};
-use crate::transport::watch::{FdReader, FdWriter, Watch};
+use crate::transport::watch::{FdReader, FdWriter, RestoreBlocking, Watch};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
 
@@ -33,33 +33,44 @@ type Reader = FrameReader<BufReader<FdReader<std::fs::File>>>;
 type Writer = FrameWriter<BufWriter<FdWriter<std::fs::File>>>;
 
 pub fn run(timeout: u64) -> Result<u8> {
-    // stdin and stdout as plain descriptors, read and written with the
-    // client's --timeout and the interrupt flag (sshd gone, a black-holed
-    // link: an error, never a serve that waits for ever).
-    let watch = Watch {
-        timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
-        cancel: Some(interrupt_flag()),
-    };
-    let fd = |f: std::io::Result<std::os::fd::OwnedFd>| -> Result<std::fs::File> {
-        Ok(std::fs::File::from(
-            f.map_err(|e| anyhow!(e).context("serve: stdin/stdout"))?,
-        ))
+    // stdin and stdout as plain descriptors, read and written with a
+    // timeout and the interrupt flag (sshd gone, a black-holed link: an
+    // error, never a serve that waits for ever). The client sends
+    // keepalives while it is busy.
+    let watch = Watch::new(
+        (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
+        Some(interrupt_flag()),
+    );
+    let fd = |f: std::io::Result<std::os::fd::OwnedFd>| -> Result<std::os::fd::OwnedFd> {
+        f.map_err(|e| anyhow!(e).context("serve: stdin/stdout"))
     };
     let stdin = fd(std::io::stdin().as_fd().try_clone_to_owned())?;
     let stdout = fd(std::io::stdout().as_fd().try_clone_to_owned())?;
+    // O_NONBLOCK belongs to the open file, which whoever started serve
+    // shares: back to blocking when serve ends.
+    let _restore = (
+        RestoreBlocking(fd(stdin.try_clone())?),
+        RestoreBlocking(fd(stdout.try_clone())?),
+    );
+    let writer = FdWriter::new(std::fs::File::from(stdout), watch.clone())
+        .and_then(|w| w.hearing(&stdin))
+        .map_err(|e| anyhow!(e).context("serve: stdout"))?;
     let mut fr = FrameReader::new(
         BufReader::with_capacity(
             1 << 20,
-            FdReader::new(stdin, watch.clone()).map_err(|e| anyhow!(e).context("serve: stdin"))?,
+            FdReader::new(std::fs::File::from(stdin), watch.clone())
+                .map_err(|e| anyhow!(e).context("serve: stdin"))?,
         ),
         Limits::DEFAULT.max_frame,
     );
-    let mut fw = FrameWriter::new(BufWriter::with_capacity(
-        256 << 10,
-        FdWriter::new(stdout, watch).map_err(|e| anyhow!(e).context("serve: stdout"))?,
-    ));
+    let mut fw = FrameWriter::new(BufWriter::with_capacity(256 << 10, writer));
     let negotiated = handshake(&mut fr, &mut fw).map_err(|e| anyhow!(e).context("serve"))?;
     let (limits, caps) = (negotiated.limits, negotiated.caps);
+    if caps & caps::KEEPALIVE == 0 {
+        // An older client says nothing while it is busy: its silence is
+        // not death.
+        watch.set_timeout(None);
+    }
     let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
         Ok(Message::Request(r)) => r,
         Ok(_) => unreachable!("recv_msg checks the type"),

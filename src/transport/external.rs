@@ -83,7 +83,9 @@ pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, 
         what: "cannot set up the pipes to the --rsh command".into(),
         source: Some(e),
     };
-    let stdin = FdWriter::new(stdin, opts.watch.clone()).map_err(io_err)?;
+    let stdin = FdWriter::new(stdin, opts.watch.clone())
+        .and_then(|w| w.hearing(&stdout))
+        .map_err(io_err)?;
     let stdout = FdReader::new(stdout, opts.watch.clone()).map_err(io_err)?;
     let stdin = Arc::new(Mutex::new(Some(stdin)));
     let stdout = Arc::new(Mutex::new(Some(stdout)));
@@ -241,7 +243,7 @@ impl Waiter for ChildWaiter {
         }
         // The program ends once its streams are closed; one that does not
         // (a hung ssh on a dead link) is given the timeout, then killed.
-        let limit = self.watch.timeout.unwrap_or(super::DEFAULT_TIMEOUT);
+        let limit = self.watch.timeout().unwrap_or(super::DEFAULT_TIMEOUT);
         let started = Instant::now();
         let status = loop {
             match self.child.try_wait() {

@@ -65,17 +65,11 @@ impl SshOptions {
     /// The remote command line: `<remote-imgsync> serve`, quoted for a
     /// POSIX shell.
     pub fn remote_command(&self) -> String {
+        // The remote keeps its own default --timeout: this end sends
+        // keepalives while it lives, so only a dead client or link runs it
+        // out (and an older serve would refuse the option).
         let bin = self.remote_imgsync.as_deref().unwrap_or("imgsync");
-        match self.watch.timeout {
-            // The remote's own wait on us follows ours, as rsync passes
-            // --timeout to its server; the default needs no argument (and
-            // with none, the remote keeps its default: this end sends
-            // keepalives while it is alive).
-            Some(t) if t != DEFAULT_TIMEOUT => {
-                format!("{} serve --timeout {}", shell_quote(bin), t.as_secs())
-            }
-            _ => format!("{} serve", shell_quote(bin)),
-        }
+        format!("{} serve", shell_quote(bin))
     }
 }
 

@@ -976,7 +976,7 @@ impl Waiter for SshWaiter {
     fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
         // The remote command has its EOF: it ends, and these calls return
         // (within the timeout: a dead link must not hang the end).
-        let limit = self.watch.timeout.unwrap_or(super::DEFAULT_TIMEOUT);
+        let limit = self.watch.timeout().unwrap_or(super::DEFAULT_TIMEOUT);
         self.session
             .set_timeout(limit.as_millis().clamp(1, u32::MAX.into()) as u32);
         if !self.eof_sent.swap(true, Ordering::AcqRel) {

@@ -10,8 +10,8 @@
 //! `FrameWriter::start_keepalive`).
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,14 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 /// clock: well under the second Ctrl-C must take.
 pub const SLICE: Duration = Duration::from_millis(200);
 
-/// The limits of one connection's waits.
+/// The limits of one connection's waits. Clones share the timeout, so it
+/// can be lifted after the handshake for a peer that sends no keepalives
+/// (an older imgsync: its silence while busy is not death).
 #[derive(Clone, Debug, Default)]
 pub struct Watch {
     /// Longest wait for a byte from the peer (or for the peer to take
-    /// one); `None`: no limit.
-    pub timeout: Option<Duration>,
+    /// one), in milliseconds; 0: no limit.
+    timeout_ms: Arc<AtomicU64>,
     /// Set by SIGINT/SIGTERM.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -83,6 +85,28 @@ pub enum Dir {
 }
 
 impl Watch {
+    pub fn new(timeout: Option<Duration>, cancel: Option<Arc<AtomicBool>>) -> Watch {
+        let w = Watch {
+            timeout_ms: Arc::default(),
+            cancel,
+        };
+        w.set_timeout(timeout);
+        w
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        match self.timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Changes the limit for every clone (the waits in progress too).
+    pub fn set_timeout(&self, t: Option<Duration>) {
+        let ms = t.map_or(0, |t| t.as_millis().clamp(1, u64::MAX.into()) as u64);
+        self.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
     pub fn cancelled(&self) -> bool {
         self.cancel
             .as_ref()
@@ -96,7 +120,7 @@ impl Watch {
         if self.cancelled() {
             return Err(io::Error::other(Cancelled));
         }
-        if let Some(t) = self.timeout {
+        if let Some(t) = self.timeout() {
             if since.elapsed() >= t {
                 return Err(timed_out(t, dir));
             }
@@ -150,23 +174,50 @@ impl<F: AsFd + Read> Read for FdReader<F> {
 pub struct FdWriter<F> {
     f: F,
     watch: Watch,
+    /// The stream from the peer (a duplicate of the reader's descriptor):
+    /// while a write waits for a peer that is busy and not reading, the
+    /// peer's keepalives pile up there, unread; their arrival shows the
+    /// peer is alive.
+    input: Option<OwnedFd>,
 }
 
 impl<F: AsFd> FdWriter<F> {
     pub fn new(f: F, watch: Watch) -> io::Result<Self> {
         rustix::io::ioctl_fionbio(&f, true)?;
-        Ok(FdWriter { f, watch })
+        Ok(FdWriter {
+            f,
+            watch,
+            input: None,
+        })
+    }
+
+    /// Counts bytes arriving on `input` (the peer's stream) as a sign of
+    /// life while a write waits.
+    pub fn hearing(mut self, input: impl AsFd) -> io::Result<Self> {
+        self.input = Some(input.as_fd().try_clone_to_owned()?);
+        Ok(self)
     }
 }
 
 impl<F: AsFd + Write> Write for FdWriter<F> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let since = Instant::now();
+        let mut since = Instant::now();
+        let mut pending = None;
         loop {
             match self.f.write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => return r,
+            }
+            if let Some(inp) = &self.input {
+                // More unread bytes from the peer than at the last look: it
+                // is alive (a keepalive came), only busy.
+                if let Ok(n) = rustix::io::ioctl_fionread(inp) {
+                    if pending.is_some_and(|p| n > p) {
+                        since = Instant::now();
+                    }
+                    pending = Some(n);
+                }
             }
             self.watch.check(since, Dir::Write)?;
             wait_for(&self.f, PollFlags::OUT)?;
@@ -175,6 +226,17 @@ impl<F: AsFd + Write> Write for FdWriter<F> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.f.flush()
+    }
+}
+
+/// Puts a descriptor back in blocking mode when dropped (`serve` shares
+/// its stdin and stdout with whoever started it; O_NONBLOCK is a property
+/// of the open file, so it must not outlive the run).
+pub struct RestoreBlocking(pub OwnedFd);
+
+impl Drop for RestoreBlocking {
+    fn drop(&mut self) {
+        let _ = rustix::io::ioctl_fionbio(&self.0, false);
     }
 }
 
@@ -200,14 +262,7 @@ mod tests {
     #[test]
     fn a_silent_peer_times_out() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let mut r = FdReader::new(
-            a,
-            Watch {
-                timeout: Some(Duration::from_millis(300)),
-                cancel: None,
-            },
-        )
-        .unwrap();
+        let mut r = FdReader::new(a, Watch::new(Some(Duration::from_millis(300)), None)).unwrap();
         let t = Instant::now();
         let e = r.read(&mut [0u8; 8]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
@@ -219,14 +274,7 @@ mod tests {
     fn the_flag_ends_a_wait_within_a_slice() {
         let (a, _b) = UnixStream::pair().unwrap();
         let flag = Arc::new(AtomicBool::new(false));
-        let mut r = FdReader::new(
-            a,
-            Watch {
-                timeout: None,
-                cancel: Some(flag.clone()),
-            },
-        )
-        .unwrap();
+        let mut r = FdReader::new(a, Watch::new(None, Some(flag.clone()))).unwrap();
         let f2 = flag.clone();
         let t = Instant::now();
         let h = std::thread::spawn(move || {
@@ -251,16 +299,35 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_peer_that_sends_keepalives_keeps_a_blocked_writer_waiting() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (inp, mut keep) = UnixStream::pair().unwrap();
+        let mut w = FdWriter::new(a, Watch::new(Some(Duration::from_millis(500)), None))
+            .unwrap()
+            .hearing(&inp)
+            .unwrap();
+        // The peer reads nothing for 1.5 s but says it is alive every 100 ms,
+        // then reads everything.
+        let t = std::thread::spawn(move || {
+            for _ in 0..15 {
+                keep.write_all(b"k").unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut b = b;
+            let mut sink = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < 8 << 20 {
+                got += b.read(&mut sink).unwrap();
+            }
+        });
+        w.write_all(&vec![0u8; 8 << 20]).unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
     fn a_peer_that_reads_nothing_times_the_writer_out() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let mut w = FdWriter::new(
-            a,
-            Watch {
-                timeout: Some(Duration::from_millis(300)),
-                cancel: None,
-            },
-        )
-        .unwrap();
+        let mut w = FdWriter::new(a, Watch::new(Some(Duration::from_millis(300)), None)).unwrap();
         let e = w.write_all(&vec![0u8; 8 << 20]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
