@@ -83,6 +83,19 @@ pub fn run(args: Args) -> Result<u8> {
         (a, b) => bail!("{a} / {b}: compare needs at least one local image"),
     };
     drop(bar);
+    // A reader that went away (`compare a b | head -0`) does not change the
+    // verdict: the exit status still says identical or different.
+    match print(&args, outcome, size_mismatch) {
+        Err(e) if super::output::is_stdout_closed(&e) => {}
+        r => r?,
+    }
+    Ok(match outcome {
+        Outcome::Identical => exit::OK,
+        Outcome::Differs { .. } => exit::DIFFERS,
+    })
+}
+
+fn print(args: &Args, outcome: Outcome, size_mismatch: bool) -> Result<()> {
     use std::io::Write;
     let mut out = super::output::stdout();
     match args.output {
@@ -110,8 +123,6 @@ pub fn run(args: Args) -> Result<u8> {
         }
         OutputFormat::Human => {}
     }
-    Ok(match outcome {
-        Outcome::Identical => exit::OK,
-        Outcome::Differs { .. } => exit::DIFFERS,
-    })
+    out.flush()?;
+    Ok(())
 }

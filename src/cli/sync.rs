@@ -271,7 +271,7 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.custom_flags(libc::O_EXCL);
     }
-    let file = opts.open(dst).map_err(|e| {
+    let file = open_writable(&opts, dst, &meta).map_err(|e| {
         if is_device && e.raw_os_error() == Some(libc::EBUSY) {
             anyhow!(
                 "{}: the device is in use (mounted?); refusing to write to it",
@@ -321,6 +321,33 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
         id,
         journal_path: journal::path_of(dst, &meta),
     })
+}
+
+/// Opens DST read-write. A file of ours without its owner-write bit (a
+/// copy of a read-only source keeps 0444, as `rsync -a` makes it) is opened
+/// as rsync --inplace does: write permission added for the open, the mode
+/// put back at once (the descriptor stays writable).
+fn open_writable(
+    opts: &std::fs::OpenOptions,
+    dst: &Path,
+    meta: &std::fs::Metadata,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match opts.open(dst) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && meta.is_file()
+                && meta.mode() & 0o200 == 0
+                && meta.uid() == rustix::process::geteuid().as_raw() =>
+        {
+            let mode = meta.mode() & 0o7777;
+            std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode | 0o200))?;
+            let opened = opts.open(dst);
+            std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))?;
+            opened
+        }
+        r => r,
+    }
 }
 
 /// Both ends local: the receiver runs on a thread, joined to the sender by

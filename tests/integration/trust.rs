@@ -571,3 +571,79 @@ fn serve_whose_client_is_killed_ends_with_2_and_keeps_the_journal() {
         assert!(journal.exists(), "{via:?}: the journal must be kept");
     }
 }
+
+#[test]
+fn compare_keeps_its_verdict_when_its_reader_left() {
+    let env = qemu_env!();
+    std::fs::write(env.path("a.raw"), [1u8; 4096]).unwrap();
+    std::fs::write(env.path("b.raw"), [2u8; 4096]).unwrap();
+    let out = imgsync(&env)
+        .args(["compare", "a.raw", "b.raw"])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    // 1 = different, never the 0 of "identical".
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_read_only_copy_can_be_synced_again_by_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = qemu_env!();
+    let euid = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&euid.stdout).trim() != "0"
+        || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("SKIP a_read_only_copy_can_be_synced_again_by_its_owner: needs root and setpriv");
+        return;
+    }
+    let dir = env.path("nobody");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(env.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let (src, dst) = (dir.join("golden.raw"), dir.join("copy.raw"));
+    std::fs::write(&src, random_bytes(1 << 20, 3, false)).unwrap();
+    std::os::unix::fs::chown(&src, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let sync_as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(["sync", "-q"])
+            .arg(&src)
+            .arg(&dst)
+            .output()
+            .unwrap()
+    };
+    let out = sync_as_nobody();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&dst).unwrap().permissions().mode() & 0o7777,
+        0o444
+    );
+    // The golden image changes (root writes it); its owner syncs again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 4096], 8192))
+        .unwrap();
+    let out = sync_as_nobody();
+    assert!(
+        out.status.success(),
+        "second sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    assert_eq!(
+        std::fs::metadata(&dst).unwrap().permissions().mode() & 0o7777,
+        0o444
+    );
+}
