@@ -638,6 +638,7 @@ pub fn sync_pull(
     workers: usize,
     ssh: &SshArgs,
     cancel: &std::sync::atomic::AtomicBool,
+    changing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(crate::engine::sync::SyncReport, u64)> {
     use crate::protocol::msg::{SyncParams, SyncSendRequest};
     let mut peer = Peer::connect(host, ssh)?;
@@ -685,6 +686,7 @@ pub fn sync_pull(
         &crate::engine::sync::SyncReceiveOptions {
             workers,
             cache: Some(dst.to_path_buf()),
+            changing,
         },
         cancel,
     );

@@ -345,6 +345,7 @@ fn sync_receive(
         &crate::engine::sync::SyncReceiveOptions {
             workers: crate::engine::pipeline::default_workers(),
             cache: Some(dst.clone()),
+            changing: Default::default(),
         },
         &cancel,
     )

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -75,8 +76,10 @@ pub fn run(a: Args) -> Result<u8> {
     };
     let cancel = interrupt_flag();
     let started = Instant::now();
-    // Whether DST existed before this run (None: not known yet).
+    // Whether DST existed before this run (None: not known yet), and
+    // whether the receiver here began to change it.
     let mut existed = None;
+    let changing = Arc::new(AtomicBool::new(false));
     let report = (|| -> Result<((SyncReport, u64), Option<crate::io::Source>)> {
         Ok(match (&src_loc, &dst_loc) {
             (Location::Local(s), Location::Local(d)) => {
@@ -88,7 +91,17 @@ pub fn run(a: Args) -> Result<u8> {
                 target
                     .adopt(&FileMeta::of_path(s).with_context(|| s.display().to_string())?)
                     .with_context(|| d.display().to_string())?;
-                let r = local(&a, &source.image, s, d, target, &params, &sopts, &cancel)?;
+                let r = local(
+                    &a,
+                    &source.image,
+                    s,
+                    d,
+                    target,
+                    &params,
+                    &sopts,
+                    &cancel,
+                    &changing,
+                )?;
                 (r, Some(source))
             }
             (Location::Local(s), Location::Remote { host, path }) => {
@@ -130,6 +143,7 @@ pub fn run(a: Args) -> Result<u8> {
                     workers,
                     &a.ssh,
                     &cancel,
+                    changing.clone(),
                 )?;
                 (r, None)
             }
@@ -147,7 +161,7 @@ pub fn run(a: Args) -> Result<u8> {
         }
         Err(e) => {
             let state = match &dst_loc {
-                Location::Local(d) => local_state(d, existed, !a.no_journal, &sopts.state),
+                Location::Local(d) => local_state(d, existed, !a.no_journal, &changing),
                 _ => remote_state(&sopts.state, !a.no_journal),
             };
             return Err(with_state(e, &dst_loc.to_string(), state));
@@ -362,6 +376,7 @@ fn local(
     params: &SyncParams,
     sopts: &SyncSendOptions,
     cancel: &AtomicBool,
+    changing: &Arc<AtomicBool>,
 ) -> Result<(SyncReport, u64)> {
     let (ours, theirs) = UnixStream::pair().context("socketpair")?;
     let theirs_w = theirs.try_clone().context("socketpair")?;
@@ -370,6 +385,7 @@ fn local(
     let ropts = SyncReceiveOptions {
         workers: sopts.workers,
         cache: Some(dst.to_path_buf()),
+        changing: changing.clone(),
     };
     let bar = a.reporting.bar();
     let progress = progress_of(&bar);
@@ -436,21 +452,19 @@ enum DstState {
     Partly,
 }
 
-/// DST on this host: its journal says whether it is mid-sync.
+/// DST on this host: its journal says whether it is mid-sync; without a
+/// journal, whether the receiver here had begun to change it.
 fn local_state(
     dst: &Path,
     existed: Option<bool>,
     journal: bool,
-    sent: &sync::SendState,
+    changing: &AtomicBool,
 ) -> DstState {
-    use std::sync::atomic::Ordering::Relaxed;
     match existed {
         None => DstState::Untouched,
         Some(false) => DstState::Absent,
         Some(true) if journal_of(dst).is_some() => DstState::MidSync,
-        // No journal: the receiver may have written once READY went out
-        // (local sync: the sender saw it; pull: assume it did).
-        Some(true) if !journal && (sent.ready.load(Relaxed) || !sent.informed.load(Relaxed)) => {
+        Some(true) if !journal && changing.load(std::sync::atomic::Ordering::Relaxed) => {
             DstState::Partly
         }
         Some(true) => DstState::Untouched,

@@ -717,6 +717,8 @@ pub struct SyncReceiveOptions {
     /// block device, whose node's times do not follow writes). None: no
     /// cache.
     pub cache: Option<PathBuf>,
+    /// Set once DST may change (READY sent): what a failure leaves DST as.
+    pub changing: Arc<AtomicBool>,
 }
 
 /// The receiving end: DST is `target`; SRC's size, block size and key are
@@ -995,6 +997,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         }
         Target::New(out) => out.set_len(params.src_size).map_err(Error::Dest)?,
     }
+    opts.changing.store(true, Ordering::Relaxed);
     send_msg(fw, &Message::Ready)?;
     fw.flush()?;
 

@@ -647,3 +647,26 @@ fn a_read_only_copy_can_be_synced_again_by_its_owner() {
         0o444
     );
 }
+
+#[test]
+fn a_pull_that_fails_before_any_change_does_not_claim_dst_changed() {
+    let (env, sshd) = ssh_env!();
+    std::fs::write(env.path("dst.raw"), [5u8; 8192]).unwrap();
+    for journal in [true, false] {
+        let mut a = vec!["sync".to_string(), "-q".into()];
+        if !journal {
+            a.push("--no-journal".into());
+        }
+        a.extend(ssh_args(&sshd, Via::Builtin, BIN));
+        a.push(url(&sshd, &env.path("missing.raw")));
+        a.push("dst.raw".into());
+        let out = remote_cmd(&env, &sshd, &a).output().unwrap();
+        let line = assert_one_line_error(&out, "pull of a missing SRC");
+        assert!(line.contains("missing.raw"), "{line}");
+        assert!(
+            !line.contains("partly updated") && !line.contains("mid-sync"),
+            "journal {journal}: {line}"
+        );
+        assert_eq!(std::fs::read(env.path("dst.raw")).unwrap(), [5u8; 8192]);
+    }
+}
