@@ -45,6 +45,25 @@ pub struct Output {
     /// no-op.
     replaces: bool,
     committed: bool,
+    /// A named temporary file (no O_TMPFILE) is created 0600, so nobody
+    /// else can open the disk's data while it is written; the mode a new
+    /// file gets when no source says otherwise (0666 less the umask) is
+    /// set at commit unless [`Output::adopt`] set one.
+    default_mode: Option<u32>,
+    adopted: std::sync::atomic::AtomicBool,
+}
+
+/// The process's umask, read without changing it (`umask(2)` can only set
+/// it, racing with other threads); 022 when /proc does not say.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 /// A source file's permission bits and owner, for a new output to take.
@@ -148,6 +167,8 @@ impl Output {
                     kind: Kind::BlockDevice { size },
                     replaces: true,
                     committed: false,
+                    default_mode: None,
+                    adopted: Default::default(),
                 });
             }
             Ok(m) if m.is_dir() => {
@@ -192,7 +213,7 @@ impl Output {
                     CWD,
                     &temp,
                     OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC,
-                    mode,
+                    Mode::from_raw_mode(0o600),
                 )?;
                 (File::from(fd), Kind::Named { dir, temp })
             }
@@ -220,12 +241,16 @@ impl Output {
             };
             file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
+        let default_mode =
+            (matches!(kind, Kind::Named { .. }) && existing.is_none()).then(|| 0o666 & !umask());
         Ok(Output {
             file,
             path: path.to_path_buf(),
             kind,
             replaces: existing.is_some(),
             committed: false,
+            default_mode,
+            adopted: Default::default(),
         })
     }
 
@@ -237,7 +262,10 @@ impl Output {
         if self.replaces || self.is_block_device() {
             return Ok(());
         }
-        apply_meta(&self.file, meta)
+        apply_meta(&self.file, meta)?;
+        self.adopted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -306,6 +334,12 @@ impl Output {
 
     /// Makes the output durable and visible under its final name.
     pub fn commit(mut self) -> io::Result<()> {
+        if let Some(mode) = self.default_mode {
+            if !self.adopted.load(std::sync::atomic::Ordering::Relaxed) {
+                self.file
+                    .set_permissions(std::fs::Permissions::from_mode(mode))?;
+            }
+        }
         self.file.sync_all()?;
         match &self.kind {
             Kind::BlockDevice { .. } => {}
@@ -539,6 +573,33 @@ fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_named_temporary_is_private_until_it_is_committed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for adopt in [false, true] {
+            let path = dir.path().join(format!("new-{adopt}.raw"));
+            let out = Output::create_with(&path, false).unwrap();
+            let temp_mode = out.file().metadata().unwrap().permissions().mode() & 0o7777;
+            assert_eq!(
+                temp_mode, 0o600,
+                "the data is written where only we can read it"
+            );
+            if adopt {
+                out.adopt(&FileMeta {
+                    mode: 0o640,
+                    uid: rustix::process::geteuid().as_raw(),
+                    gid: rustix::process::getegid().as_raw(),
+                })
+                .unwrap();
+            }
+            out.commit().unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            let want = if adopt { 0o640 } else { 0o666 & !umask() };
+            assert_eq!(mode, want, "adopt {adopt}");
+        }
+    }
     use super::*;
 
     fn names(dir: &Path) -> Vec<String> {
