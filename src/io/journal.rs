@@ -11,7 +11,7 @@
 //! Its existence means "sync in progress".
 //!
 //! A journal belongs to one destination: its header records DST's identity
-//! (a file's device and inode; a block device's device number and size),
+//! (a file's device and inode; a block device's device number, size and sysfs identity),
 //! and a journal is used only for the DST with that identity (a journal
 //! renamed or copied beside another file is refused, never applied). It is
 //! also used only when it is ours ([`super::owned`]): opened without
@@ -33,7 +33,7 @@
 //!   36  sync_id     [u8; 32] chosen by the caller; resume compares it
 //!   68  dst_kind    u32      1 = regular file, 2 = block device
 //!   72  dst_dev     u64      file: st_dev; device: st_rdev
-//!   80  dst_ino     u64      file: st_ino; device: 0
+//!   80  dst_ino     u64      file: st_ino; device: sysfs fingerprint (0: none)
 //!   88  dst_size    u64      device: its size (BLKGETSIZE64); file: 0
 //!   96  crc         u32      crc32 of bytes 0..96
 //! then batches, one per `Journal::sync`, back to back:
@@ -138,8 +138,47 @@ pub const DEVICE_DIR: &str = "/var/lib/imgsync/journals";
 pub enum DstId {
     /// A regular file: its file system's device and its inode.
     File { dev: u64, ino: u64 },
-    /// A block device: its device number and size in bytes.
-    Device { rdev: u64, size: u64 },
+    /// A block device: its device number and size in bytes, and a
+    /// fingerprint of what the kernel says the device is (0: nothing to
+    /// say). Loop and device-mapper numbers are handed out again: a loop
+    /// device later backed by another file, or another LV that gets the
+    /// same minor, must not take this journal.
+    Device { rdev: u64, size: u64, stable: u64 },
+}
+
+/// The fingerprint of block device `rdev` (see [`DstId::Device`]): BLAKE3
+/// of what sysfs says identifies it — a device-mapper UUID (LVM's VG and LV
+/// UUIDs), a loop device's backing file and offset, a disk's WWID or
+/// serial — or 0 when sysfs says none of it.
+fn device_fingerprint(rdev: u64) -> u64 {
+    let base = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    );
+    let mut h = blake3::Hasher::new();
+    let mut any = false;
+    for f in [
+        "dm/uuid",
+        "loop/backing_file",
+        "loop/offset",
+        "wwid",
+        "device/wwid",
+        "device/serial",
+    ] {
+        if let Ok(v) = std::fs::read(format!("{base}/{f}")) {
+            h.update(f.as_bytes());
+            h.update(&v);
+            any = true;
+        }
+    }
+    if !any {
+        return 0;
+    }
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_bytes()[..8]);
+    u64::from_be_bytes(b).max(1)
 }
 
 impl DstId {
@@ -153,6 +192,7 @@ impl DstId {
             Ok(DstId::Device {
                 rdev: meta.rdev(),
                 size,
+                stable: device_fingerprint(meta.rdev()),
             })
         } else {
             Ok(DstId::File {
@@ -171,9 +211,14 @@ impl std::fmt::Display for DstId {
                 let (ma, mi) = mm(dev);
                 write!(f, "the file with inode {ino} on device {ma}:{mi}")
             }
-            DstId::Device { rdev, size } => {
+            DstId::Device { rdev, size, stable } => {
                 let (ma, mi) = mm(rdev);
-                write!(f, "block device {ma}:{mi} of {size} bytes")
+                write!(f, "block device {ma}:{mi} of {size} bytes")?;
+                if stable != 0 {
+                    // What the kernel says it is (backing file, dm UUID).
+                    write!(f, " (identity {stable:016x})")?;
+                }
+                Ok(())
             }
         }
     }
@@ -848,7 +893,8 @@ fn encode_header(h: &JournalHeader) -> [u8; HEADER_LEN] {
     b[36..68].copy_from_slice(&h.sync_id);
     let (kind, dev, ino, size) = match h.dst {
         DstId::File { dev, ino } => (DST_FILE, dev, ino, 0),
-        DstId::Device { rdev, size } => (DST_DEVICE, rdev, 0, size),
+        // A device has no inode: its fingerprint takes that slot.
+        DstId::Device { rdev, size, stable } => (DST_DEVICE, rdev, stable, size),
     };
     b[68..72].copy_from_slice(&kind.to_be_bytes());
     b[72..80].copy_from_slice(&dev.to_be_bytes());
@@ -891,7 +937,11 @@ fn decode_header(b: &[u8; HEADER_LEN], path: &Path) -> Result<JournalHeader, Jou
     );
     let dst = match be_u32(b, 68).unwrap_or(0) {
         DST_FILE if size == 0 => DstId::File { dev, ino },
-        DST_DEVICE if ino == 0 => DstId::Device { rdev: dev, size },
+        DST_DEVICE => DstId::Device {
+            rdev: dev,
+            size,
+            stable: ino,
+        },
         kind => {
             return Err(corrupt(format!(
                 "destination kind {kind} with inode {ino} and size {size}"

@@ -1070,6 +1070,33 @@ fn device_journals_belong_to_one_device_by_any_name() {
     std::os::unix::fs::chown(&jb, Some(0), Some(0)).unwrap();
     chmod(&jb, 0o600);
 
+    // The loop device is detached and its number handed to another image
+    // of the same size: b's journal is not that device's (not resumed, not
+    // rolled back onto it); b attached again finds it.
+    fs::write(env.path("c.img"), random_bytes(size as usize, 800, false)).unwrap();
+    copy(&env.path("c.img"), &env.path("c-before.img"));
+    let losetup = |args: &[&str]| {
+        let ok = Command::new("losetup")
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "losetup {args:?}");
+    };
+    losetup(&["-d", &lb.0]);
+    losetup(&[&lb.0, &env.path("c.img").display().to_string()]);
+    let line = assert_one_line_error(&env.imgsync(&["sync", "--rollback", &lb.0]), "reused");
+    assert!(!line.contains("rolled back"), "{line}");
+    let info = env.imgsync_json(&["info", "--output", "json", &lb.0]);
+    assert!(info.get("sync-in-progress").is_none(), "{info}");
+    assert!(
+        cmp(db, &env.path("c-before.img")),
+        "c changed by b's journal"
+    );
+    assert!(jb.exists(), "b's journal went with c");
+    losetup(&["-d", &lb.0]);
+    losetup(&[&lb.0, &env.path("b.img").display().to_string()]);
+
     // Rolled back through the device node's own name.
     let out = env.imgsync(&["sync", "--rollback", &lb.0]);
     assert!(
