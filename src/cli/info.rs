@@ -1,6 +1,6 @@
 //! `imgsync info`: what qemu-img info prints, with the same JSON key names.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -19,10 +19,7 @@ pub fn run(
     locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
-    let mut out = BufWriter::new(super::output::stdout());
-    let code = run_to(&mut out, path, format, locking, output)?;
-    out.flush()?;
-    Ok(code)
+    super::output::listing(|out| run_to(out, path, format, locking, output))
 }
 
 /// `run`, printing into `out` (stdout, or the protocol for a remote client).

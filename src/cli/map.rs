@@ -1,7 +1,7 @@
 //! `imgsync map`: the guest's extents after resolving the backing chain, as
 //! `qemu-img map` reports them. No data cluster is read.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -16,10 +16,7 @@ pub fn run(
     locking: Locking,
     output: OutputFormat,
 ) -> Result<u8> {
-    let mut out = BufWriter::new(super::output::stdout());
-    let code = run_to(&mut out, path, format, locking, output)?;
-    out.flush()?;
-    Ok(code)
+    super::output::listing(|out| run_to(out, path, format, locking, output))
 }
 
 /// `run`, printing into `out` (stdout, or the protocol for a remote client).

@@ -27,16 +27,9 @@ pub fn stdout() -> Stdout {
 pub struct Stdout(io::Stdout);
 
 /// The payload of the io::Error a write to a closed stdout returns.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("stdout: the reader closed the pipe")]
 pub struct StdoutClosed;
-
-impl std::fmt::Display for StdoutClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stdout: the reader closed the pipe")
-    }
-}
-
-impl std::error::Error for StdoutClosed {}
 
 fn mark(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::BrokenPipe {
@@ -64,6 +57,14 @@ pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
             .is_some_and(|inner| inner.is::<StdoutClosed>())
             || c.is::<StdoutClosed>()
     })
+}
+
+/// Runs a listing's printer `f` on a buffered stdout, flushed at the end.
+pub fn listing(f: impl FnOnce(&mut dyn io::Write) -> anyhow::Result<u8>) -> anyhow::Result<u8> {
+    let mut out = io::BufWriter::new(stdout());
+    let code = f(&mut out)?;
+    io::Write::flush(&mut out)?;
+    Ok(code)
 }
 
 /// A line on stderr that never panics: with stderr closed (sshd gone, a

@@ -13,7 +13,6 @@ pub mod watch;
 
 pub use file::LocalFile;
 pub use open::{
-    open_image, open_image_files, open_image_metadata, open_metadata_source, open_source, Locking,
-    OpenError, OpenOptions, Source,
+    open_image, open_metadata_source, open_source, Locking, OpenError, OpenOptions, Source,
 };
 pub use output::{FileMeta, Output};

@@ -93,31 +93,17 @@ impl OpenError {
 
 /// Opens `path` with its whole backing chain.
 pub fn open_image(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
-    open_image_files(path, opts).map(|(image, _)| image)
+    open_source(path, opts).map(|s| s.image)
 }
 
-/// Opens `path` alone, for commands that read its metadata and no guest
-/// data (`info`, `check`): a backing file or external data file it names is
-/// never opened, so the image has no backing and no data file attached. As
-/// nothing is followed, a probed image naming other files is not refused
-/// (qemu-img info opens with BDRV_O_NO_BACKING the same way).
-pub fn open_image_metadata(path: &Path, opts: OpenOptions) -> Result<Image, OpenError> {
-    open_metadata_source(path, opts).map(|s| s.image)
-}
-
-/// [`open_image_metadata`], locked and stamped as [`open_source`] does.
+/// Opens `path` alone, locked and stamped as [`open_source`] does, for
+/// commands that read its metadata and no guest data (`info`, `check`): a
+/// backing file or external data file it names is never opened, so the
+/// image has no backing and no data file attached. As nothing is followed,
+/// a probed image naming other files is not refused (qemu-img info opens
+/// with BDRV_O_NO_BACKING the same way).
 pub fn open_metadata_source(path: &Path, opts: OpenOptions) -> Result<Source, OpenError> {
     open_top(path, opts, false)
-}
-
-/// Opens `path` with its whole backing chain, and lists the files it reads
-/// (canonical paths of every image in the chain and of external data files),
-/// so a writer can refuse to overwrite any of them.
-pub fn open_image_files(
-    path: &Path,
-    opts: OpenOptions,
-) -> Result<(Image, Vec<PathBuf>), OpenError> {
-    open_source(path, opts).map(|s| (s.image, s.files))
 }
 
 /// Opens `path` with its whole backing chain, locked and stamped.

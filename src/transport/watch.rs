@@ -35,16 +35,9 @@ pub struct Watch {
 
 /// The payload of the io::Error a wait returns when the user interrupted
 /// it (SIGINT/SIGTERM).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
 pub struct Cancelled;
-
-impl std::fmt::Display for Cancelled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Cancelled {}
 
 /// Whether `e` (or what it wraps) is a wait the user interrupted.
 pub fn is_cancelled(e: &(dyn std::error::Error + 'static)) -> bool {
