@@ -137,6 +137,14 @@ impl Env {
         String::from_utf8(out.stdout).expect("qemu-img output is utf-8")
     }
 
+    /// `qemu-img create -f qcow2 -b BASE -F BASE_FMT TOP`: a qcow2 overlay
+    /// of `base`, as large as it.
+    pub fn overlay(&self, top: &str, base: &str, base_fmt: &str) {
+        self.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", base_fmt, top,
+        ]);
+    }
+
     /// Applies `ops` to `img` (format `fmt`) in one qemu-io run.
     pub fn qemu_io(&self, fmt: &str, img: &str, ops: &[Op]) {
         let mut cmds = Vec::new();

@@ -177,17 +177,7 @@ fn an_image_a_running_qemu_writes_is_refused_unless_force_share() {
 fn a_backing_file_a_running_qemu_writes_is_refused_by_name() {
     let env = qemu_env!();
     env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    env.overlay("top.qcow2", "base.qcow2", "qcow2");
     let _holder = Holder::start(&env, "qcow2", "base.qcow2", false);
     let out = env.imgsync(&["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
     let line = assert_one_line_error(&out, "convert of an overlay");
@@ -199,17 +189,7 @@ fn a_backing_file_a_running_qemu_writes_is_refused_by_name() {
 fn while_imgsync_reads_an_image_qemu_cannot_open_it_for_writing() {
     let env = qemu_env!();
     sparse_source(&env.path("base.raw"), 16);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-    ]);
+    env.overlay("top.qcow2", "base.raw", "raw");
     assert!(qemu_can_write(&env, "qcow2", "top.qcow2"));
     let hook = env.path("pause");
     let cmd = imgsync(&env, &["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
@@ -315,17 +295,7 @@ fn a_source_written_while_read_fails_convert_and_sync_locally() {
 fn a_qcow2_chain_member_written_while_read_is_named() {
     let env = qemu_env!();
     sparse_source(&env.path("base.raw"), 16);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-    ]);
+    env.overlay("top.qcow2", "base.raw", "raw");
     let hook = env.path("pause");
     let cmd = imgsync(&env, &["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
     let out = with_change_before_check(cmd, &hook, || scribble(&env.path("base.raw"), MIB));

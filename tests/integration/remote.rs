@@ -65,7 +65,7 @@ pub(crate) fn ssh_args(sshd: &Sshd, via: Via, remote: &str) -> Vec<String> {
 }
 
 /// imgsync in the test dir, blind to the real ~/.ssh and agent.
-fn command(env: &Env, sshd: &Sshd, args: &[String]) -> Command {
+pub(crate) fn command(env: &Env, sshd: &Sshd, args: &[String]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).current_dir(env.root());
     sshd.env(&mut cmd);
@@ -853,17 +853,7 @@ fn check_of_a_remote_image_exits_as_qemu_img_check() {
     corrupt[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
     fs::write(env.path("corrupt.qcow2"), &corrupt).unwrap();
     env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    env.overlay("top.qcow2", "base.qcow2", "qcow2");
     fs::remove_file(env.path("base.qcow2")).unwrap();
     let host = format!("127.0.0.1:{}", sshd.port());
     for via in BOTH {

@@ -423,21 +423,7 @@ fn killed_local_sync_resumes_or_rolls_back() {
     for at in [MIB, 60 * MIB, 150 * MIB] {
         for then_rollback in [true, false] {
             copy(&env.path("old.raw"), &env.path("dst.raw"));
-            let mut child = Command::new(BIN)
-                .args(["sync", "-q", "--compress-level", "0", "src.raw", "dst.raw"])
-                .current_dir(env.root())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let pid = child.id();
-            wait_until(
-                || wchar(&pid.to_string()) > at || child.try_wait().unwrap().is_some(),
-                "sync writes",
-            );
-            kill9(&pid.to_string());
-            let st = child.wait().unwrap();
-            assert!(st.code().is_none(), "at {at}: sync ended before the kill");
+            killed_sync(&env, "src.raw", "dst.raw", at);
             assert!(journal.exists(), "at {at}: no journal");
             // info and check say the image is mid-sync.
             let info = env.imgsync_json(&["info", "--output", "json", "dst.raw"]);
