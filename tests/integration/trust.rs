@@ -59,17 +59,16 @@ fn local_sync_from_a_damaged_source_names_the_source() {
     assert_eq!(std::fs::read(env.path("dst.raw")).unwrap(), before);
 }
 
-#[test]
-fn convert_into_a_pipe_closed_early_fails() {
-    let env = qemu_env!();
-    std::fs::write(env.path("r.raw"), random_bytes(8 << 20, 1, false)).unwrap();
-    let mut child = imgsync(&env)
-        .args(["convert", "r.raw", "-"])
+/// `imgsync ARGS | head -c N`: reads N bytes of its stdout, closes the
+/// pipe, and returns how it ended.
+fn read_then_close(env: &Env, args: &[&str], n: usize) -> std::process::Output {
+    let mut child = imgsync(env)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut head = [0u8; 1000];
+    let mut head = vec![0u8; n];
     child
         .stdout
         .as_mut()
@@ -77,7 +76,14 @@ fn convert_into_a_pipe_closed_early_fails() {
         .read_exact(&mut head)
         .unwrap();
     drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn convert_into_a_pipe_closed_early_fails() {
+    let env = qemu_env!();
+    std::fs::write(env.path("r.raw"), random_bytes(8 << 20, 1, false)).unwrap();
+    let out = read_then_close(&env, &["convert", "r.raw", "-"], 1000);
     let line = assert_one_line_error(&out, "convert r.raw - | head -c 1000");
     assert!(line.contains("-: writing the stream"), "{line}");
 }
@@ -91,21 +97,7 @@ fn a_listing_into_a_pipe_closed_early_ends_quietly() {
     for i in 0..2048u64 {
         std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], i * 8192).unwrap();
     }
-    let mut child = imgsync(&env)
-        .args(["map", "many.raw"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = [0u8; 100];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = read_then_close(&env, &["map", "many.raw"], 100);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -192,12 +184,7 @@ macro_rules! ssh_env {
     }};
 }
 
-fn remote_cmd(env: &Env, sshd: &Sshd, args: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).current_dir(env.root());
-    sshd.env(&mut cmd);
-    cmd
-}
+use crate::remote::command as remote_cmd;
 
 #[test]
 fn a_banner_or_another_program_is_recognised() {
@@ -666,4 +653,34 @@ fn a_pull_that_fails_before_any_change_does_not_claim_dst_changed() {
         );
         assert_eq!(std::fs::read(env.path("dst.raw")).unwrap(), [5u8; 8192]);
     }
+}
+
+#[test]
+fn ctrl_c_ends_a_connect_that_hangs() {
+    let env = crate::common::temp_env();
+    // The kernel accepts, nobody answers: the SSH handshake waits (60 s by
+    // default) on a thread the interrupt leaves behind.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut child = imgsync(&env)
+        .args(["info", "--ssh-config", "/dev/null"])
+        .arg(format!("ssh://127.0.0.1:{port}/x.raw"))
+        .env("HOME", env.root())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(child.try_wait().unwrap().is_none(), "ended early");
+    let t = Instant::now();
+    kill(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let line = assert_one_line_error(&out, "interrupted connect");
+    assert_eq!(
+        line,
+        format!("imgsync: 127.0.0.1:{port}: interrupted while connecting")
+    );
+    drop(l);
 }
