@@ -8,6 +8,7 @@ pub mod cli;
 pub mod engine;
 pub mod io;
 pub mod protocol;
+pub mod session;
 pub mod transport;
 
 pub use imgsync_formats as formats;

@@ -7,13 +7,13 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use imgsync_formats::Format;
 
-use super::convert::engine_error;
 use super::location::Location;
 use super::progress::{interrupt_flag, progress_of, Reporting};
-use super::remote::{self, SshArgs};
+use super::ssh::SshArgs;
 use super::{exit, OutputFormat};
 use crate::engine::compare::{self, Outcome};
 use crate::io::{open_source, OpenOptions};
+use crate::session::{named, Client};
 
 pub struct Args {
     pub a: OsString,
@@ -47,38 +47,22 @@ pub fn run(args: Args) -> Result<u8> {
             let a = open(&pa, args.format_a)?;
             let b = open(&pb, args.format_b)?;
             let result = compare::compare(&a, &b, progress, &cancel);
-            let (outcome, _stats) = result.map_err(|e| engine_error(e, &pa, &pb, Some(&pb)))?;
+            let (outcome, _stats) = result.map_err(|e| named(e, &pa, &pb, Some(&pb)))?;
             (outcome, a.virtual_size() != b.virtual_size())
         }
         // Contents are compared both ways alike: the remote side is pulled
         // as a stream, whichever argument it is.
         (Location::Local(pa), Location::Remote { host, path }) => {
             let a = open(&pa, args.format_a)?;
-            remote::compare(
-                &a,
-                &pa,
-                &host,
-                &path,
-                args.format_b,
-                args.force_share,
-                &args.ssh,
-                progress,
-                &cancel,
-            )?
+            let client = Client::connect(&host, &args.ssh.options())?;
+            let r = client.compare(&a, &pa, &path, args.format_b, args.force_share, progress)?;
+            (r.outcome, r.size_mismatch)
         }
         (Location::Remote { host, path }, Location::Local(pb)) => {
             let b = open(&pb, args.format_b)?;
-            remote::compare(
-                &b,
-                &pb,
-                &host,
-                &path,
-                args.format_a,
-                args.force_share,
-                &args.ssh,
-                progress,
-                &cancel,
-            )?
+            let client = Client::connect(&host, &args.ssh.options())?;
+            let r = client.compare(&b, &pb, &path, args.format_a, args.force_share, progress)?;
+            (r.outcome, r.size_mismatch)
         }
         (a, b) => bail!("{a} / {b}: compare needs at least one local image"),
     };

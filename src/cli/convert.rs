@@ -1,21 +1,26 @@
 //! `imgsync convert`: SRC (with its backing chain, flattened) into a new
-//! raw or QCOW2 image at DST, appearing only when complete.
+//! raw or QCOW2 image at DST, appearing only when complete. DST or SRC may
+//! be on a host (the session's push and pull) or `-` (a one-way stream on
+//! stdout or stdin).
 
 use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use imgsync_formats::qcow2::CompressionType;
 use imgsync_formats::Format;
 
 use super::location::Location;
+use super::output::human_size;
 use super::progress::{interrupt_flag, progress_of, Reporting};
-use super::remote::{self, SshArgs};
+use super::ssh::SshArgs;
 use super::{exit, OutputFormat};
 use crate::engine;
-use crate::engine::convert::{self, ConvertOptions};
+use crate::engine::convert;
 use crate::io::{open_source, FileMeta, OpenOptions, Output, Source};
+use crate::session::{self, named, Client, TransferOptions, TransferReport};
 
 /// Largest `-S` accepted (qemu-img's limit).
 const MAX_MIN_SPARSE: u64 = 16 << 20;
@@ -55,20 +60,151 @@ pub fn run(a: Args) -> Result<u8> {
     }
     let src = Location::parse(&a.src)?;
     let dst = Location::parse(&a.dst)?;
-    match (&src, &dst) {
-        (Location::Local(s), Location::Local(d)) => run_local(&a, s, d),
+    let report = match (&src, &dst) {
+        (Location::Local(s), Location::Local(d)) => return run_local(&a, s, d),
         (Location::Local(s), Location::Remote { host, path }) => {
-            remote::push(&a, open_src(&a, s)?, s, host, path)
+            let source = open_src(&a, s)?;
+            // Options DST cannot take are refused before connecting.
+            let opts = transfer_options(&a).convert_options(source.image.format())?;
+            convert::check_options(&source.image, &opts).map_err(|e| {
+                named(e, s, Path::new(&dst_name(&dst)), None)
+            })?;
+            let client = Client::connect(host, &a.ssh.options())?;
+            let bar = a.reporting.bar();
+            client.push(&source, s, path, &transfer_options(&a), progress_of(&bar))?
         }
-        (Location::Remote { host, path }, Location::Local(d)) => remote::pull(&a, host, path, d),
-        (Location::Local(s), Location::Stdio) => remote::to_stdout(&a, open_src(&a, s)?, s),
-        (Location::Stdio, Location::Local(d)) => remote::from_stdin(&a, d),
+        (Location::Remote { host, path }, Location::Local(d)) => {
+            let opts = transfer_options(&a);
+            // The options must suit some output format before connecting.
+            opts.convert_options(a.output_format.unwrap_or(Format::Raw))
+                .or_else(|_| opts.convert_options(Format::Qcow2))?;
+            let client = Client::connect(host, &a.ssh.options())?;
+            let bar = a.reporting.bar();
+            client.pull(path, d, &opts, progress_of(&bar))?
+        }
+        (Location::Local(s), Location::Stdio) => return to_stdout(&a, s),
+        (Location::Stdio, Location::Local(d)) => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                bail!("-: stdin is a terminal, not an imgsync stream");
+            }
+            let bar = a.reporting.bar();
+            session::stream::receive_stream(
+                stdin,
+                d,
+                &transfer_options(&a),
+                progress_of(&bar),
+                &interrupt_flag(),
+            )?
+        }
         _ => bail!(
             "{} -> {}: one side must be a local file (remote to remote and stream to stream are not supported)",
             src,
             dst
         ),
+    };
+    print_stats(&a, &src.to_string(), &dst_name(&dst), &report)?;
+    Ok(exit::OK)
+}
+
+/// DST as transfer reports name it (`ssh://host:port/path` with a port).
+fn dst_name(dst: &Location) -> String {
+    match dst {
+        Location::Remote { host, path } => session::location_name(host, path),
+        d => d.to_string(),
     }
+}
+
+fn transfer_options(a: &Args) -> TransferOptions {
+    TransferOptions {
+        src_format: a.format,
+        output_format: a.output_format,
+        compression: a.compress.then_some(a.compression_type),
+        min_sparse: a.min_sparse,
+        cluster_bits: a.cluster_size.trailing_zeros(),
+        target_is_zero: a.target_is_zero,
+        check_space: !a.no_space_check,
+        workers: a
+            .threads
+            .unwrap_or_else(crate::engine::pipeline::default_workers),
+        level: a.compress_level,
+        force_share: a.force_share,
+    }
+}
+
+/// Local SRC as a one-way protocol stream on stdout (`convert SRC -`).
+fn to_stdout(a: &Args, src: &Path) -> Result<u8> {
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        bail!("-: refusing to write an imgsync stream to a terminal (pipe it into `imgsync convert - DST`)");
+    }
+    let source = open_src(a, src)?;
+    let bar = a.reporting.bar();
+    session::stream::send_stream(
+        &source,
+        src,
+        stdout,
+        &transfer_options(a),
+        progress_of(&bar),
+        &interrupt_flag(),
+    )?;
+    Ok(exit::OK)
+}
+
+/// `--stats` and `--output json` of a transfer with a remote or `-` end.
+fn print_stats(a: &Args, src: &str, dst: &str, s: &TransferReport) -> Result<()> {
+    let ratio = if s.wire_bytes > 0 {
+        s.data_sent as f64 / s.wire_bytes as f64
+    } else {
+        0.0
+    };
+    let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
+    let mut out = super::output::stdout();
+    if a.output == OutputFormat::Json {
+        let v = serde_json::json!({
+            "source": src,
+            "destination": dst,
+            "format": s.format.name(),
+            "virtual-size": s.virtual_size,
+            "bytes-read": s.bytes_read,
+            "zero-bytes": s.zero_bytes,
+            "data-sent": s.data_sent,
+            "wire-bytes": s.wire_bytes,
+            "compression-ratio": (ratio * 1000.0).round() / 1000.0,
+            "bytes-written": s.bytes_written,
+            "compressed-clusters": s.clusters_compressed,
+            "compress-level": s.level,
+            "seconds": s.seconds,
+            "rate": rate.round(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else if a.stats {
+        writeln!(
+            out,
+            "data read:     {} ({} bytes)",
+            human_size(s.bytes_read),
+            s.bytes_read
+        )?;
+        writeln!(out, "zeros skipped: {}", human_size(s.zero_bytes))?;
+        writeln!(out, "data sent:     {}", human_size(s.data_sent))?;
+        writeln!(
+            out,
+            "on the wire:   {} ({} bytes, ratio {ratio:.2})",
+            human_size(s.wire_bytes),
+            s.wire_bytes
+        )?;
+        if let Some(l) = s.level {
+            writeln!(out, "zstd level:    {l} (at the end)")?;
+        }
+        writeln!(out, "written:       {}", human_size(s.bytes_written))?;
+        writeln!(
+            out,
+            "time:          {:.2} s ({}/s)",
+            s.seconds,
+            human_size(rate as u64)
+        )?;
+    }
+    Ok(())
 }
 
 /// SRC with its chain, locked as qemu-img locks a source (or not, with
@@ -89,24 +225,10 @@ fn open_src(a: &Args, src: &Path) -> Result<Source> {
 fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     let source = open_src(a, src)?;
     let (image, files) = (&source.image, &source.files);
-    let output_format = a.output_format.unwrap_or(image.format());
-    if a.compress && output_format != Format::Qcow2 {
-        bail!("-c (compression) needs qcow2 output (-O qcow2)");
-    }
+    let opts = transfer_options(a).convert_options(image.format())?;
+    let output_format = opts.output_format;
     refuse_overwriting_source(dst, files)?;
-
-    let opts = ConvertOptions {
-        output_format,
-        min_sparse: a.min_sparse,
-        compression: a.compress.then_some(a.compression_type),
-        cluster_bits: a.cluster_size.trailing_zeros(),
-        target_is_zero: a.target_is_zero,
-        check_space: !a.no_space_check,
-        workers: a
-            .threads
-            .unwrap_or_else(crate::engine::pipeline::default_workers),
-    };
-    convert::check_options(image, &opts).map_err(|e| engine_error(e, src, dst, None))?;
+    convert::check_options(image, &opts).map_err(|e| named(e, src, dst, None))?;
     let cancel = interrupt_flag();
     let out = Output::create(dst).with_context(|| dst.display().to_string())?;
     out.adopt(&FileMeta::of_path(src).with_context(|| src.display().to_string())?)
@@ -118,10 +240,10 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     let report = match result {
         Ok(r) => r,
         // `out` is dropped on return: nothing appears under DST.
-        Err(e) => return Err(engine_error(e, src, dst, None)),
+        Err(e) => return Err(named(e, src, dst, None).into()),
     };
     if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(engine_error(engine::Error::Interrupted, src, dst, None));
+        return Err(named(engine::Error::Interrupted, src, dst, None).into());
     }
     if let Err(e) = source.watch.check() {
         // A file output is dropped unlinked; a device was written in place.
@@ -136,7 +258,6 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     out.commit()
         .with_context(|| format!("{}: completing the output", dst.display()))?;
     if a.output == OutputFormat::Json {
-        use std::io::Write;
         let mut out = super::output::stdout();
         let v = serde_json::json!({
             "source": src.display().to_string(),
@@ -152,34 +273,6 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
     Ok(exit::OK)
-}
-
-/// Names the file an engine error belongs to.
-pub fn engine_error(
-    e: engine::Error,
-    src: &Path,
-    dst: &Path,
-    other: Option<&Path>,
-) -> anyhow::Error {
-    let src = src.display();
-    let dst = dst.display();
-    match e {
-        engine::Error::Source(e) => anyhow!(e).context(src.to_string()),
-        engine::Error::Other(e) => {
-            anyhow!(e).context(other.map_or(dst.to_string(), |p| p.display().to_string()))
-        }
-        engine::Error::Dest(e) => anyhow!(e).context(dst.to_string()),
-        engine::Error::DestFormat(e) => anyhow!(e).context(dst.to_string()),
-        e @ engine::Error::NoSpace { .. } => {
-            anyhow!("{dst}: {e} (nothing was written; --no-space-check skips this check)")
-        }
-        e @ engine::Error::DeviceTooSmall { .. } => anyhow!("{dst}: {e}"),
-        engine::Error::Interrupted => anyhow!("{dst}: interrupted; nothing was written"),
-        e @ engine::Error::Internal(_) => anyhow!("{src}: {e}"),
-        // Names the file of the chain that changed.
-        e @ engine::Error::SourceChanged(_) => anyhow!(e),
-        engine::Error::Protocol(e) => anyhow!(e),
-    }
 }
 
 /// Refuses a DST that is SRC or any file SRC reads (backing files, data

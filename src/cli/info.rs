@@ -127,7 +127,7 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
         }
     }
     o.insert("dirty-flag".into(), json!(dirty));
-    match super::sync::journal_state(path) {
+    match crate::session::journal_state(path) {
         Some((j, JournalState::InProgress)) => {
             // imgsync's own key: an interrupted sync left DST partly updated.
             o.insert("sync-in-progress".into(), json!(true));

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::transport::Host;
+use crate::session::Host;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {

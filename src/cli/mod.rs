@@ -10,9 +10,8 @@ mod location;
 mod map;
 mod output;
 mod progress;
-mod remote;
-mod serve;
 mod size;
+mod ssh;
 mod sync;
 
 use std::ffi::OsString;
@@ -21,7 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use imgsync_formats::Format;
 
-use crate::protocol::msg::QueryCommand;
+use crate::session::{self, Query};
 
 /// Exit statuses (the contract in CLI.md): 0 success, 1 differs (compare),
 /// 2 error; `check` has qemu-img check's own codes.
@@ -95,7 +94,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
         image: OsString,
     },
@@ -111,7 +110,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
         image: OsString,
     },
@@ -176,7 +175,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         #[command(flatten)]
         reporting: progress::Reporting,
         /// human: print nothing on success; json: a final report
@@ -210,7 +209,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         /// Image A: a path, [user@]host:PATH or ssh://...
         a: OsString,
         /// Image B: a path, [user@]host:PATH or ssh://...
@@ -272,7 +271,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         #[command(flatten)]
         reporting: progress::Reporting,
         #[arg(long, value_enum, default_value = "human")]
@@ -286,7 +285,7 @@ enum Command {
     Serve {
         /// Give up when the client sends nothing for this many seconds (0:
         /// never); the client passes its own --timeout
-        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = remote::parse_timeout)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = ssh::parse_timeout)]
         timeout: u64,
     },
     /// Validate an image's metadata, with qemu-img check's exit status
@@ -307,7 +306,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
-        ssh: remote::SshArgs,
+        ssh: ssh::SshArgs,
         /// The image: a path, [user@]host:PATH or ssh://...
         image: OsString,
     },
@@ -315,27 +314,80 @@ enum Command {
 
 /// info, map or check of a local or remote image.
 fn query(
-    command: QueryCommand,
+    command: Query,
     image: &OsString,
     format: Option<FormatArg>,
     output: OutputFormat,
     force_share: bool,
-    ssh: &remote::SshArgs,
+    ssh: &ssh::SshArgs,
 ) -> anyhow::Result<u8> {
     let format = format.map(Into::into);
     let locking = locking(force_share);
     match location::Location::parse(image)? {
         location::Location::Local(p) => match command {
-            QueryCommand::Info => info::run(&p, format, locking, output),
-            QueryCommand::Map => map::run(&p, format, locking, output),
-            QueryCommand::Check => check::run(&p, format, locking, output),
-            QueryCommand::Rollback => sync::rollback_to(&mut output::stdout(), &p),
+            Query::Info => info::run(&p, format, locking, output),
+            Query::Map => map::run(&p, format, locking, output),
+            Query::Check => check::run(&p, format, locking, output),
         },
         location::Location::Remote { host, path } => {
-            remote::query(&host, &path, command, format, output, force_share, ssh)
+            let client = session::Client::connect(&host, &ssh.options())?;
+            if command == Query::Check {
+                // Asked for as JSON whatever `output` is, and printed here
+                // from that report: the exit status and stderr line then
+                // come from the counts, as for a local check.
+                let report = client.check(&path, format, force_share)?;
+                check::print_stdout(&report, output)?;
+                return check::finish(&format!("{host}: {path}"), &report);
+            }
+            let json = output == OutputFormat::Json;
+            let mut out = output::stdout();
+            Ok(client.query(&path, command, format, json, force_share, &mut out)?)
         }
         location::Location::Stdio => anyhow::bail!("-: not an image (use a file or host:PATH)"),
     }
+}
+
+/// What `imgsync serve` prints for a remote info, map or check: the same
+/// listings as for a local image.
+struct Listings;
+
+impl session::Hooks for Listings {
+    fn query(
+        &self,
+        query: Query,
+        path: &std::path::Path,
+        format: Option<Format>,
+        locking: crate::io::Locking,
+        json: bool,
+        out: &mut dyn std::io::Write,
+    ) -> session::Result<u8> {
+        let output = if json {
+            OutputFormat::Json
+        } else {
+            OutputFormat::Human
+        };
+        let r = match query {
+            Query::Info => info::run_to(out, path, format, locking, output),
+            Query::Map => map::run_to(out, path, format, locking, output),
+            Query::Check => check::run_to(out, path, format, locking, output),
+        };
+        r.map_err(session::Error::other)
+    }
+
+    fn warn_in_use(&self, in_use: &[std::path::PathBuf], what: &str) {
+        warn_in_use(in_use, what)
+    }
+}
+
+/// `imgsync serve`: one request on stdin/stdout.
+fn serve(timeout: u64) -> anyhow::Result<u8> {
+    let opts = session::ServeOptions {
+        timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
+        cancel: progress::interrupt_flag(),
+        ..Default::default()
+    };
+    session::serve_stdio(&opts, &Listings)?;
+    Ok(exit::OK)
 }
 
 /// qemu's locks on what a command reads: qemu-img's, or none in the way
@@ -407,7 +459,7 @@ pub fn main() -> ExitCode {
             ssh,
             image,
         } => query(
-            QueryCommand::Info,
+            Query::Info,
             &image,
             format,
             output,
@@ -420,7 +472,7 @@ pub fn main() -> ExitCode {
             force_share,
             ssh,
             image,
-        } => query(QueryCommand::Map, &image, format, output, force_share, &ssh),
+        } => query(Query::Map, &image, format, output, force_share, &ssh),
         Command::Check {
             format,
             output,
@@ -428,7 +480,7 @@ pub fn main() -> ExitCode {
             ssh,
             image,
         } => query(
-            QueryCommand::Check,
+            Query::Check,
             &image,
             format,
             output,
@@ -475,7 +527,7 @@ pub fn main() -> ExitCode {
             reporting,
             output,
         }),
-        Command::Serve { timeout } => serve::run(timeout),
+        Command::Serve { timeout } => serve(timeout),
         Command::Sync {
             format,
             output_format,

@@ -194,9 +194,3 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
 }
 
 static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-
-/// Whether SIGINT/SIGTERM/SIGHUP arrived (never before [`interrupt_flag`]
-/// installed the handlers).
-pub fn interrupted() -> bool {
-    FLAG.get().is_some_and(|f| f.load(Ordering::Relaxed))
-}

@@ -1,0 +1,494 @@
+//! The serving loop: `imgsync serve` is the far end of a transfer, started
+//! over SSH (or any pipe) with the protocol on stdin/stdout. The client
+//! says in-band what to do: receive an image into a path (push), send one
+//! (pull), a query (info, map, check, rollback), or either end of a sync.
+//! Errors go back to the client as an ERROR frame naming the file, and to
+//! the caller (serve's stderr).
+
+use std::ffi::OsStr;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgsync_formats::qcow2::CompressionType;
+use imgsync_formats::Format;
+
+use super::error::named;
+use super::{format_of, Error, Query, Result, AUTO_LEVEL};
+use crate::engine::convert::{self, ConvertOptions};
+use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::{self, NoProgress};
+use crate::io::{open_source, FileMeta, Locking, OpenOptions, Output, Source};
+use crate::protocol::msg::{
+    kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
+    SyncReceiveRequest, SyncSendRequest, WireCompression, WireFormat,
+};
+use crate::protocol::{caps, FrameReader, FrameWriter, Limits, Message};
+use crate::transport::watch::{FdReader, FdWriter, RestoreBlocking, Watch};
+
+/// What the serving end needs from above: the listings the command line
+/// prints (a remote info, map or check prints exactly as a local one),
+/// and where warnings go.
+pub trait Hooks: Sync {
+    /// Prints `query` of the image at `path` into `out`, as the command
+    /// line does for a local image; returns its exit status.
+    fn query(
+        &self,
+        query: Query,
+        path: &Path,
+        format: Option<Format>,
+        locking: Locking,
+        json: bool,
+        out: &mut dyn Write,
+    ) -> Result<u8>;
+
+    /// Files a writer holds that are read anyway (`-U`): `what` may be
+    /// inconsistent.
+    fn warn_in_use(&self, in_use: &[PathBuf], what: &str);
+}
+
+/// How the serving end runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Give up when the client sends nothing for this long (`None`: never).
+    pub timeout: Option<Duration>,
+    /// Set to stop (Ctrl-C, SIGTERM).
+    pub cancel: Arc<AtomicBool>,
+    pub workers: usize,
+    /// Set once a sync's DST here may change (its journal is made): what
+    /// a failure leaves DST as.
+    pub changing: Arc<AtomicBool>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            timeout: Some(crate::transport::DEFAULT_TIMEOUT),
+            cancel: Arc::default(),
+            workers: crate::engine::pipeline::default_workers(),
+            changing: Arc::default(),
+        }
+    }
+}
+
+/// Serves one request on stdin/stdout, read and written with the timeout
+/// and the cancel flag (sshd gone, a black-holed link: an error, never a
+/// serve that waits for ever). The client sends keepalives while it is
+/// busy.
+pub fn serve_stdio(opts: &ServeOptions, hooks: &dyn Hooks) -> Result<()> {
+    let watch = Watch::new(opts.timeout, Some(opts.cancel.clone()));
+    let fd = |f: std::io::Result<std::os::fd::OwnedFd>| -> Result<std::os::fd::OwnedFd> {
+        f.map_err(|e| Error::at("serve: stdin/stdout", e))
+    };
+    let stdin = fd(std::io::stdin().as_fd().try_clone_to_owned())?;
+    let stdout = fd(std::io::stdout().as_fd().try_clone_to_owned())?;
+    // O_NONBLOCK belongs to the open file, which whoever started serve
+    // shares: back to blocking when serve ends.
+    let _restore = (
+        RestoreBlocking(fd(stdin.try_clone())?),
+        RestoreBlocking(fd(stdout.try_clone())?),
+    );
+    let writer = FdWriter::new(std::fs::File::from(stdout), watch.clone())
+        .and_then(|w| w.hearing(&stdin))
+        .map_err(|e| Error::at("serve: stdout", e))?;
+    let reader = FdReader::new(std::fs::File::from(stdin), watch.clone())
+        .map_err(|e| Error::at("serve: stdin", e))?;
+    serve(
+        BufReader::with_capacity(1 << 20, reader),
+        BufWriter::with_capacity(256 << 10, writer),
+        Some(&watch),
+        opts,
+        hooks,
+    )
+}
+
+/// Serves one request on a connection: handshake, request, answer. On
+/// failure the client is told (ERROR) and the error returned.
+pub(super) fn serve<R: Read + Send, W: Write + Send + 'static>(
+    reader: R,
+    writer: W,
+    watch: Option<&Watch>,
+    opts: &ServeOptions,
+    hooks: &dyn Hooks,
+) -> Result<()> {
+    let mut fr = FrameReader::new(reader, Limits::DEFAULT.max_frame);
+    let mut fw = FrameWriter::new(writer);
+    let negotiated = handshake(&mut fr, &mut fw).map_err(|e| Error::at("serve", e))?;
+    let (limits, caps) = (negotiated.limits, negotiated.caps);
+    if caps & caps::KEEPALIVE == 0 {
+        // An older client says nothing while it is busy: its silence is
+        // not death.
+        if let Some(w) = watch {
+            w.set_timeout(None);
+        }
+    }
+    let req = match recv_msg(&mut fr, &limits, kind::REQUEST) {
+        Ok(Message::Request(r)) => r,
+        Ok(_) => unreachable!("recv_msg checks the type"),
+        Err(e) => return Err(Error::at("serve", e)),
+    };
+    // Test-only: a serve busy for this long before it answers (as a big
+    // check or a slow disk would be), to show that keepalives stop the
+    // client's --timeout from taking it for dead.
+    if let Some(ms) = std::env::var("IMGSYNC_TEST_SERVE_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let mut end = End {
+        fr,
+        fw,
+        limits,
+        caps,
+        opts,
+        hooks,
+    };
+    let result = match req {
+        Request::Receive(r) => end.receive(r),
+        Request::Send(r) => end.send(r),
+        Request::Query(q) => end.query(q),
+        Request::SyncReceive(r) => end.sync_receive(r),
+        Request::SyncSend(r) => end.sync_send(r),
+    };
+    if let Err(e) = &result {
+        // Tell the client, then fail the same way here (stderr).
+        let _ = send_msg(&mut end.fw, &Message::Error(e.one_line()));
+        let _ = end.fw.flush();
+    }
+    result
+}
+
+/// A path from the wire: `~/x` is under $HOME (as scp's shell would do);
+/// a relative path is relative to the login directory.
+fn path_of(bytes: &[u8]) -> PathBuf {
+    let p = Path::new(OsStr::from_bytes(bytes));
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    p.to_path_buf()
+}
+
+/// qemu's locks on what a request reads: qemu-img's, or none in the way
+/// with `-U`.
+fn locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::Read
+    }
+}
+
+fn level_of(level: i8) -> (i32, bool) {
+    if level == AUTO_LEVEL {
+        (remote::DEFAULT_LEVEL, true)
+    } else {
+        (i32::from(level).clamp(0, 19), false)
+    }
+}
+
+/// The serving end of one connection.
+struct End<'a, R: Read, W: Write> {
+    fr: FrameReader<R>,
+    fw: FrameWriter<W>,
+    limits: Limits,
+    caps: u64,
+    opts: &'a ServeOptions,
+    hooks: &'a dyn Hooks,
+}
+
+impl<R: Read + Send, W: Write> End<'_, R, W> {
+    /// push: a new image at the path, appearing only when complete.
+    fn receive(&mut self, r: ReceiveRequest) -> Result<()> {
+        let dst = path_of(&r.path);
+        let (limits, caps) = (self.limits, self.caps);
+        let info = match recv_msg(&mut self.fr, &limits, kind::IMAGE) {
+            Ok(Message::Image(i)) => i,
+            Ok(_) => unreachable!("recv_msg checks the type"),
+            Err(e) => return Err(Error::at("serve", e)),
+        };
+        let meta =
+            remote::recv_meta(&mut self.fr, &limits, caps).map_err(|e| Error::at("serve", e))?;
+        let output_format = format_of(r.format);
+        let opts = ConvertOptions {
+            output_format,
+            min_sparse: 4096,
+            compression: match r.compression {
+                WireCompression::None => None,
+                WireCompression::Zlib => Some(CompressionType::Zlib),
+                WireCompression::Zstd => Some(CompressionType::Zstd),
+            },
+            cluster_bits: u32::from(r.cluster_bits),
+            target_is_zero: r.target_is_zero,
+            check_space: r.check_space,
+            workers: self.opts.workers,
+        };
+        let named = |e: engine::Error| named(e, Path::new("-"), &dst, None);
+        if opts.compression.is_some() && output_format != Format::Qcow2 {
+            return Err(Error::said(format!(
+                "{}: compression needs qcow2 output",
+                dst.display()
+            )));
+        }
+        convert::check_size_options(info.virtual_size, &opts).map_err(named)?;
+        let out = Output::create(&dst).map_err(|e| Error::at(dst.display(), e))?;
+        if let Some(m) = meta {
+            out.adopt(&remote::io_meta(&m))
+                .map_err(|e| Error::at(dst.display(), e))?;
+        }
+        remote::check_receive(&info, &out, &opts).map_err(named)?;
+        send_msg(&mut self.fw, &Message::Ready).map_err(named)?;
+        self.fw.flush().map_err(|e| named(e.into()))?;
+        let cancel = &self.opts.cancel;
+        let report =
+            remote::receive_chunks(&mut self.fr, &limits, &info, &out, &opts, &NoProgress, cancel)
+                .and_then(|r| {
+                    remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r)
+                })
+                .map_err(|e| match e {
+                    engine::Error::Protocol(p) => Error::said(format!(
+                        "{}: {} (nothing was written)",
+                        dst.display(),
+                        super::one_line(&p)
+                    )),
+                    e => named(e),
+                })?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(named(engine::Error::Interrupted));
+        }
+        out.commit().map_err(|e| {
+            Error::at(format!("{}: completing the output", dst.display()), e)
+        })?;
+        send_msg(
+            &mut self.fw,
+            &Message::Done(Done {
+                bytes_written: report.bytes_written,
+                clusters_compressed: report.clusters_compressed,
+            }),
+        )
+        .map_err(named)?;
+        self.fw.flush().map_err(|e| named(e.into()))?;
+        Ok(())
+    }
+
+    /// SRC here, locked as the client asked (`-U` or not) and stamped.
+    /// Warnings (`-U` beside a writer) go to this end's stderr.
+    fn open_src(&self, src: &Path, format: Option<WireFormat>, force_share: bool) -> Result<Source> {
+        let source = open_source(
+            src,
+            OpenOptions {
+                format: format.map(format_of),
+                allow_corrupt: false,
+                locking: locking(force_share),
+            },
+        )
+        .map_err(Error::other)?;
+        self.hooks.warn_in_use(&source.in_use, "the copy");
+        Ok(source)
+    }
+
+    /// pull (and a remote compare): SRC sent as a stream.
+    fn send(&mut self, r: SendRequest) -> Result<()> {
+        let src = path_of(&r.path);
+        let named = |e: engine::Error| named(e, &src, Path::new("-"), None);
+        let source = self.open_src(&src, r.format, r.force_share)?;
+        let image = &source.image;
+        let chunk = u64::from(r.chunk);
+        if !chunk.is_power_of_two() || chunk < 65536 || chunk > u64::from(self.limits.max_chunk)
+        {
+            return Err(Error::said(format!(
+                "{}: bad chunk size {chunk} requested",
+                src.display()
+            )));
+        }
+        if r.min_sparse % 512 != 0 || r.min_sparse > chunk {
+            return Err(Error::said(format!(
+                "{}: bad -S {} requested",
+                src.display(),
+                r.min_sparse
+            )));
+        }
+        let info = remote::image_info(image, r.unit).map_err(named)?;
+        let meta = FileMeta::of_path(&src).map_err(|e| Error::at(src.display(), e))?;
+        send_msg(&mut self.fw, &Message::Image(info)).map_err(named)?;
+        remote::send_meta(&mut self.fw, self.caps, &meta, image).map_err(named)?;
+        let (level, adaptive) = level_of(r.level);
+        let opts = SendOptions {
+            min_sparse: r.min_sparse,
+            chunk,
+            level,
+            adaptive,
+            ..SendOptions::default()
+        };
+        // A SRC that changed while read ends the stream with ERROR, not END.
+        remote::send_chunks(
+            image,
+            &mut self.fw,
+            &self.limits,
+            &opts,
+            &source.watch,
+            &NoProgress,
+            &self.opts.cancel,
+        )
+        .map_err(named)?;
+        Ok(())
+    }
+
+    /// Runs info, map, check or rollback and sends what it prints as
+    /// OUTPUT frames, then its exit status.
+    fn query(&mut self, q: QueryRequest) -> Result<()> {
+        let path = path_of(&q.path);
+        let format = q.format.map(format_of);
+        let mut out = FrameOut {
+            fw: &mut self.fw,
+            buf: Vec::new(),
+        };
+        let query = match q.command {
+            QueryCommand::Info => Some(Query::Info),
+            QueryCommand::Map => Some(Query::Map),
+            QueryCommand::Check => Some(Query::Check),
+            QueryCommand::Rollback => None,
+        };
+        let code = match query {
+            Some(query) => {
+                self.hooks
+                    .query(query, &path, format, locking(q.force_share), q.json, &mut out)?
+            }
+            None => super::rollback_to(&mut out, &path)?,
+        };
+        out.flush().map_err(Error::other)?;
+        send_msg(out.fw, &Message::Exit(code)).map_err(Error::other)?;
+        out.fw.flush().map_err(Error::other)?;
+        Ok(())
+    }
+
+    /// sync push: DST is here.
+    fn sync_receive(&mut self, r: SyncReceiveRequest) -> Result<()> {
+        let dst = path_of(&r.path);
+        let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)
+            .map_err(|e| Error::at("serve", e))?;
+        check_block_size(r.params.block_size, &dst)?;
+        let target = super::open_target(&dst, r.dst_format.map(format_of))?;
+        if let Some(m) = meta {
+            target
+                .adopt(&remote::io_meta(&m))
+                .map_err(|e| Error::at(dst.display(), e))?;
+        }
+        crate::engine::sync::sync_receive(
+            target,
+            &mut self.fr,
+            &mut self.fw,
+            &self.limits,
+            &r.params,
+            &crate::engine::sync::SyncReceiveOptions {
+                workers: self.opts.workers,
+                cache: Some(dst.clone()),
+                changing: self.opts.changing.clone(),
+            },
+            &self.opts.cancel,
+        )
+        // Everything the receiver reads or writes is DST (its old content
+        // is read through the format layer, a "source" to the engine).
+        .map_err(|e| named(e, &dst, &dst, None))?;
+        Ok(())
+    }
+
+    /// sync pull: SRC is here.
+    fn sync_send(&mut self, r: SyncSendRequest) -> Result<()> {
+        let src = path_of(&r.path);
+        check_block_size(r.block_size, &src)?;
+        let named = |e: engine::Error| named(e, &src, Path::new("-"), None);
+        let source = self.open_src(&src, r.format, r.force_share)?;
+        let image = &source.image;
+        let mut info = remote::image_info(image, 1 << 16).map_err(named)?;
+        // The size DST takes: a raw file's exact length.
+        info.virtual_size = image.content_size();
+        let meta = FileMeta::of_path(&src).map_err(|e| Error::at(src.display(), e))?;
+        send_msg(&mut self.fw, &Message::Image(info)).map_err(named)?;
+        remote::send_meta(&mut self.fw, self.caps, &meta, image).map_err(named)?;
+        self.fw.flush().map_err(|e| named(e.into()))?;
+        let params = crate::protocol::msg::SyncParams {
+            block_size: r.block_size,
+            key: r.key,
+            src_size: image.content_size(),
+            journal: true,
+            check_space: true,
+            reread: false,
+        };
+        let (level, adaptive) = level_of(r.level);
+        let sopts = crate::engine::sync::SyncSendOptions {
+            level,
+            adaptive,
+            workers: self.opts.workers,
+            state: Default::default(),
+        };
+        crate::engine::sync::sync_send(
+            image,
+            &mut self.fr,
+            &mut self.fw,
+            &self.limits,
+            &params,
+            &sopts,
+            &NoProgress,
+            &self.opts.cancel,
+        )
+        .map_err(named)?;
+        // DST is complete as sent; whether SRC held still meanwhile is the
+        // last word (ERROR from `serve` when it did not).
+        source.watch.check().map_err(Error::other)?;
+        if self.caps & caps::SOURCE_CHECK != 0 {
+            send_msg(&mut self.fw, &Message::Exit(0)).map_err(named)?;
+            self.fw.flush().map_err(|e| named(e.into()))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_block_size(bs: u32, path: &Path) -> Result<()> {
+    if !bs.is_power_of_two()
+        || !(crate::engine::sync::MIN_BLOCK..=crate::engine::sync::MAX_BLOCK).contains(&bs)
+    {
+        return Err(Error::said(format!(
+            "{}: bad block size {bs} requested",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Output of a query, sent in OUTPUT frames of up to 256 KiB.
+struct FrameOut<'a, W: Write> {
+    fw: &'a mut FrameWriter<W>,
+    buf: Vec<u8>,
+}
+
+const OUTPUT_FRAME: usize = 256 << 10;
+
+impl<W: Write> Write for FrameOut<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= OUTPUT_FRAME {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+impl<W: Write> FrameOut<'_, W> {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let m = Message::Output(std::mem::take(&mut self.buf));
+        send_msg(self.fw, &m).map_err(std::io::Error::other)
+    }
+}
