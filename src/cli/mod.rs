@@ -1,5 +1,13 @@
-//! The command line: clap → typed options, human/json output, exit codes.
+//! The command line: clap → typed options, locations parsed into local or
+//! remote, reports printed (human and JSON), progress bars, exit codes.
 //! Errors are printed here, once, as `imgsync: <file>: <what>: <cause>`.
+//!
+//! Everything said to another host goes through [`crate::session`]: a
+//! command with a remote end connects a `session::Client` and makes one
+//! call; `imgsync serve` is `session::serve_stdio` with this module's
+//! listings ([`Listings`]) for a remote info, map or check. No command
+//! module uses another's: what they share is here, in `output`,
+//! `progress`, `location`, `size` and `ssh`.
 #![forbid(unsafe_code)]
 
 mod check;

@@ -97,6 +97,23 @@ pub struct SyncOptions {
     pub workers: usize,
 }
 
+impl Default for SyncOptions {
+    /// 64 KiB blocks, a journal, the space check, adaptive zstd.
+    fn default() -> Self {
+        SyncOptions {
+            src_format: None,
+            dst_format: None,
+            block_size: crate::engine::sync::DEFAULT_BLOCK,
+            journal: true,
+            check_space: true,
+            reread: false,
+            level: None,
+            force_share: false,
+            workers: crate::engine::pipeline::default_workers(),
+        }
+    }
+}
+
 /// A remote check's JSON report is held in memory; qemu-img check's lists
 /// are capped (1000 problems each), so a real one is well under this.
 const MAX_CHECK_REPORT: usize = 16 << 20;

@@ -10,7 +10,8 @@
 //!            that changes while it is read (local, device, over sshd).
 //!   perms:   new images keep the source's mode and owner, every path;
 //!   sizes:   raw copies keep a raw file's exact size, every path;
-//!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes).
+//!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
+//!   example: examples/sync_to_host.rs, the library API, against the sshd.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
@@ -18,6 +19,7 @@
 #[macro_use]
 mod common;
 mod convert;
+mod example;
 mod formats;
 mod lock;
 mod perms;
