@@ -1331,7 +1331,7 @@ impl Applier<'_> {
                         file, is_device, ..
                     } = self.target
                     {
-                        crate::io::output::punch_range(file, *is_device, off, len)
+                        crate::io::zero::punch_range(file, *is_device, off, len)
                             .map_err(Error::Dest)?;
                     }
                     self.punched += count;
@@ -1393,7 +1393,7 @@ impl Applier<'_> {
                 Target::Existing {
                     file, is_device, ..
                 },
-            ) => crate::io::output::punch_range(file, *is_device, off, bytes.len() as u64)
+            ) => crate::io::zero::punch_range(file, *is_device, off, bytes.len() as u64)
                 .map_err(Error::Dest),
         }
     }

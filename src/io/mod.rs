@@ -1,5 +1,6 @@
 //! Local I/O: files and block devices as [`formats::Storage`], allocation from
-//! SEEK_DATA/SEEK_HOLE, and opening images with their backing chains.
+//! SEEK_DATA/SEEK_HOLE, making ranges read as zeros ([`zero`]), and opening
+//! images with their backing chains.
 
 pub mod cpu;
 pub mod file;
@@ -10,6 +11,7 @@ pub mod open;
 pub mod output;
 pub mod owned;
 pub mod watch;
+pub mod zero;
 
 pub use file::LocalFile;
 pub use open::{

@@ -13,8 +13,9 @@
 //!
 //! Block devices: written in place (there is no temporary to rename), with
 //! qemu's write locks taken (refused while a running qemu uses it); ranges
-//! that must read as zeros are zeroed with BLKZEROOUT, falling back to
-//! `fallocate(FALLOC_FL_ZERO_RANGE)` and then to writing zeros.
+//! that must read as zeros are zeroed through
+//! [`super::zero::zero_device_range`] (BLKZEROOUT, with the fallback order
+//! documented there).
 //!
 //! Permissions (as `rsync -a`): a new file takes the source's permission
 //! bits ([`Output::adopt`]) and, when this process is root, its owner and
@@ -33,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use imgsync_formats::WriteStorage;
-use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, CWD};
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
 /// An output being written; see the module docs.
@@ -307,29 +308,14 @@ impl Output {
         self.file.set_len(len)
     }
 
-    /// Makes `[offset, offset + len)` read as zeros on a block device. Files
-    /// are new and read zeros wherever nothing was written, so this is a
-    /// no-op for them.
+    /// Makes `[offset, offset + len)` read as zeros on a block device
+    /// ([`super::zero::zero_device_range`]). Files are new and read zeros
+    /// wherever nothing was written, so this is a no-op for them.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.is_block_device() || len == 0 {
             return Ok(());
         }
-        match blkzeroout(&self.file, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(Errno::NOTTY) | Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => {}
-            Err(e) => return Err(e.into()),
-        }
-        match rustix::fs::fallocate(
-            &self.file,
-            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        ) {
-            Ok(()) => return Ok(()),
-            Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {}
-            Err(e) => return Err(e.into()),
-        }
-        write_zeros(&self.file, offset, len)
+        super::zero::zero_device_range(&self.file, offset, len)
     }
 
     /// Makes the output durable and visible under its final name.
@@ -503,8 +489,6 @@ fn temp_name(name: &std::ffi::OsStr) -> OsString {
     s
 }
 
-/// BLKZEROOUT from linux/fs.h: `_IO(0x12, 127)`, argument `uint64_t[2]`
-/// (start, length), both multiples of the logical block size.
 /// Free bytes (for an unprivileged writer) on the file system holding
 /// `file`.
 pub fn free_space_of(file: &File) -> io::Result<u64> {
@@ -516,59 +500,6 @@ pub fn free_space_of(file: &File) -> io::Result<u64> {
 pub fn free_space_at(dir: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Makes `[offset, offset + len)` of an existing file or device read as
-/// zeros, releasing the space where it can. Files: a hole
-/// (FALLOC_FL_PUNCH_HOLE, size kept), else zeros written. Block devices:
-/// BLKZEROOUT (may unmap on thin devices), else zeros written.
-pub fn punch_range(file: &File, is_device: bool, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    if is_device {
-        match blkzeroout(file, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(Errno::NOTTY) | Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => {}
-            Err(e) => return Err(e.into()),
-        }
-        return write_zeros(file, offset, len);
-    }
-    match rustix::fs::fallocate(
-        file,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    ) {
-        Ok(()) => Ok(()),
-        Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
-            write_zeros(file, offset, len)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn blkzeroout(file: &File, offset: u64, len: u64) -> Result<(), Errno> {
-    const BLKZEROOUT: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 127);
-    // SAFETY: BLKZEROOUT reads a `uint64_t[2]` through the pointer the Setter
-    // passes; `[u64; 2]` has that layout, and the kernel does not keep it.
-    unsafe {
-        let arg = rustix::ioctl::Setter::<BLKZEROOUT, [u64; 2]>::new([offset, len]);
-        rustix::ioctl::ioctl(file, arg)
-    }
-}
-
-/// The last fallback: write zeros, 1 MiB at a time.
-fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let zeros = vec![0u8; (1 << 20).min(len as usize)];
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let n = ((end - pos) as usize).min(zeros.len());
-        file.write_all_at(&zeros[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
