@@ -78,6 +78,134 @@ pub enum Op {
     Compressed(u64, u64),
 }
 
+/// An image kind [`Env::create`] turns into `qemu-img create` arguments.
+pub trait ImageKind {
+    /// What follows `-f`, and what qemu-io is told.
+    fn format(&self) -> &'static str;
+    /// The arguments after `-f FORMAT`: options, `name`, size.
+    fn args(&self, name: &str) -> Vec<String>;
+}
+
+/// `-f raw NAME SIZE`: a raw file of `SIZE` bytes, all hole.
+pub struct Raw(u64);
+
+impl Raw {
+    pub fn new(size: u64) -> Raw {
+        Raw(size)
+    }
+}
+
+impl ImageKind for Raw {
+    fn format(&self) -> &'static str {
+        "raw"
+    }
+
+    fn args(&self, name: &str) -> Vec<String> {
+        vec![name.into(), self.0.to_string()]
+    }
+}
+
+/// `-f qcow2 [-o OPTS] [-b BASE -F BASE_FMT] NAME [SIZE]`. The options go
+/// into `-o` in the order they are given.
+pub struct Qcow2 {
+    size: Option<u64>,
+    opts: Vec<String>,
+    backing: Option<(String, String)>,
+}
+
+impl Qcow2 {
+    pub fn new(size: u64) -> Qcow2 {
+        Qcow2 {
+            size: Some(size),
+            opts: Vec::new(),
+            backing: None,
+        }
+    }
+
+    /// An overlay of `base` (format `base_fmt`) as large as it: no size is
+    /// given, qemu-img takes the base's.
+    pub fn overlay(base: &str, base_fmt: &str) -> Qcow2 {
+        Qcow2 {
+            size: None,
+            opts: Vec::new(),
+            backing: Some((base.into(), base_fmt.into())),
+        }
+    }
+
+    /// `-b BASE -F BASE_FMT` (`base` relative to the new image's directory).
+    pub fn backing(mut self, base: &str, base_fmt: &str) -> Qcow2 {
+        self.backing = Some((base.into(), base_fmt.into()));
+        self
+    }
+
+    /// `cluster_size=BYTES`.
+    pub fn cluster(self, bytes: u64) -> Qcow2 {
+        self.opts(&format!("cluster_size={bytes}"))
+    }
+
+    /// `compat=VERSION` (`0.10` is qcow2 version 2, `1.1` version 3).
+    pub fn compat(self, version: &str) -> Qcow2 {
+        self.opts(&format!("compat={version}"))
+    }
+
+    /// `extended_l2=on`: 32 subclusters per cluster.
+    pub fn extended_l2(self) -> Qcow2 {
+        self.opts("extended_l2=on")
+    }
+
+    /// `data_file=NAME`: guest data in an external file qemu-img creates.
+    pub fn data_file(self, name: &str) -> Qcow2 {
+        self.opts(&format!("data_file={name}"))
+    }
+
+    /// Any other `-o` options, `key=value[,…]` (`refcount_bits=1`,
+    /// `preallocation=full`, `lazy_refcounts=on`, …).
+    pub fn opts(mut self, opts: &str) -> Qcow2 {
+        self.opts.push(opts.into());
+        self
+    }
+
+    /// The virtual size, unless it is the backing file's.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+}
+
+impl ImageKind for Qcow2 {
+    fn format(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn args(&self, name: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.opts.is_empty() {
+            v.extend(["-o".into(), self.opts.join(",")]);
+        }
+        if let Some((base, base_fmt)) = &self.backing {
+            v.extend(["-b".into(), base.clone(), "-F".into(), base_fmt.clone()]);
+        }
+        v.push(name.into());
+        v.extend(self.size.map(|s| s.to_string()));
+        v
+    }
+}
+
+/// An image [`Env::create`] made.
+#[derive(Clone, Copy)]
+pub struct Created<'a> {
+    env: &'a Env,
+    name: &'a str,
+    format: &'static str,
+}
+
+impl Created<'_> {
+    /// Applies `ops` in one qemu-io run ([`Env::qemu_io`]).
+    pub fn write(self, ops: &[Op]) -> Self {
+        self.env.qemu_io(self.format, self.name, ops);
+        self
+    }
+}
+
 pub struct Env {
     pub dir: TempDir,
     writes: std::cell::Cell<u64>,
@@ -137,12 +265,18 @@ impl Env {
         String::from_utf8(out.stdout).expect("qemu-img output is utf-8")
     }
 
-    /// `qemu-img create -f qcow2 -b BASE -F BASE_FMT TOP`: a qcow2 overlay
-    /// of `base`, as large as it.
-    pub fn overlay(&self, top: &str, base: &str, base_fmt: &str) {
-        self.qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", base, "-F", base_fmt, top,
-        ]);
+    /// `qemu-img create -q -f FORMAT … NAME …` (see [`Raw`], [`Qcow2`]);
+    /// panics unless it succeeds. The result writes into the image.
+    pub fn create<'a>(&'a self, name: &'a str, kind: impl ImageKind) -> Created<'a> {
+        let mut args = vec!["create".to_string(), "-q".into(), "-f".into()];
+        args.push(kind.format().into());
+        args.extend(kind.args(name));
+        self.qemu_img(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        Created {
+            env: self,
+            name,
+            format: kind.format(),
+        }
     }
 
     /// Applies `ops` to `img` (format `fmt`) in one qemu-io run.

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Op, Tmpfs, KIB, MIB};
+use crate::common::{
+    assert_one_line_error, data_regions, random_bytes, Env, Op, Qcow2, Raw, Tmpfs, KIB, MIB,
+};
 
 /// Writes a raw file of `size` bytes: `chunks` of (offset, bytes), holes
 /// elsewhere.
@@ -151,8 +153,8 @@ fn larger_sparse_size_keeps_short_zero_runs() {
 #[test]
 fn output_format_defaults_to_the_source_format() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "src.qcow2", "8M"]);
-    env.qemu_io("qcow2", "src.qcow2", &[Op::Data(MIB, 100 * KIB)]);
+    env.create("src.qcow2", Qcow2::new(8 * MIB))
+        .write(&[Op::Data(MIB, 100 * KIB)]);
     let r = convert_ok(&env, &["src.qcow2", "out"]);
     assert_eq!(r["format"], "qcow2");
     let info = env.qemu_json(&["info", "--output=json", "out"]);
@@ -282,18 +284,8 @@ fn refusals_are_one_line_errors() {
 #[test]
 fn overwriting_a_backing_file_is_refused() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    env.create("base.qcow2", Qcow2::new(4 * MIB));
+    env.create("top.qcow2", Qcow2::overlay("base.qcow2", "qcow2"));
     let out = env.imgsync(&["convert", "-f", "qcow2", "top.qcow2", "base.qcow2"]);
     assert_eq!(out.status.code(), Some(2));
     assert_one_line_error(&out, "refusing to overwrite");
@@ -331,8 +323,8 @@ fn existing_destination_is_replaced_only_on_success() {
 /// A qcow2 image that opens but fails mid-read: its one data cluster is cut
 /// off the end of the file, so its L2 entry points beyond EOF.
 fn damaged_qcow2(env: &Env, name: &str) {
-    env.qemu_img(&["create", "-q", "-f", "qcow2", name, "1M"]);
-    env.qemu_io("qcow2", name, &[Op::Data(0, 64 * KIB)]);
+    env.create(name, Qcow2::new(MIB))
+        .write(&[Op::Data(0, 64 * KIB)]);
     let len = std::fs::metadata(env.path(name)).unwrap().len();
     let f = FsOpenOptions::new()
         .write(true)
@@ -346,7 +338,7 @@ fn damaged_qcow2(env: &Env, name: &str) {
 #[test]
 fn impossible_qcow2_output_is_refused_before_writing() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "huge.qcow2", "8T"]);
+    env.create("huge.qcow2", Qcow2::new(8 << 40)); // 8 TiB
     let out = env.imgsync(&[
         "convert",
         "-O",
@@ -569,23 +561,11 @@ impl Drop for Loop {
 fn block_device_target_is_written_and_zeroed() {
     let env = qemu_env!();
     let size = 32 * MIB;
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "src.qcow2",
-        &size.to_string(),
+    env.create("src.qcow2", Qcow2::new(size)).write(&[
+        Op::Data(0, 100 * KIB),
+        Op::Data(7 * MIB + 512, 3 * MIB),
+        Op::Zero(20 * MIB, MIB),
     ]);
-    env.qemu_io(
-        "qcow2",
-        "src.qcow2",
-        &[
-            Op::Data(0, 100 * KIB),
-            Op::Data(7 * MIB + 512, 3 * MIB),
-            Op::Zero(20 * MIB, MIB),
-        ],
-    );
     // The device holds old data everywhere.
     std::fs::write(env.path("dev.img"), vec![0xeeu8; size as usize]).unwrap();
     let Some(dev) = Loop::attach(&env.path("dev.img")) else {
@@ -628,7 +608,7 @@ fn block_device_target_is_written_and_zeroed() {
     }
 
     // A device smaller than the image is refused before writing.
-    env.qemu_img(&["create", "-q", "-f", "raw", "big.raw", "64M"]);
+    env.create("big.raw", Raw::new(64 * MIB));
     let out = env.imgsync(&["convert", "-O", "raw", "big.raw", &dev.0]);
     assert_eq!(out.status.code(), Some(2));
     assert_one_line_error(&out, "device holds");
@@ -769,8 +749,8 @@ fn progress_is_reported_when_asked() {
 #[test]
 fn zero_size_images_convert() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "z.qcow2", "0"]);
-    env.qemu_img(&["create", "-q", "-f", "raw", "z.raw", "0"]);
+    env.create("z.qcow2", Qcow2::new(0));
+    env.create("z.raw", Raw::new(0));
     for (src, fmt) in [("z.qcow2", "qcow2"), ("z.raw", "raw")] {
         for out_fmt in ["raw", "qcow2"] {
             let out = format!("{src}.{out_fmt}");

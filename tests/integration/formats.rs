@@ -19,8 +19,8 @@ use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 
 use crate::common::{
-    assert_one_line_error_code, check_against_qemu, explicit, probed, random_bytes, Env, Op, KIB,
-    MIB,
+    assert_one_line_error_code, check_against_qemu, explicit, probed, random_bytes, Created, Env,
+    Op, Qcow2, KIB, MIB,
 };
 use imgsync::formats::Format;
 use imgsync::io::{open_image, OpenOptions};
@@ -50,19 +50,11 @@ fn layout(cs: u64, size: u64) -> Vec<Op> {
     ops
 }
 
-fn qcow2_with_layout(env: &Env, opts: &str, size: u64) {
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        "img.qcow2",
-        &size.to_string(),
-    ]);
-    let cs = cluster_size(env, "img.qcow2");
-    env.qemu_io("qcow2", "img.qcow2", &layout(cs, size));
+/// `img.qcow2` made as `q` says, holding the `layout` for its cluster size.
+fn qcow2_with_layout(env: &Env, q: Qcow2) -> Created<'_> {
+    let size = q.size().expect("the image has a size of its own");
+    let img = env.create("img.qcow2", q);
+    img.write(&layout(cluster_size(env, "img.qcow2"), size))
 }
 
 fn cluster_size(env: &Env, img: &str) -> u64 {
@@ -93,47 +85,43 @@ fn sparse_raw(env: &Env, name: &str, size: u64, chunks: &[(u64, u64)]) {
 #[test]
 fn qcow2_v2_compat_0_10() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "compat=0.10", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).compat("0.10"));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn qcow2_v3_compat_1_1() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "compat=1.1", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).compat("1.1"));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn cluster_size_512() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "cluster_size=512", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).cluster(512));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn cluster_size_4k() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "cluster_size=4k", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).cluster(4 * KIB));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn cluster_size_64k() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "cluster_size=64k", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).cluster(64 * KIB));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn cluster_size_2m() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "cluster_size=2M", 64 * MIB);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[Data(40 * MIB + 5, 3 * MIB), Zero(50 * MIB, 4 * MIB)],
-    );
+    qcow2_with_layout(&env, Qcow2::new(64 * MIB).cluster(2 * MIB))
+        .write(&[Data(40 * MIB + 5, 3 * MIB), Zero(50 * MIB, 4 * MIB)]);
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
@@ -143,20 +131,15 @@ fn cluster_size_2m() {
 #[test]
 fn zero_clusters() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(0, 4 * MIB),
-            Zero(MIB, 256 * KIB),          // allocated zero clusters
-            ZeroUnmap(2 * MIB, 512 * KIB), // plain zero clusters
-            Zero(3 * MIB + 1000, 5000),    // partial clusters: written zeros
-            Zero(8 * MIB, MIB),            // on unallocated clusters
-            ZeroUnmap(12 * MIB, 64 * KIB),
-            Data(8 * MIB + 64 * KIB, 4 * KIB), // data inside a zero cluster
-        ],
-    );
+    env.create("img.qcow2", Qcow2::new(16 * MIB)).write(&[
+        Data(0, 4 * MIB),
+        Zero(MIB, 256 * KIB),          // allocated zero clusters
+        ZeroUnmap(2 * MIB, 512 * KIB), // plain zero clusters
+        Zero(3 * MIB + 1000, 5000),    // partial clusters: written zeros
+        Zero(8 * MIB, MIB),            // on unallocated clusters
+        ZeroUnmap(12 * MIB, 64 * KIB),
+        Data(8 * MIB + 64 * KIB, 4 * KIB), // data inside a zero cluster
+    ]);
     env.assert_qemu_map_has("qcow2", "img.qcow2", "zero clusters", |e| {
         e["zero"] == true && e["present"] == true && e["data"] == false
     });
@@ -166,18 +149,13 @@ fn zero_clusters() {
 #[test]
 fn discarded_ranges() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(0, 8 * MIB),
-            Discard(MIB, MIB),
-            Discard(3 * MIB + 4 * KIB, 100 * KIB), // partial clusters at both ends
-            Discard(6 * MIB, 4 * MIB),             // runs past the data
-            Data(6 * MIB + 64 * KIB, 64 * KIB),    // reallocated after discard
-        ],
-    );
+    env.create("img.qcow2", Qcow2::new(16 * MIB)).write(&[
+        Data(0, 8 * MIB),
+        Discard(MIB, MIB),
+        Discard(3 * MIB + 4 * KIB, 100 * KIB), // partial clusters at both ends
+        Discard(6 * MIB, 4 * MIB),             // runs past the data
+        Data(6 * MIB + 64 * KIB, 64 * KIB),    // reallocated after discard
+    ]);
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
@@ -295,17 +273,11 @@ fn assert_subclusters(env: &Env) {
 #[test]
 fn extended_l2_subclusters() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
+    env.create(
         "img.qcow2",
-        "16M",
-    ]);
-    env.qemu_io("qcow2", "img.qcow2", &subcluster_ops());
+        Qcow2::new(16 * MIB).extended_l2().cluster(64 * KIB),
+    )
+    .write(&subcluster_ops());
     assert_subclusters(&env);
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
@@ -313,34 +285,19 @@ fn extended_l2_subclusters() {
 #[test]
 fn extended_l2_subclusters_over_backing() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.qemu_io(
-        "qcow2",
-        "base.qcow2",
-        &[Data(0, 2 * MIB), Pattern(0x77, 4 * MIB, MIB)],
-    );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
+    env.create("base.qcow2", Qcow2::new(16 * MIB))
+        .write(&[Data(0, 2 * MIB), Pattern(0x77, 4 * MIB, MIB)]);
+    env.create(
         "img.qcow2",
+        Qcow2::overlay("base.qcow2", "qcow2")
+            .extended_l2()
+            .cluster(64 * KIB),
+    )
+    .write(&subcluster_ops())
+    .write(&[
+        Data(4 * MIB + 6 * KIB, 2 * KIB),
+        Zero(4 * MIB + 64 * KIB + 2 * KIB, 4 * KIB),
     ]);
-    env.qemu_io("qcow2", "img.qcow2", &subcluster_ops());
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(4 * MIB + 6 * KIB, 2 * KIB),
-            Zero(4 * MIB + 64 * KIB + 2 * KIB, 4 * KIB),
-        ],
-    );
     assert_subclusters(&env);
     env.assert_qemu_map_has("qcow2", "img.qcow2", "backing data showing through", |e| {
         e["depth"] == 1
@@ -368,29 +325,14 @@ fn overlay_ops() -> Vec<Op> {
 #[test]
 fn backing_qcow2_over_qcow2() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.qemu_io(
-        "qcow2",
-        "base.qcow2",
-        &[
-            Data(0, 4 * MIB),
-            Zero(4 * MIB, MIB),
-            Data(6 * MIB, 2 * MIB),
-            ZeroUnmap(7 * MIB, 64 * KIB),
-        ],
-    );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
+    env.create("base.qcow2", Qcow2::new(16 * MIB)).write(&[
+        Data(0, 4 * MIB),
+        Zero(4 * MIB, MIB),
+        Data(6 * MIB, 2 * MIB),
+        ZeroUnmap(7 * MIB, 64 * KIB),
     ]);
-    env.qemu_io("qcow2", "top.qcow2", &overlay_ops());
+    env.create("top.qcow2", Qcow2::overlay("base.qcow2", "qcow2"))
+        .write(&overlay_ops());
     check_against_qemu(&env, explicit("top.qcow2", QCOW2));
     check_against_qemu(&env, probed("base.qcow2", QCOW2));
 }
@@ -404,18 +346,8 @@ fn backing_qcow2_over_raw() {
         16 * MIB,
         &[(0, 3 * MIB), (6 * MIB, 64 * KIB), (10 * MIB + 5, 2 * MIB)],
     );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-    ]);
-    env.qemu_io("qcow2", "top.qcow2", &overlay_ops());
+    env.create("top.qcow2", Qcow2::overlay("base.raw", "raw"))
+        .write(&overlay_ops());
     check_against_qemu(&env, explicit("top.qcow2", QCOW2));
 }
 
@@ -425,75 +357,25 @@ fn backing_chain_depth_3() {
     // names relative to the image that holds them.
     let env = qemu_env!();
     std::fs::create_dir(env.path("sub")).expect("mkdir");
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "base.qcow2",
-        "16M",
-    ]);
-    env.qemu_io(
-        "qcow2",
-        "base.qcow2",
-        &[Data(0, 8 * MIB), Zero(MIB, 64 * KIB)],
-    );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../base.qcow2",
-        "-F",
-        "qcow2",
-        "sub/mid1.qcow2",
-    ]);
-    env.qemu_io(
-        "qcow2",
-        "sub/mid1.qcow2",
-        &[
+    env.create("base.qcow2", Qcow2::new(16 * MIB).cluster(4 * KIB))
+        .write(&[Data(0, 8 * MIB), Zero(MIB, 64 * KIB)]);
+    env.create("sub/mid1.qcow2", Qcow2::overlay("../base.qcow2", "qcow2"))
+        .write(&[
             Data(512 * KIB, MIB),
             Zero(3 * MIB, MIB),
             Data(9 * MIB, 100_000),
-        ],
-    );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=16k",
-        "-b",
-        "mid1.qcow2",
-        "-F",
-        "qcow2",
+        ]);
+    env.create(
         "sub/mid2.qcow2",
+        Qcow2::overlay("mid1.qcow2", "qcow2").cluster(16 * KIB),
+    )
+    .write(&[
+        Data(3 * MIB + 8 * KIB, 8 * KIB),
+        Discard(6 * MIB, 512 * KIB),
+        Data(11 * MIB, 4 * KIB),
     ]);
-    env.qemu_io(
-        "qcow2",
-        "sub/mid2.qcow2",
-        &[
-            Data(3 * MIB + 8 * KIB, 8 * KIB),
-            Discard(6 * MIB, 512 * KIB),
-            Data(11 * MIB, 4 * KIB),
-        ],
-    );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "sub/mid2.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
-    env.qemu_io("qcow2", "top.qcow2", &overlay_ops());
+    env.create("top.qcow2", Qcow2::overlay("sub/mid2.qcow2", "qcow2"))
+        .write(&overlay_ops());
     let top = open_image(
         &env.path("top.qcow2"),
         OpenOptions {
@@ -517,36 +399,17 @@ fn backing_file_shorter_than_overlay() {
     // lies past the base's end reads as zeros and maps as zero, including
     // the copy-on-write of a cluster that straddles the base's end.
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "base.qcow2",
-        &(4 * MIB + 512).to_string(),
-    ]);
-    env.qemu_io("qcow2", "base.qcow2", &[Data(0, 4 * MIB + 512)]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
+    env.create("base.qcow2", Qcow2::new(4 * MIB + 512))
+        .write(&[Data(0, 4 * MIB + 512)]);
+    env.create(
         "top.qcow2",
-        "16M",
+        Qcow2::new(16 * MIB).backing("base.qcow2", "qcow2"),
+    )
+    .write(&[
+        Data(2 * MIB, 64 * KIB),
+        Data(4 * MIB + 100, 200),
+        Data(8 * MIB, 4 * KIB),
     ]);
-    env.qemu_io(
-        "qcow2",
-        "top.qcow2",
-        &[
-            Data(2 * MIB, 64 * KIB),
-            Data(4 * MIB + 100, 200),
-            Data(8 * MIB, 4 * KIB),
-        ],
-    );
     check_against_qemu(&env, explicit("top.qcow2", QCOW2));
 }
 
@@ -559,23 +422,8 @@ fn backing_raw_shorter_than_overlay_odd_size() {
         3 * MIB + 100,
         &[(0, MIB), (3 * MIB - 10, 110)],
     );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-        "8M",
-    ]);
-    env.qemu_io(
-        "qcow2",
-        "top.qcow2",
-        &[Data(512 * KIB, 4 * KIB), Data(3 * MIB + 50, 100)],
-    );
+    env.create("top.qcow2", Qcow2::new(8 * MIB).backing("base.raw", "raw"))
+        .write(&[Data(512 * KIB, 4 * KIB), Data(3 * MIB + 50, 100)]);
     check_against_qemu(&env, explicit("top.qcow2", QCOW2));
 }
 
@@ -585,29 +433,17 @@ fn backing_raw_shorter_than_overlay_odd_size() {
 #[test]
 fn internal_snapshots() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[Data(0, 2 * MIB), Data(8 * MIB, MIB)],
-    );
+    let img = env.create("img.qcow2", Qcow2::new(16 * MIB));
+    img.write(&[Data(0, 2 * MIB), Data(8 * MIB, MIB)]);
     env.qemu_img(&["snapshot", "-c", "s1", "img.qcow2"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(MIB, 2 * MIB),
-            Discard(0, 512 * KIB),
-            Zero(8 * MIB, 256 * KIB),
-            Data(8 * MIB + 300, 1000),
-        ],
-    );
+    img.write(&[
+        Data(MIB, 2 * MIB),
+        Discard(0, 512 * KIB),
+        Zero(8 * MIB, 256 * KIB),
+        Data(8 * MIB + 300, 1000),
+    ]);
     env.qemu_img(&["snapshot", "-c", "s2", "img.qcow2"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[Data(12 * MIB, 64 * KIB), Discard(MIB, 64 * KIB)],
-    );
+    img.write(&[Data(12 * MIB, 64 * KIB), Discard(MIB, 64 * KIB)]);
     let info = env.qemu_json(&["info", "--output=json", "img.qcow2"]);
     assert_eq!(
         info["snapshots"].as_array().map(Vec::len),
@@ -620,52 +456,35 @@ fn internal_snapshots() {
 #[test]
 fn external_data_file() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=data.raw",
-        "img.qcow2",
-        "16M",
-    ]);
-    env.qemu_io("qcow2", "img.qcow2", &layout(64 * KIB, 16 * MIB));
+    env.create("img.qcow2", Qcow2::new(16 * MIB).data_file("data.raw"))
+        .write(&layout(64 * KIB, 16 * MIB));
     check_against_qemu(&env, explicit("img.qcow2", QCOW2));
 }
 
 #[test]
 fn external_data_file_raw() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=data.raw,data_file_raw=on",
+    env.create(
         "img.qcow2",
-        "16M",
-    ]);
-    env.qemu_io("qcow2", "img.qcow2", &layout(64 * KIB, 16 * MIB));
+        Qcow2::new(16 * MIB)
+            .data_file("data.raw")
+            .opts("data_file_raw=on"),
+    )
+    .write(&layout(64 * KIB, 16 * MIB));
     check_against_qemu(&env, explicit("img.qcow2", QCOW2));
 }
 
 #[test]
 fn persistent_dirty_bitmap() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
-    env.qemu_io("qcow2", "img.qcow2", &[Data(0, MIB)]);
+    let img = env.create("img.qcow2", Qcow2::new(16 * MIB));
+    img.write(&[Data(0, MIB)]);
     env.qemu_img(&["bitmap", "--add", "--enable", "img.qcow2", "bm0"]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(4 * MIB, MIB),
-            Zero(512 * KIB, 64 * KIB),
-            Discard(6 * MIB, MIB),
-        ],
-    );
+    img.write(&[
+        Data(4 * MIB, MIB),
+        Zero(512 * KIB, 64 * KIB),
+        Discard(6 * MIB, MIB),
+    ]);
     let info = env.qemu_json(&["info", "--output=json", "img.qcow2"]);
     assert!(
         info.pointer("/format-specific/data/bitmaps/0/name")
@@ -680,16 +499,7 @@ fn persistent_dirty_bitmap() {
 #[test]
 fn dirty_image_with_lazy_refcounts_reads_fine() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        "img.qcow2",
-        "16M",
-    ]);
+    env.create("img.qcow2", Qcow2::new(16 * MIB).opts("lazy_refcounts=on"));
     // qemu-io's `abort` kills the process after the writes: no clean close.
     let status = std::process::Command::new("qemu-io")
         .current_dir(env.root())
@@ -721,30 +531,30 @@ fn dirty_image_with_lazy_refcounts_reads_fine() {
 #[test]
 fn preallocation_metadata() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "preallocation=metadata", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).opts("preallocation=metadata"));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn preallocation_full() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "preallocation=full", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).opts("preallocation=full"));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn refcount_bits_1() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "refcount_bits=1", 16 * MIB);
+    qcow2_with_layout(&env, Qcow2::new(16 * MIB).opts("refcount_bits=1"));
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
 #[test]
 fn refcount_bits_64() {
     let env = qemu_env!();
-    qcow2_with_layout(&env, "refcount_bits=64", 16 * MIB);
+    let img = qcow2_with_layout(&env, Qcow2::new(16 * MIB).opts("refcount_bits=64"));
     env.qemu_img(&["snapshot", "-c", "s1", "img.qcow2"]);
-    env.qemu_io("qcow2", "img.qcow2", &[Data(0, 64 * KIB)]);
+    img.write(&[Data(0, 64 * KIB)]);
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
@@ -754,23 +564,11 @@ fn refcount_bits_64() {
 #[test]
 fn unaligned_virtual_size_qcow2() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "img.qcow2",
-        &(10 * MIB + 512).to_string(),
+    env.create("img.qcow2", Qcow2::new(10 * MIB + 512)).write(&[
+        Data(0, 100 * KIB),
+        Data(10 * MIB - 4 * KIB, 4 * KIB + 512),
+        Zero(5 * MIB, 64 * KIB),
     ]);
-    env.qemu_io(
-        "qcow2",
-        "img.qcow2",
-        &[
-            Data(0, 100 * KIB),
-            Data(10 * MIB - 4 * KIB, 4 * KIB + 512),
-            Zero(5 * MIB, 64 * KIB),
-        ],
-    );
     check_against_qemu(&env, probed("img.qcow2", QCOW2));
 }
 
@@ -888,8 +686,8 @@ fn assert_metadata_shown(env: &Env, args: &[&str], img: &str, key: &str, name: &
 #[test]
 fn backing_loop_is_refused() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);
+    env.create("a.qcow2", Qcow2::new(MIB));
+    env.create("b.qcow2", Qcow2::new(MIB));
     env.qemu_img(&[
         "rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
     ]);
@@ -926,7 +724,7 @@ fn backing_loop_is_refused() {
 #[test]
 fn backing_self_reference_is_refused() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    env.create("a.qcow2", Qcow2::new(MIB));
     env.qemu_img(&[
         "rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2",
     ]);
@@ -951,7 +749,7 @@ fn backing_loop_through_another_name_is_refused() {
     // ./a.qcow2 names sub/../a.qcow2: the same file by another path.
     let env = qemu_env!();
     std::fs::create_dir(env.path("sub")).expect("mkdir");
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    env.create("a.qcow2", Qcow2::new(MIB));
     env.qemu_img(&[
         "rebase",
         "-u",
@@ -977,18 +775,7 @@ fn backing_loop_through_another_name_is_refused() {
 fn probed_raw_disk_with_qcow2_header_naming_backing_is_refused() {
     // A guest can write a qcow2 header naming a host file into its raw disk.
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        "x",
-        "1M",
-    ]);
+    env.create("x", Qcow2::new(MIB).backing("/etc/passwd", "raw"));
     assert_refused(&env, READERS, &[], "x", &["x", "-f qcow2", "/etc/passwd"]);
     // info and check follow no name: they show it.
     assert_metadata_shown(&env, &[], "x", "backing-filename", "/etc/passwd");
@@ -1003,16 +790,7 @@ fn probed_raw_disk_with_qcow2_header_naming_backing_is_refused() {
 #[test]
 fn probed_image_naming_data_file_is_refused() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=data.raw",
-        "img.qcow2",
-        "1M",
-    ]);
+    env.create("img.qcow2", Qcow2::new(MIB).data_file("data.raw"));
     assert_refused(
         &env,
         READERS,
@@ -1026,8 +804,8 @@ fn probed_image_naming_data_file_is_refused() {
 #[test]
 fn json_backing_name_is_refused() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "top.qcow2", "1M"]);
+    env.create("base.qcow2", Qcow2::new(MIB));
+    env.create("top.qcow2", Qcow2::new(MIB));
     env.qemu_img(&[
         "rebase",
         "-u",
@@ -1058,18 +836,8 @@ fn json_backing_name_is_refused() {
 #[test]
 fn missing_backing_file_is_named() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "gone.qcow2", "1M"]);
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "gone.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    env.create("gone.qcow2", Qcow2::new(MIB));
+    env.create("top.qcow2", Qcow2::overlay("gone.qcow2", "qcow2"));
     std::fs::remove_file(env.path("gone.qcow2")).expect("rm");
     assert_refused(
         &env,
@@ -1102,16 +870,7 @@ fn missing_backing_file_is_named() {
 #[test]
 fn missing_data_file_is_named() {
     let env = qemu_env!();
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=gone.raw",
-        "img.qcow2",
-        "1M",
-    ]);
+    env.create("img.qcow2", Qcow2::new(MIB).data_file("gone.raw"));
     std::fs::remove_file(env.path("gone.raw")).expect("rm");
     assert_refused(&env, READERS, &["-f", "qcow2"], "img.qcow2", &["gone.raw"]);
     for args in [&[][..], &["-f", "qcow2"]] {
@@ -1143,8 +902,8 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// A 64 KiB-cluster qcow2 with data in its first two clusters; returns the
 /// image bytes and the file offset of its first L2 table.
 fn damaged_base(env: &Env) -> (Vec<u8>, usize) {
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "16M"]);
-    env.qemu_io("qcow2", "img.qcow2", &[Data(0, 128 * KIB)]);
+    env.create("img.qcow2", Qcow2::new(16 * MIB))
+        .write(&[Data(0, 128 * KIB)]);
     let b = std::fs::read(env.path("img.qcow2")).expect("read image");
     let l1 = be64(&b, 40) as usize; // l1_table_offset
     let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
@@ -1224,17 +983,8 @@ fn check_finds_l2_table_beyond_end_of_file() {
 fn check_counts_problems_beyond_the_listed_ones() {
     let env = qemu_env!();
     // 512 B clusters, 1 MiB of data: 2048 data clusters and 32 L2 tables.
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "img.qcow2",
-        "2M",
-    ]);
-    env.qemu_io("qcow2", "img.qcow2", &[Data(0, MIB)]);
+    env.create("img.qcow2", Qcow2::new(2 * MIB).cluster(512))
+        .write(&[Data(0, MIB)]);
     let mut b = std::fs::read(env.path("img.qcow2")).expect("read image");
     let l1 = be64(&b, 40) as usize;
     let l1_size = u32::from_be_bytes(b[36..40].try_into().expect("4 bytes")) as usize;
@@ -1339,8 +1089,8 @@ fn compressed_ranges(b: &[u8]) -> Vec<(u64, u64)> {
 #[test]
 fn compressed_cluster_cut_short_by_its_last_sector_is_metadata_damage() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
-    env.qemu_io("qcow2", "img.qcow2", &[Compressed(0, MIB)]);
+    env.create("img.qcow2", Qcow2::new(4 * MIB))
+        .write(&[Compressed(0, MIB)]);
     let b = std::fs::read(env.path("img.qcow2")).expect("read image");
     let (host, end) = compressed_ranges(&b)
         .into_iter()

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use crate::common::{assert_one_line_error, random_bytes, Env, MIB};
+use crate::common::{assert_one_line_error, random_bytes, Env, Qcow2, Raw, MIB};
 use crate::convert::Loop;
 use crate::remote::{ok, run, same, ssh_args, url, wait_until, BOTH};
 use crate::sshd::Sshd;
@@ -176,8 +176,8 @@ fn an_image_a_running_qemu_writes_is_refused_unless_force_share() {
 #[test]
 fn a_backing_file_a_running_qemu_writes_is_refused_by_name() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.overlay("top.qcow2", "base.qcow2", "qcow2");
+    env.create("base.qcow2", Qcow2::new(16 * MIB));
+    env.create("top.qcow2", Qcow2::overlay("base.qcow2", "qcow2"));
     let _holder = Holder::start(&env, "qcow2", "base.qcow2", false);
     let out = env.imgsync(&["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
     let line = assert_one_line_error(&out, "convert of an overlay");
@@ -189,7 +189,7 @@ fn a_backing_file_a_running_qemu_writes_is_refused_by_name() {
 fn while_imgsync_reads_an_image_qemu_cannot_open_it_for_writing() {
     let env = qemu_env!();
     sparse_source(&env.path("base.raw"), 16);
-    env.overlay("top.qcow2", "base.raw", "raw");
+    env.create("top.qcow2", Qcow2::overlay("base.raw", "raw"));
     assert!(qemu_can_write(&env, "qcow2", "top.qcow2"));
     let hook = env.path("pause");
     let cmd = imgsync(&env, &["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
@@ -206,7 +206,7 @@ fn while_imgsync_reads_an_image_qemu_cannot_open_it_for_writing() {
 fn a_destination_a_running_qemu_uses_is_refused_untouched_and_locked_while_written() {
     let env = qemu_env!();
     sparse_source(&env.path("src.raw"), 16);
-    env.qemu_img(&["create", "-q", "-f", "raw", "dst.raw", "32M"]);
+    env.create("dst.raw", Raw::new(32 * MIB));
     fs::write(env.path("before"), fs::read(env.path("dst.raw")).unwrap()).unwrap();
     let holder = Holder::start(&env, "raw", "dst.raw", false);
     let line = assert_one_line_error(&env.imgsync(&["sync", "src.raw", "dst.raw"]), "sync");
@@ -295,7 +295,7 @@ fn a_source_written_while_read_fails_convert_and_sync_locally() {
 fn a_qcow2_chain_member_written_while_read_is_named() {
     let env = qemu_env!();
     sparse_source(&env.path("base.raw"), 16);
-    env.overlay("top.qcow2", "base.raw", "raw");
+    env.create("top.qcow2", Qcow2::overlay("base.raw", "raw"));
     let hook = env.path("pause");
     let cmd = imgsync(&env, &["convert", "-f", "qcow2", "top.qcow2", "flat.raw"]);
     let out = with_change_before_check(cmd, &hook, || scribble(&env.path("base.raw"), MIB));
@@ -416,7 +416,7 @@ fn pull_with_change(
 fn force_share_is_passed_to_the_remote_end() {
     let env = qemu_env!();
     let Some(sshd) = Sshd::start() else { return };
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "vm.qcow2", "16M"]);
+    env.create("vm.qcow2", Qcow2::new(16 * MIB));
     let img: PathBuf = env.path("vm.qcow2");
     let _holder = Holder::start(&env, "qcow2", "vm.qcow2", false);
     for via in BOTH {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    assert_one_line_error, assert_one_line_error_code, data_regions, random_bytes, Env, Op, Tmpfs,
-    KIB, MIB,
+    assert_one_line_error, assert_one_line_error_code, data_regions, random_bytes, Env, Op, Qcow2,
+    Tmpfs, KIB, MIB,
 };
 use crate::sshd::Sshd;
 
@@ -154,19 +154,14 @@ pub(crate) fn entries(dir: &Path) -> Vec<String> {
 /// A 2 GiB qcow2 with data, written zeros, compressed clusters and holes;
 /// returns its data bytes (allocated, non-zero).
 fn source_qcow2(env: &Env, name: &str) -> u64 {
-    env.qemu_img(&["create", "-q", "-f", "qcow2", name, "2G"]);
-    env.qemu_io(
-        "qcow2",
-        name,
-        &[
-            Op::Data(0, 3 * MIB),
-            Op::Compressed(64 * MIB, 2 * MIB),
-            Op::Pattern(0, 300 * MIB, MIB), // allocated zeros: not sent
-            Op::Data(1024 * MIB + 4 * KIB, 5 * MIB),
-            Op::Zero(1500 * MIB, 4 * MIB),
-            Op::Data(2048 * MIB - 64 * KIB, 64 * KIB),
-        ],
-    );
+    env.create(name, Qcow2::new(2048 * MIB)).write(&[
+        Op::Data(0, 3 * MIB),
+        Op::Compressed(64 * MIB, 2 * MIB),
+        Op::Pattern(0, 300 * MIB, MIB), // allocated zeros: not sent
+        Op::Data(1024 * MIB + 4 * KIB, 5 * MIB),
+        Op::Zero(1500 * MIB, 4 * MIB),
+        Op::Data(2048 * MIB - 64 * KIB, 64 * KIB),
+    ]);
     3 * MIB + 2 * MIB + 5 * MIB + 64 * KIB
 }
 
@@ -839,8 +834,8 @@ fn info_map_and_check_of_a_remote_image_print_what_they_print_locally() {
 fn check_of_a_remote_image_exits_as_qemu_img_check() {
     let (env, sshd) = ssh_env!();
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "clean.qcow2", "16M"]);
-    env.qemu_io("qcow2", "clean.qcow2", &[Op::Data(0, 128 * KIB)]);
+    env.create("clean.qcow2", Qcow2::new(16 * MIB))
+        .write(&[Op::Data(0, 128 * KIB)]);
     let b = fs::read(env.path("clean.qcow2")).unwrap();
     let l1 = be64(&b, 40);
     let l2 = (be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
@@ -852,8 +847,8 @@ fn check_of_a_remote_image_exits_as_qemu_img_check() {
     let mut corrupt = b.clone();
     corrupt[l2..l2 + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes());
     fs::write(env.path("corrupt.qcow2"), &corrupt).unwrap();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    env.overlay("top.qcow2", "base.qcow2", "qcow2");
+    env.create("base.qcow2", Qcow2::new(16 * MIB));
+    env.create("top.qcow2", Qcow2::overlay("base.qcow2", "qcow2"));
     fs::remove_file(env.path("base.qcow2")).unwrap();
     let host = format!("127.0.0.1:{}", sshd.port());
     for via in BOTH {

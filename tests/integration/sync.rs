@@ -12,7 +12,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, data_regions, random_bytes, Env, Tmpfs, KIB, MIB};
+use crate::common::{
+    assert_one_line_error, data_regions, random_bytes, Env, Qcow2, Tmpfs, KIB, MIB,
+};
 use crate::remote::{
     entries, json, ok, pid_script, run, same, spawn, ssh_args, url, wait_for_pid, wait_until,
     wchar, Via, BOTH,
@@ -365,7 +367,7 @@ fn block_size_is_honoured() {
 fn refusals_are_one_line_errors() {
     let env = qemu_env!();
     base(&env.path("a.raw"));
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "d.qcow2", "256M"]);
+    env.create("d.qcow2", Qcow2::new(256 * MIB));
     let cases: &[(&[&str], &str)] = &[
         (&["sync", "a.raw", "d.qcow2"], "qcow2"),
         (&["sync", "a.raw", "a.raw"], "a.raw"),
@@ -884,7 +886,7 @@ fn remote_errors_name_the_host() {
     let env = qemu_env!();
     let Some(sshd) = Sshd::start() else { return };
     base(&env.path("a.raw"));
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "d.qcow2", "256M"]);
+    env.create("d.qcow2", Qcow2::new(256 * MIB));
     for via in BOTH {
         let out = sync_remote(
             &env,

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{assert_one_line_error, Env, Op, MIB};
+use crate::common::{assert_one_line_error, Env, Op, Qcow2, MIB};
 use crate::remote::{ok, run, ssh_args, url, BOTH};
 use crate::sshd::Sshd;
 
@@ -16,16 +16,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_imgsync");
 
 /// A qcow2 image with data; `seed` changes its content.
 fn qcow2(env: &Env, name: &str, seed: u8) {
-    env.qemu_img(&["create", "-q", "-f", "qcow2", name, "64M"]);
-    env.qemu_io(
-        "qcow2",
-        name,
-        &[
-            Op::Data(0, MIB),
-            Op::Pattern(seed, 8 * MIB, 2 * MIB),
-            Op::Data(40 * MIB, 256 * 1024),
-        ],
-    );
+    env.create(name, Qcow2::new(64 * MIB)).write(&[
+        Op::Data(0, MIB),
+        Op::Pattern(seed, 8 * MIB, 2 * MIB),
+        Op::Data(40 * MIB, 256 * 1024),
+    ]);
 }
 
 fn cmp(a: &Path, b: &Path, what: &str) {

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{assert_one_line_error, random_bytes, Env, MIB};
+use crate::common::{assert_one_line_error, random_bytes, Env, Qcow2, Raw, MIB};
 use crate::remote::{ssh_args, url, Via, BOTH};
 use crate::sshd::Sshd;
 
@@ -21,12 +21,8 @@ fn imgsync(env: &Env) -> Command {
 
 /// A qcow2 image holding 24 MiB of pattern data, then cut to 12 MiB.
 fn truncated_qcow2(env: &Env) -> String {
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "cut.qcow2", "32M"]);
-    env.qemu_io(
-        "qcow2",
-        "cut.qcow2",
-        &[crate::common::Op::Pattern(7, 0, 24 * MIB)],
-    );
+    env.create("cut.qcow2", Qcow2::new(32 * MIB))
+        .write(&[crate::common::Op::Pattern(7, 0, 24 * MIB)]);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(env.path("cut.qcow2"))
@@ -39,7 +35,7 @@ fn truncated_qcow2(env: &Env) -> String {
 fn local_sync_from_a_damaged_source_names_the_source() {
     let env = qemu_env!();
     let src = truncated_qcow2(&env);
-    env.qemu_img(&["create", "-q", "-f", "raw", "dst.raw", "32M"]);
+    env.create("dst.raw", Raw::new(32 * MIB));
     let before = std::fs::read(env.path("dst.raw")).unwrap();
     for dst in ["dst.raw", "new.raw"] {
         let out = imgsync(&env)
@@ -149,7 +145,7 @@ fn an_error_with_stderr_closed_is_exit_2_not_a_panic() {
 #[test]
 fn an_image_piped_where_a_stream_belongs_is_named() {
     let env = qemu_env!();
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    env.create("a.qcow2", Qcow2::new(MIB));
     let img = std::fs::read(env.path("a.qcow2")).unwrap();
     for (what, input) in [("qcow2", img), ("text", b"Welcome to Debian\n".to_vec())] {
         let mut child = imgsync(&env)
@@ -189,7 +185,7 @@ use crate::remote::command as remote_cmd;
 #[test]
 fn a_banner_or_another_program_is_recognised() {
     let (env, sshd) = ssh_env!();
-    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    env.create("a.raw", Raw::new(MIB));
     let banner = sshd.script(
         "banner",
         &format!("echo 'Welcome to Debian GNU/Linux 12'\nexec {BIN} \"$@\""),
@@ -211,7 +207,7 @@ fn a_banner_or_another_program_is_recognised() {
 #[test]
 fn ssh_own_failures_are_said_to_be_ssh() {
     let (env, sshd) = ssh_env!();
-    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    env.create("a.raw", Raw::new(MIB));
     let wrong = sshd.ssh_command().replace(
         &sshd.client_key().display().to_string(),
         &sshd.wrong_key().display().to_string(),
@@ -239,7 +235,7 @@ fn silent(sshd: &Sshd) -> String {
 #[test]
 fn a_silent_peer_times_out() {
     let (env, sshd) = ssh_env!();
-    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    env.create("a.raw", Raw::new(MIB));
     for via in BOTH {
         let mut args = vec!["info".to_string(), "--timeout".into(), "5".into()];
         args.extend(ssh_args(&sshd, via, &silent(&sshd)));
@@ -262,7 +258,7 @@ fn a_silent_peer_times_out() {
 #[test]
 fn ctrl_c_ends_a_wait_on_the_peer_within_a_second() {
     let (env, sshd) = ssh_env!();
-    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    env.create("a.raw", Raw::new(MIB));
     for via in BOTH {
         for cmd in ["info", "convert"] {
             let mut args = vec![cmd.to_string()];
@@ -310,7 +306,7 @@ pub(crate) fn kill(pid: u32, sig: &str) {
 #[test]
 fn a_busy_peer_is_not_taken_for_dead() {
     let (env, sshd) = ssh_env!();
-    env.qemu_img(&["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    env.create("a.raw", Raw::new(MIB));
     // The serve sits 8 s on the request (as a check of a big image would);
     // its keepalives keep a 5 s --timeout from running out.
     let busy = sshd.script(
