@@ -76,10 +76,7 @@ pub fn run(args: &[String]) -> Result<String, Error> {
     let (report, wire) = client.sync_push(&source, src, path, &opts, &NoProgress)?;
     Ok(format!(
         "{}: {} of {} blocks sent, {} holes punched, {wire} bytes on the wire",
-        host,
-        report.blocks_sent,
-        report.blocks_compared,
-        report.blocks_punched
+        host, report.blocks_sent, report.blocks_compared, report.blocks_punched
     ))
 }
 

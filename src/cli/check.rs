@@ -119,7 +119,7 @@ fn report(path: &Path, format: Option<Format>, locking: Locking) -> Result<Value
     )?;
     super::warn_in_use(&source.in_use, "what is shown");
     let image = source.image;
-    if let Some(j) = crate::session::journal_of(path) {
+    if let Some(j) = crate::io::journal::in_progress(path) {
         // Consistent metadata, inconsistent content: part old, part new.
         return Ok(
             json!({"filename": filename, "sync-in-progress": true, "sync-journal": j.display().to_string(), "check-errors": 0, "corruptions": 1, "leaks": 0}),

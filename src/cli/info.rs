@@ -127,7 +127,7 @@ pub fn describe(path: &Path, image: &Image, actual_size: u64) -> Result<Value> {
         }
     }
     o.insert("dirty-flag".into(), json!(dirty));
-    match crate::session::journal_state(path) {
+    match crate::io::journal::state_of(path) {
         Some((j, JournalState::InProgress)) => {
             // imgsync's own key: an interrupted sync left DST partly updated.
             o.insert("sync-in-progress".into(), json!(true));

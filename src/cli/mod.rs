@@ -466,14 +466,7 @@ pub fn main() -> ExitCode {
             force_share,
             ssh,
             image,
-        } => query(
-            Query::Info,
-            &image,
-            format,
-            output,
-            force_share,
-            &ssh,
-        ),
+        } => query(Query::Info, &image, format, output, force_share, &ssh),
         Command::Map {
             format,
             output,
@@ -487,14 +480,7 @@ pub fn main() -> ExitCode {
             force_share,
             ssh,
             image,
-        } => query(
-            Query::Check,
-            &image,
-            format,
-            output,
-            force_share,
-            &ssh,
-        ),
+        } => query(Query::Check, &image, format, output, force_share, &ssh),
         Command::Convert {
             format,
             output_format,

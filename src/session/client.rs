@@ -667,8 +667,7 @@ impl Client {
         let limits = self.limits;
         let cancel = self.cancel.clone();
         let mut frames = remote::ChunkFrames::new(&mut self.fr, limits, info.virtual_size, 1);
-        let chunks =
-            (&mut frames).map(|job| job.and_then(|j| remote::FrameSource.chunk(j, &pool)));
+        let chunks = (&mut frames).map(|job| job.and_then(|j| remote::FrameSource.chunk(j, &pool)));
         let result = compare_chunks(local, info.virtual_size, chunks, progress, &cancel);
         let result = result.and_then(|o| {
             if o == Outcome::Identical {
@@ -706,7 +705,15 @@ impl Client {
         let dst_name = format!("{}:{path}", self.host);
         let cancel = self.cancel.clone();
         let (params, sopts) = send_side(source, opts)?;
-        let r = self.sync_push_inner(source, src, path, &params, opts.dst_format, &sopts, progress);
+        let r = self.sync_push_inner(
+            source,
+            src,
+            path,
+            &params,
+            opts.dst_format,
+            &sopts,
+            progress,
+        );
         match r {
             Ok(r) => {
                 source_held_still(source, &dst_name)?;
@@ -925,7 +932,10 @@ impl Client {
 
 /// The sending end's parameters of a sync of `source`: a fresh key, SRC's
 /// content size.
-pub(super) fn send_side(source: &Source, opts: &SyncOptions) -> Result<(SyncParams, SyncSendOptions)> {
+pub(super) fn send_side(
+    source: &Source,
+    opts: &SyncOptions,
+) -> Result<(SyncParams, SyncSendOptions)> {
     let params = SyncParams {
         block_size: opts.block_size,
         key: super::random_key()?,

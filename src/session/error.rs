@@ -86,7 +86,9 @@ pub fn named(e: engine::Error, src: &Path, dst: &Path, other: Option<&Path>) -> 
             "{dst}: {e} (nothing was written; --no-space-check skips this check)"
         )),
         e @ engine::Error::DeviceTooSmall { .. } => Error::said(format!("{dst}: {e}")),
-        engine::Error::Interrupted => Error::said(format!("{dst}: interrupted; nothing was written")),
+        engine::Error::Interrupted => {
+            Error::said(format!("{dst}: interrupted; nothing was written"))
+        }
         e @ engine::Error::Internal(_) => Error::said(format!("{src}: {e}")),
         // Names the file of the chain that changed.
         e @ engine::Error::SourceChanged(_) => Error::other(e),

@@ -109,9 +109,7 @@ fn exchange(
     });
     let received =
         received.map_err(|_| Error::said("internal error: the receiving thread panicked"))?;
-    if cancel.load(Ordering::Relaxed)
-        || matches!(&sent, Err(engine::Error::Interrupted))
-    {
+    if cancel.load(Ordering::Relaxed) || matches!(&sent, Err(engine::Error::Interrupted)) {
         // sync_local says what state DST is in.
         return Err(Error::said(format!("{}: interrupted", s.dst.display())));
     }

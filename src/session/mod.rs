@@ -43,7 +43,7 @@ pub use client::{Client, CompareReport, SyncOptions, TransferReport};
 pub use error::{named, one_line, Error, Result};
 pub use local::{sync_local, LocalSync};
 pub use serve::{serve_stdio, Hooks, ServeOptions};
-pub use target::{journal_of, journal_state, open_target, rollback_to};
+pub use target::{open_target, rollback_to};
 
 /// Where a client connects: `[user@]host[:port]`, as the transport takes
 /// it (the path is the request's business).

@@ -246,25 +246,29 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         send_msg(&mut self.fw, &Message::Ready).map_err(named)?;
         self.fw.flush().map_err(|e| named(e.into()))?;
         let cancel = &self.opts.cancel;
-        let report =
-            remote::receive_chunks(&mut self.fr, &limits, &info, &out, &opts, &NoProgress, cancel)
-                .and_then(|r| {
-                    remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r)
-                })
-                .map_err(|e| match e {
-                    engine::Error::Protocol(p) => Error::said(format!(
-                        "{}: {} (nothing was written)",
-                        dst.display(),
-                        super::one_line(&p)
-                    )),
-                    e => named(e),
-                })?;
+        let report = remote::receive_chunks(
+            &mut self.fr,
+            &limits,
+            &info,
+            &out,
+            &opts,
+            &NoProgress,
+            cancel,
+        )
+        .and_then(|r| remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r))
+        .map_err(|e| match e {
+            engine::Error::Protocol(p) => Error::said(format!(
+                "{}: {} (nothing was written)",
+                dst.display(),
+                super::one_line(&p)
+            )),
+            e => named(e),
+        })?;
         if cancel.load(Ordering::Relaxed) {
             return Err(named(engine::Error::Interrupted));
         }
-        out.commit().map_err(|e| {
-            Error::at(format!("{}: completing the output", dst.display()), e)
-        })?;
+        out.commit()
+            .map_err(|e| Error::at(format!("{}: completing the output", dst.display()), e))?;
         send_msg(
             &mut self.fw,
             &Message::Done(Done {
@@ -279,7 +283,12 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
 
     /// SRC here, locked as the client asked (`-U` or not) and stamped.
     /// Warnings (`-U` beside a writer) go to this end's stderr.
-    fn open_src(&self, src: &Path, format: Option<WireFormat>, force_share: bool) -> Result<Source> {
+    fn open_src(
+        &self,
+        src: &Path,
+        format: Option<WireFormat>,
+        force_share: bool,
+    ) -> Result<Source> {
         let source = open_source(
             src,
             OpenOptions {
@@ -300,8 +309,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         let source = self.open_src(&src, r.format, r.force_share)?;
         let image = &source.image;
         let chunk = u64::from(r.chunk);
-        if !chunk.is_power_of_two() || chunk < 65536 || chunk > u64::from(self.limits.max_chunk)
-        {
+        if !chunk.is_power_of_two() || chunk < 65536 || chunk > u64::from(self.limits.max_chunk) {
             return Err(Error::said(format!(
                 "{}: bad chunk size {chunk} requested",
                 src.display()
@@ -356,10 +364,14 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
             QueryCommand::Rollback => None,
         };
         let code = match query {
-            Some(query) => {
-                self.hooks
-                    .query(query, &path, format, locking(q.force_share), q.json, &mut out)?
-            }
+            Some(query) => self.hooks.query(
+                query,
+                &path,
+                format,
+                locking(q.force_share),
+                q.json,
+                &mut out,
+            )?,
             None => super::rollback_to(&mut out, &path)?,
         };
         out.flush().map_err(Error::other)?;

@@ -161,7 +161,7 @@ pub fn receive_stream<R: Read + Send>(
             protocol::describe_foreign(&head)
         )),
         engine::Error::Protocol(protocol::Error::Eof)
-            if fr.first_bytes().is_none_or(<[u8]>::is_empty) =>
+            if fr.first_bytes().map_or(true, <[u8]>::is_empty) =>
         {
             Error::said("-: the stream is empty (nothing on stdin)")
         }

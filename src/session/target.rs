@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use imgsync_formats::{Format, Storage};
@@ -153,7 +153,7 @@ pub(super) fn local_state(
     match existed {
         None => DstState::Untouched,
         Some(false) => DstState::Absent,
-        Some(true) if journal_of(dst).is_some() => DstState::MidSync,
+        Some(true) if journal::in_progress(dst).is_some() => DstState::MidSync,
         Some(true) if !journal && changing.load(Ordering::Relaxed) => DstState::Partly,
         Some(true) => DstState::Untouched,
     }
@@ -194,31 +194,9 @@ pub(super) fn with_state(e: Error, dst: &str, state: DstState, cancel: &AtomicBo
         return Error::said(format!("{dst}: interrupted; {words}"));
     }
     match state {
-        DstState::MidSync | DstState::Partly => {
-            Error::said(format!("{}; {words}", e.one_line()))
-        }
+        DstState::MidSync | DstState::Partly => Error::said(format!("{}; {words}", e.one_line())),
         DstState::Absent | DstState::Untouched => e,
     }
-}
-
-/// The journal of an interrupted sync of `dst`, if there is one (whatever
-/// name `dst` gives the image).
-pub fn journal_of(dst: &Path) -> Option<PathBuf> {
-    match journal_state(dst) {
-        Some((j, journal::JournalState::InProgress)) => Some(j),
-        _ => None,
-    }
-}
-
-/// The journal at `dst`'s journal name and what it says about `dst`
-/// (`None`: DST cannot be opened).
-pub fn journal_state(dst: &Path) -> Option<(PathBuf, journal::JournalState)> {
-    let file = std::fs::File::open(dst).ok()?;
-    let meta = file.metadata().ok()?;
-    let id = journal::DstId::of(&file).ok()?;
-    let j = journal::path_of(dst, &meta);
-    let state = journal::state(&j, &id);
-    Some((j, state))
 }
 
 /// `sync --rollback` of DST on this host; says what it did on `out`.

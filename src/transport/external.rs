@@ -256,9 +256,9 @@ impl Waiter for ChildWaiter {
                     let _ = self.child.wait();
                     return Err(Error::Other {
                         host: self.name.clone(),
-                        what: format!(
+                        what:
                             "the --rsh command did not end after its streams were closed; killed it"
-                        ),
+                                .into(),
                     });
                 }
                 Err(e) => {

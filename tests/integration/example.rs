@@ -42,19 +42,21 @@ fn the_example_syncs_an_image_to_the_test_sshd() {
     let f = fs::File::create(&src).unwrap();
     f.set_len(8 * MIB).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&random_bytes(MIB as usize, 7, false), 0).unwrap();
-    f.write_all_at(&random_bytes(MIB as usize, 8, false), 7 * MIB).unwrap();
+    f.write_all_at(&random_bytes(MIB as usize, 7, false), 0)
+        .unwrap();
+    f.write_all_at(&random_bytes(MIB as usize, 8, false), 7 * MIB)
+        .unwrap();
     drop(f);
 
-    let line = sync_to_host::run(&args(&sshd, &src, &dst)).unwrap_or_else(|e| {
-        panic!("first sync: {} (sshd log: {})", e.one_line(), sshd.log())
-    });
+    let line = sync_to_host::run(&args(&sshd, &src, &dst))
+        .unwrap_or_else(|e| panic!("first sync: {} (sshd log: {})", e.one_line(), sshd.log()));
     assert!(line.contains("32 of 32 blocks sent"), "{line}");
     assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
 
     // One block changed: one block crosses.
     let f = fs::OpenOptions::new().write(true).open(&src).unwrap();
-    f.write_all_at(&random_bytes(4096, 9, false), 7 * MIB + 70_000).unwrap();
+    f.write_all_at(&random_bytes(4096, 9, false), 7 * MIB + 70_000)
+        .unwrap();
     drop(f);
     let line = sync_to_host::run(&args(&sshd, &src, &dst)).unwrap();
     assert!(line.contains(" 1 of 32 blocks sent"), "{line}");

@@ -1013,7 +1013,7 @@ fn device_journals_belong_to_one_device_by_any_name() {
     assert_eq!(mode_of(dir), 0o700);
     assert!(!cmp(db, &env.path("b-before.img")), "b was not changed");
     let b_mid = env.path("b-mid.img");
-    copy(db.as_ref(), &b_mid);
+    copy(db, &b_mid);
 
     // Nothing to roll back on a, which stays as it was.
     let line = assert_one_line_error(&env.imgsync(&["sync", "--rollback", "a/vm1"]), "a");

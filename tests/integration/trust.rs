@@ -108,8 +108,20 @@ fn a_listing_into_a_pipe_closed_early_ends_quietly() {
 }
 
 /// A pipe whose reader is already gone: every write to it is EPIPE.
-fn closed_pipe() -> std::io::PipeWriter {
-    let (r, w) = std::io::pipe().unwrap();
+fn closed_pipe() -> std::os::fd::OwnedFd {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two descriptors it creates; each is owned
+    // once, below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    use std::os::fd::FromRawFd;
+    // SAFETY: both descriptors were just created by pipe(2) and are not
+    // owned by anything else.
+    let (r, w) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
     drop(r);
     w
 }

@@ -618,6 +618,25 @@ pub fn state(path: &Path, dst: &DstId) -> JournalState {
     }
 }
 
+/// The journal at `dst`'s journal name and what it says about `dst`,
+/// whatever name `dst` gives the image (`None`: DST cannot be opened).
+pub fn state_of(dst: &Path) -> Option<(PathBuf, JournalState)> {
+    let file = File::open(dst).ok()?;
+    let meta = file.metadata().ok()?;
+    let id = DstId::of(&file).ok()?;
+    let j = path_of(dst, &meta);
+    let state = state(&j, &id);
+    Some((j, state))
+}
+
+/// The journal of an interrupted sync of `dst`, if there is one.
+pub fn in_progress(dst: &Path) -> Option<PathBuf> {
+    match state_of(dst) {
+        Some((j, JournalState::InProgress)) => Some(j),
+        _ => None,
+    }
+}
+
 /// Refuses a journal that records another destination than `dst`.
 fn belongs(header: &JournalHeader, path: &Path, dst: &DstId) -> Result<(), JournalError> {
     if header.dst == *dst {
