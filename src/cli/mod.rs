@@ -75,6 +75,15 @@ pub enum FormatArg {
     Qcow2,
 }
 
+impl From<CompressionArg> for imgsync_formats::qcow2::CompressionType {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zstd => Self::Zstd,
+            CompressionArg::Zlib => Self::Zlib,
+        }
+    }
+}
+
 impl From<FormatArg> for Format {
     fn from(f: FormatArg) -> Format {
         match f {
@@ -232,15 +241,26 @@ enum Command {
     /// undo journal beside DST (block devices: /var/lib/imgsync/journals;
     /// fsynced) before the block is overwritten: an
     /// interrupted sync resumes when rerun, or `--rollback DST` restores the
-    /// previous image. DST absent: a full copy, appearing only when complete.
+    /// previous image. DST absent: a full copy in -O's format, else SRC's
+    /// (as convert), appearing only when complete.
     Sync {
-        /// Source format (probed when absent); DST's too unless -O
+        /// Source format (probed when absent); an existing DST's too unless -O
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
-        /// DST's format: raw (a DST that probes as qcow2 is then updated as
-        /// a file of bytes); qcow2 DSTs are not supported yet
+        /// DST's format: a new DST is made in it (default: SRC's); an
+        /// existing DST named raw is updated as a file of bytes even when it
+        /// probes as qcow2 (existing qcow2 DSTs are not updated yet)
         #[arg(short = 'O', long = "output-format", value_enum)]
         output_format: Option<FormatArg>,
+        /// A new qcow2 DST's clusters compressed (as convert -c)
+        #[arg(short = 'c', long = "compress")]
+        compress: bool,
+        /// Compression method for -c: zstd, or zlib for old readers
+        #[arg(long, value_enum, default_value = "zstd")]
+        compression_type: CompressionArg,
+        /// A new qcow2 DST's cluster size
+        #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
+        cluster_size: u64,
         /// Comparison block size
         #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
         block_size: u64,
@@ -505,10 +525,7 @@ pub fn main() -> ExitCode {
             format: format.map(Into::into),
             output_format: output_format.map(Into::into),
             compress,
-            compression_type: match compression_type {
-                CompressionArg::Zstd => imgsync_formats::qcow2::CompressionType::Zstd,
-                CompressionArg::Zlib => imgsync_formats::qcow2::CompressionType::Zlib,
-            },
+            compression_type: compression_type.into(),
             min_sparse: sparse_size,
             cluster_size,
             target_is_zero,
@@ -525,6 +542,9 @@ pub fn main() -> ExitCode {
         Command::Sync {
             format,
             output_format,
+            compress,
+            compression_type,
+            cluster_size,
             block_size,
             no_journal,
             checksum,
@@ -542,6 +562,9 @@ pub fn main() -> ExitCode {
             paths,
             format: format.map(Into::into),
             output_format: output_format.map(Into::into),
+            compress,
+            compression_type: compression_type.into(),
+            cluster_size,
             block_size,
             no_journal,
             checksum,

@@ -23,8 +23,12 @@ use crate::session::{self, Client, LocalSync, SyncOptions};
 pub struct Args {
     pub paths: Vec<OsString>,
     pub format: Option<Format>,
-    /// `-O`: DST's format (else `-f`'s, else DST is probed).
+    /// `-O`: DST's format (an existing DST: else `-f`'s, else probed; a
+    /// new one: else SRC's).
     pub output_format: Option<Format>,
+    pub compress: bool,
+    pub compression_type: imgsync_formats::qcow2::CompressionType,
+    pub cluster_size: u64,
     pub block_size: u64,
     pub no_journal: bool,
     pub checksum: bool,
@@ -60,6 +64,12 @@ pub fn run(a: Args) -> Result<u8> {
     let opts = SyncOptions {
         src_format: a.format,
         dst_format,
+        new_format: a.output_format,
+        compression: a.compress.then_some(a.compression_type),
+        cluster_bits: a.cluster_size.trailing_zeros(),
+        warn: Some(std::sync::Arc::new(|w: &str| {
+            super::output::eprint_line(&format!("imgsync: {w}"))
+        })),
         block_size: bs as u32,
         journal: !a.no_journal,
         check_space: !a.no_space_check,
@@ -73,6 +83,7 @@ pub fn run(a: Args) -> Result<u8> {
     let report = match (&src_loc, &dst_loc) {
         (Location::Local(s), Location::Local(d)) => {
             let source = open_src(&a, s)?;
+            refuse_compress(&a, &source)?;
             let bar = a.reporting.bar();
             let sync = LocalSync {
                 source: &source,
@@ -84,13 +95,16 @@ pub fn run(a: Args) -> Result<u8> {
         }
         (Location::Local(s), Location::Remote { host, path }) => {
             let source = open_src(&a, s)?;
+            refuse_compress(&a, &source)?;
             let client = Client::connect(host, &a.ssh.options())?;
             let bar = a.reporting.bar();
             client.sync_push(&source, s, path, &opts, progress_of(&bar))?
         }
         (Location::Remote { host, path }, Location::Local(d)) => {
             let target = session::open_target(d, dst_format)?;
-            Client::connect(host, &a.ssh.options())?.sync_pull(path, d, target, &opts)?
+            let client = Client::connect(host, &a.ssh.options())?;
+            let bar = a.reporting.bar();
+            client.sync_pull(path, d, target, &opts, progress_of(&bar))?
         }
         _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
     };
@@ -106,20 +120,29 @@ pub fn run(a: Args) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// DST's format as the user named it: `-O`, else `-f` (the format given
-/// for SRC applies to DST too, as the bytes rsync users sync). sync writes
-/// raw images and block devices only for now: a qcow2 DST is refused here,
-/// naming the option that asked for it.
-fn dst_format(a: &Args, dst: &Location) -> Result<Option<Format>> {
-    match (a.output_format, a.format) {
-        (Some(Format::Qcow2), _) => bail!(
-            "{dst}: -O qcow2: sync writes raw images and block devices only for now (imgsync convert -O qcow2 makes a qcow2 copy)"
-        ),
-        (None, Some(Format::Qcow2)) => bail!(
-            "{dst}: -f qcow2 names DST's format too, and sync writes raw images and block devices only for now; pass -O raw to sync the image's content into a raw DST"
-        ),
-        (o, f) => Ok(o.or(f)),
+/// An existing DST's format as the user named it: `-O`, else `-f` (the
+/// format given for SRC applies to DST too, as the bytes rsync users sync).
+/// A qcow2 one is refused where DST is opened: existing qcow2 DSTs are not
+/// updated yet.
+fn dst_format(a: &Args, _dst: &Location) -> Result<Option<Format>> {
+    if a.compress && a.output_format == Some(Format::Raw) {
+        bail!("-c (compression) needs a qcow2 DST, not -O raw");
     }
+    if !a.cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&a.cluster_size) {
+        bail!(
+            "--cluster-size {}: must be a power of two from 512 to 2M",
+            a.cluster_size
+        );
+    }
+    Ok(a.output_format.or(a.format))
+}
+
+/// `-c` makes a new DST's qcow2 clusters compressed: it needs one.
+fn refuse_compress(a: &Args, source: &crate::io::Source) -> Result<()> {
+    if a.compress && a.output_format.unwrap_or(source.image.format()) != Format::Qcow2 {
+        bail!("-c (compression) needs a qcow2 DST: SRC is raw, pass -O qcow2");
+    }
+    Ok(())
 }
 
 /// SRC with its chain, locked as qemu-img locks a source (or, with `-U`,

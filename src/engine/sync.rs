@@ -409,14 +409,39 @@ pub fn sync_send<R: Read, W: Write>(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<SyncReport> {
+    let info = recv_sync_info(fr, fw, limits)?;
+    sync_send_after(image, info, fr, fw, limits, params, opts, progress, cancel)
+}
+
+/// The receiver's first word: what it found at DST. Flushes what the
+/// caller sent (REQUEST) first.
+pub fn recv_sync_info<R: Read, W: Write>(
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+) -> Result<SyncInfo> {
+    fw.flush()?;
+    match recv_msg(fr, limits, kind::SYNC_INFO)? {
+        Message::SyncInfo(i) => Ok(i),
+        m => Err(unexpected("SYNC_INFO", &m)),
+    }
+}
+
+/// [`sync_send`] once SYNC_INFO has arrived.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_send_after<R: Read, W: Write>(
+    image: &Image,
+    info: SyncInfo,
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    params: &SyncParams,
+    opts: &SyncSendOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<SyncReport> {
     let started = Instant::now();
     let bs = u64::from(params.block_size);
-    // Whatever the caller sent (REQUEST) must reach the receiver first.
-    fw.flush()?;
-    let info = match recv_msg(fr, limits, kind::SYNC_INFO)? {
-        Message::SyncInfo(i) => i,
-        m => return Err(unexpected("SYNC_INFO", &m)),
-    };
     // The receiver's key: the request's, or its hash cache's.
     opts.state.exists.store(info.exists, Ordering::Relaxed);
     opts.state.resumed.store(info.resumed, Ordering::Relaxed);

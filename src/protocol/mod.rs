@@ -36,7 +36,10 @@ pub mod caps {
     /// trailing format byte): `sync -O raw`/`-f raw` onto a file that
     /// probes as qcow2. Older receivers refuse the trailing byte.
     pub const DST_FORMAT: u64 = 16;
-    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT;
+    /// SyncReceiveRequest.create: a sync push makes an absent DST as a
+    /// push of the whole image would, in the format it names.
+    pub const SYNC_CREATE: u64 = 32;
+    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

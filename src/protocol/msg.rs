@@ -83,6 +83,17 @@ pub enum WireCompression {
     Zstd = 2,
 }
 
+impl WireCompression {
+    fn decode(b: u8, what: &'static str) -> Result<WireCompression> {
+        Ok(match b {
+            0 => WireCompression::None,
+            1 => WireCompression::Zlib,
+            2 => WireCompression::Zstd,
+            b => return Err(malformed(what, format!("unknown compression {b}"))),
+        })
+    }
+}
+
 /// Both ends' first frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -176,6 +187,19 @@ pub struct SyncReceiveRequest {
     /// DST's format as the user named it (`-O`, else `-f`); `None`: DST is
     /// probed. Sent only to a peer with `caps::DST_FORMAT`.
     pub dst_format: Option<WireFormat>,
+    /// How to make DST when it does not exist: the receiver answers
+    /// SYNC_INFO (exists = false) and the exchange goes on as a push's
+    /// (IMAGE, READY, CHUNK*, END, DONE), so SRC is read once and DST is
+    /// made in this format. Sent only to a peer with `caps::SYNC_CREATE`.
+    pub create: Option<CreateParams>,
+}
+
+/// A new DST's format, as a push's RECEIVE request gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateParams {
+    pub format: WireFormat,
+    pub compression: WireCompression,
+    pub cluster_bits: u8,
 }
 
 /// Sync pull: the server holds SRC and sends; it answers with IMAGE, then
@@ -489,10 +513,16 @@ impl Message {
                     u8::from(r.params.journal)
                         | (u8::from(r.params.check_space) << 1)
                         | (u8::from(r.params.reread) << 2)
-                        | (u8::from(r.dst_format.is_some()) << 3),
+                        | (u8::from(r.dst_format.is_some()) << 3)
+                        | (u8::from(r.create.is_some()) << 4),
                 );
                 if let Some(f) = r.dst_format {
                     v.push(f as u8);
+                }
+                if let Some(c) = r.create {
+                    v.push(c.format as u8);
+                    v.push(c.compression as u8);
+                    v.push(c.cluster_bits);
                 }
             }
             Message::Request(Request::SyncSend(r)) => {
@@ -594,12 +624,7 @@ impl Message {
                     let path = d.bytes(4096)?.to_vec();
                     let format = WireFormat::decode(d.u8()?, what)?
                         .ok_or_else(|| malformed(what, "no output format".to_string()))?;
-                    let compression = match d.u8()? {
-                        0 => WireCompression::None,
-                        1 => WireCompression::Zlib,
-                        2 => WireCompression::Zstd,
-                        b => return Err(malformed(what, format!("unknown compression {b}"))),
-                    };
+                    let compression = WireCompression::decode(d.u8()?, what)?;
                     let cluster_bits = d.u8()?;
                     let flags = d.u8()?;
                     Message::Request(Request::Receive(ReceiveRequest {
@@ -650,7 +675,24 @@ impl Message {
                     } else {
                         None
                     };
+                    let create = if flags & 16 != 0 {
+                        let format = WireFormat::decode(d.u8()?, what)?
+                            .ok_or_else(|| malformed(what, "no format to create".to_string()))?;
+                        let compression = WireCompression::decode(d.u8()?, what)?;
+                        let cluster_bits = d.u8()?;
+                        Some(CreateParams {
+                            format,
+                            compression,
+                            cluster_bits,
+                        })
+                    } else {
+                        None
+                    };
+                    if flags & !31 != 0 {
+                        return Err(malformed(what, format!("unknown sync flags {flags:#x}")));
+                    }
                     Message::Request(Request::SyncReceive(SyncReceiveRequest {
+                        create,
                         dst_format,
                         path,
                         params: SyncParams {
@@ -1147,11 +1189,23 @@ mod tests {
             path: b"/d".to_vec(),
             params,
             dst_format: None,
+            create: None,
         })));
         round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
             path: b"/d".to_vec(),
             params,
             dst_format: Some(WireFormat::Raw),
+            create: None,
+        })));
+        round_trip(Message::Request(Request::SyncReceive(SyncReceiveRequest {
+            path: b"/d".to_vec(),
+            params,
+            dst_format: None,
+            create: Some(CreateParams {
+                format: WireFormat::Qcow2,
+                compression: WireCompression::Zlib,
+                cluster_bits: 12,
+            }),
         })));
         round_trip(Message::Request(Request::SyncSend(SyncSendRequest {
             path: b"/s".to_vec(),

@@ -23,14 +23,14 @@ use super::{
     TransferOptions, AUTO_LEVEL,
 };
 use crate::engine::compare::Outcome;
-use crate::engine::convert;
+use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg};
 use crate::engine::sync::{SyncReceiveOptions, SyncReport, SyncSendOptions, Target};
 use crate::engine::{self, Progress};
 use crate::io::{FileMeta, Source};
 use crate::protocol::msg::{
-    kind, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, SyncParams,
-    SyncReceiveRequest, SyncSendRequest, WireCompression,
+    kind, CreateParams, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
+    SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
 use crate::transport::{self, Waiter};
@@ -79,13 +79,65 @@ pub struct CompareReport {
     pub size_mismatch: bool,
 }
 
+/// How a sync makes DST when it does not exist.
+pub(super) struct Create<'a> {
+    new_format: Option<Format>,
+    compression: Option<CompressionType>,
+    cluster_bits: u32,
+    warn: Option<&'a Warn>,
+    /// DST as messages name it.
+    dst_name: String,
+}
+
+impl SyncOptions {
+    pub(super) fn create(&self, dst_name: String) -> Create<'_> {
+        Create {
+            new_format: self.new_format,
+            compression: self.compression,
+            cluster_bits: self.cluster_bits,
+            warn: self.warn.as_ref(),
+            dst_name,
+        }
+    }
+}
+
+/// The warning for a new DST whose name says another format than the one
+/// it is made in (`disk.qcow2` made raw, `disk.img` made qcow2).
+pub(super) fn name_warning(dst: &str, format: Format) -> Option<String> {
+    let ext = Path::new(dst).extension()?.to_str()?.to_ascii_lowercase();
+    let named = match ext.as_str() {
+        "qcow2" | "qcow" => Format::Qcow2,
+        "raw" | "img" => Format::Raw,
+        _ => return None,
+    };
+    (named != format).then(|| {
+        format!(
+            "{dst}: warning: made as a {} image, though its name ends in .{ext} (-O {} makes it {})",
+            format.name(),
+            named.name(),
+            named.name()
+        )
+    })
+}
+
+/// Called with a warning line (no `imgsync: ` prefix) for stderr.
+pub type Warn = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// What a sync does, whichever end is where.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SyncOptions {
     /// SRC's format when SRC is on the host (`None`: probed there).
     pub src_format: Option<Format>,
-    /// DST's format as the user named it (`None`: probed).
+    /// An existing DST's format as the user named it (`None`: probed).
     pub dst_format: Option<Format>,
+    /// A new DST's format (`-O`; `None`: SRC's, as convert).
+    pub new_format: Option<Format>,
+    /// A new qcow2 DST's compression (`-c`).
+    pub compression: Option<CompressionType>,
+    /// A new qcow2 DST's cluster size, as bits.
+    pub cluster_bits: u32,
+    /// Where warnings go (a new DST whose name says another format).
+    pub warn: Option<Warn>,
     pub block_size: u32,
     pub journal: bool,
     pub check_space: bool,
@@ -103,6 +155,10 @@ impl Default for SyncOptions {
         SyncOptions {
             src_format: None,
             dst_format: None,
+            new_format: None,
+            compression: None,
+            cluster_bits: 16,
+            warn: None,
             block_size: crate::engine::sync::DEFAULT_BLOCK,
             journal: true,
             check_space: true,
@@ -705,15 +761,7 @@ impl Client {
         let dst_name = format!("{}:{path}", self.host);
         let cancel = self.cancel.clone();
         let (params, sopts) = send_side(source, opts)?;
-        let r = self.sync_push_inner(
-            source,
-            src,
-            path,
-            &params,
-            opts.dst_format,
-            &sopts,
-            progress,
-        );
+        let r = self.sync_push_inner(source, src, path, &params, opts, &sopts, progress);
         match r {
             Ok(r) => {
                 source_held_still(source, &dst_name)?;
@@ -733,17 +781,19 @@ impl Client {
         src: &Path,
         path: &str,
         params: &SyncParams,
-        dst_format: Option<Format>,
+        opts: &SyncOptions,
         sopts: &SyncSendOptions,
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
         let meta = FileMeta::of_path(src).map_err(|e| Error::at(src.display(), e))?;
+        let create = opts.create(format!("{}:{path}", self.host));
         let r = self.sync_exchange(
             source,
             &meta,
             path.as_bytes(),
             params,
-            dst_format,
+            opts.dst_format,
+            &create,
             sopts,
             progress,
         );
@@ -777,6 +827,7 @@ impl Client {
         path: &[u8],
         params: &SyncParams,
         dst_format: Option<Format>,
+        create: &Create<'_>,
         sopts: &SyncSendOptions,
         progress: &dyn Progress,
     ) -> engine::Result<SyncReport> {
@@ -786,17 +837,57 @@ impl Client {
         let dst_format = dst_format
             .filter(|_| self.caps & protocol::caps::DST_FORMAT != 0)
             .map(wire_format);
+        // A new DST is made in -O's format, else SRC's; a qcow2 one as a
+        // push of the whole image (a raw one by the sync itself, which
+        // leaves the hash cache for the next run).
+        let new_format = create.new_format.unwrap_or(image.format());
+        let create_params = (new_format == Format::Qcow2
+            && self.caps & protocol::caps::SYNC_CREATE != 0)
+            .then(|| CreateParams {
+                format: wire_format(new_format),
+                compression: match create.compression {
+                    None => WireCompression::None,
+                    Some(CompressionType::Zlib) => WireCompression::Zlib,
+                    Some(CompressionType::Zstd) => WireCompression::Zstd,
+                },
+                cluster_bits: create.cluster_bits as u8,
+            });
         let req = Request::SyncReceive(SyncReceiveRequest {
             path: path.to_vec(),
             params: *params,
             dst_format,
+            create: create_params,
         });
         let limits = self.limits;
         let cancel = self.cancel.clone();
         send_msg(&mut self.fw, &Message::Request(req))?;
         remote::send_meta(&mut self.fw, self.caps, meta, image)?;
-        crate::engine::sync::sync_send(
+        let info = crate::engine::sync::recv_sync_info(&mut self.fr, &mut self.fw, &limits)?;
+        if !info.exists && new_format == Format::Qcow2 {
+            sopts.state.informed.store(true, Ordering::Relaxed);
+            if create_params.is_none() {
+                // An older serve would make a raw file: never that.
+                return Err(engine::Error::Dest(std::io::Error::other(
+                    "the imgsync there is too old to create a qcow2 DST in a sync: update it, pass -O raw, or make DST with imgsync convert first",
+                )));
+            }
+            if let Some(warn) = &create.warn {
+                if let Some(w) = name_warning(&create.dst_name, new_format) {
+                    warn(&w);
+                }
+            }
+            return self.create_exchange(source, params, create, sopts, progress);
+        }
+        if !info.exists {
+            if let Some(warn) = &create.warn {
+                if let Some(w) = name_warning(&create.dst_name, new_format) {
+                    warn(&w);
+                }
+            }
+        }
+        crate::engine::sync::sync_send_after(
             image,
+            info,
             &mut self.fr,
             &mut self.fw,
             &limits,
@@ -805,6 +896,75 @@ impl Client {
             progress,
             &cancel,
         )
+    }
+
+    /// A sync whose DST did not exist, made as a push of the whole image
+    /// in a qcow2 (SRC read once): IMAGE, READY, CHUNK*, END, DONE.
+    fn create_exchange(
+        &mut self,
+        source: &Source,
+        params: &SyncParams,
+        create: &Create,
+        sopts: &SyncSendOptions,
+        progress: &dyn Progress,
+    ) -> engine::Result<SyncReport> {
+        let started = Instant::now();
+        let image = &source.image;
+        let copts = ConvertOptions {
+            output_format: create.new_format.unwrap_or(image.format()),
+            min_sparse: 4096,
+            compression: create.compression,
+            cluster_bits: create.cluster_bits,
+            target_is_zero: false,
+            check_space: params.check_space,
+            workers: sopts.workers,
+        };
+        convert::check_options(image, &copts)?;
+        let info = remote::image_info(image, convert::output_unit(&copts))?;
+        send_msg(&mut self.fw, &Message::Image(info))?;
+        self.fw.flush()?;
+        recv_msg(&mut self.fr, &self.limits, kind::READY)?;
+        sopts.state.ready.store(true, Ordering::Relaxed);
+        progress.start(info.data_bytes);
+        let send = remote::SendOptions {
+            min_sparse: 4096,
+            chunk: convert::grid(&copts),
+            level: sopts.level,
+            adaptive: sopts.adaptive,
+            workers: sopts.workers,
+        };
+        let limits = self.limits;
+        let cancel = self.cancel.clone();
+        let sent = remote::send_chunks(
+            image,
+            &mut self.fw,
+            &limits,
+            &send,
+            &source.watch,
+            progress,
+            &cancel,
+        )?;
+        recv_msg(&mut self.fr, &self.limits, kind::DONE)?;
+        let bs = u64::from(params.block_size);
+        let blocks = sent.data_sent.div_ceil(bs);
+        Ok(SyncReport {
+            src_size: params.src_size,
+            dst_existed: false,
+            resumed: false,
+            dst_cached: false,
+            bytes_read: sent.bytes_read,
+            blocks_compared: 0,
+            blocks_sent: blocks,
+            blocks_punched: 0,
+            data_sent: sent.data_sent,
+            done: crate::protocol::msg::SyncDone {
+                blocks_compared: 0,
+                blocks_written: blocks,
+                blocks_punched: 0,
+                journal_bytes: 0,
+            },
+            elapsed: started.elapsed(),
+        })
     }
 
     /// sync with SRC at `path` there (pull): this end is the receiver,
@@ -817,16 +977,77 @@ impl Client {
         dst: &Path,
         target: Target,
         opts: &SyncOptions,
+        progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
         let changing = Arc::new(AtomicBool::new(false));
         let cancel = self.cancel.clone();
         let existed = Some(matches!(target, Target::Existing { .. }));
+        if matches!(target, Target::New(_)) && opts.new_format != Some(Format::Raw) {
+            // DST absent, and maybe a qcow2 to make (SRC's format is known
+            // from its IMAGE): a pull of the whole image, SRC read once.
+            drop(target);
+            return self
+                .sync_create_pull(path, dst, opts, progress)
+                .map_err(|e| {
+                    let state = local_state(dst, existed, opts.journal, &changing);
+                    with_state(e, &dst.display().to_string(), state, &cancel)
+                });
+        }
         let r = super::random_key()
             .and_then(|key| self.sync_pull_inner(path, dst, target, key, opts, changing.clone()));
         r.map_err(|e| {
             let state = local_state(dst, existed, opts.journal, &changing);
             with_state(e, &dst.display().to_string(), state, &cancel)
         })
+    }
+
+    fn sync_create_pull(
+        self,
+        path: &str,
+        dst: &Path,
+        opts: &SyncOptions,
+        progress: &dyn Progress,
+    ) -> Result<(SyncReport, u64)> {
+        let topts = TransferOptions {
+            src_format: opts.src_format,
+            output_format: opts.new_format,
+            compression: opts.compression,
+            min_sparse: 4096,
+            cluster_bits: opts.cluster_bits,
+            target_is_zero: false,
+            check_space: opts.check_space,
+            workers: opts.workers,
+            level: opts.level,
+            force_share: opts.force_share,
+        };
+        let r = self.pull(path, dst, &topts, progress)?;
+        if let (Some(warn), Some(w)) = (
+            &opts.warn,
+            name_warning(&dst.display().to_string(), r.format),
+        ) {
+            warn(&w);
+        }
+        let bs = u64::from(opts.block_size);
+        let blocks = r.data_sent.div_ceil(bs);
+        let report = SyncReport {
+            src_size: r.virtual_size,
+            dst_existed: false,
+            resumed: false,
+            dst_cached: false,
+            bytes_read: r.bytes_read,
+            blocks_compared: 0,
+            blocks_sent: blocks,
+            blocks_punched: 0,
+            data_sent: r.data_sent,
+            done: crate::protocol::msg::SyncDone {
+                blocks_compared: 0,
+                blocks_written: blocks,
+                blocks_punched: 0,
+                journal_bytes: 0,
+            },
+            elapsed: std::time::Duration::from_secs_f64(r.seconds),
+        };
+        Ok((report, r.wire_bytes))
     }
 
     fn sync_pull_inner(

@@ -98,6 +98,7 @@ fn exchange(
                 s.dst.as_os_str().as_bytes(),
                 params,
                 s.opts.dst_format,
+                &s.opts.create(s.dst.display().to_string()),
                 send,
                 progress,
             );

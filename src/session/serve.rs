@@ -21,10 +21,11 @@ use super::error::named;
 use super::{format_of, Error, Query, Result, AUTO_LEVEL};
 use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::sync::Target;
 use crate::engine::{self, NoProgress};
 use crate::io::{open_source, FileMeta, Locking, OpenOptions, Output, Source};
 use crate::protocol::msg::{
-    kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
+    kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, SyncInfo,
     SyncReceiveRequest, SyncSendRequest, WireCompression, WireFormat,
 };
 use crate::protocol::{caps, FrameReader, FrameWriter, Limits, Message};
@@ -219,51 +220,63 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         let opts = ConvertOptions {
             output_format,
             min_sparse: 4096,
-            compression: match r.compression {
-                WireCompression::None => None,
-                WireCompression::Zlib => Some(CompressionType::Zlib),
-                WireCompression::Zstd => Some(CompressionType::Zstd),
-            },
+            compression: compression_of(r.compression),
             cluster_bits: u32::from(r.cluster_bits),
             target_is_zero: r.target_is_zero,
             check_space: r.check_space,
             workers: self.opts.workers,
         };
-        let named = |e: engine::Error| named(e, Path::new("-"), &dst, None);
         if opts.compression.is_some() && output_format != Format::Qcow2 {
             return Err(Error::said(format!(
                 "{}: compression needs qcow2 output",
                 dst.display()
             )));
         }
-        convert::check_size_options(info.virtual_size, &opts).map_err(named)?;
+        convert::check_size_options(info.virtual_size, &opts)
+            .map_err(|e| named(e, Path::new("-"), &dst, None))?;
         let out = Output::create(&dst).map_err(|e| Error::at(dst.display(), e))?;
-        if let Some(m) = meta {
-            out.adopt(&remote::io_meta(&m))
+        if let Some(m) = &meta {
+            out.adopt(&remote::io_meta(m))
                 .map_err(|e| Error::at(dst.display(), e))?;
         }
-        remote::check_receive(&info, &out, &opts).map_err(named)?;
+        self.receive_new(out, &dst, &info, &opts, meta.as_ref())
+    }
+
+    /// A new image at `dst` from IMAGE `info` (already read): READY,
+    /// the chunks, then DONE once it is in place.
+    fn receive_new(
+        &mut self,
+        out: Output,
+        dst: &Path,
+        info: &crate::protocol::msg::ImageInfo,
+        opts: &ConvertOptions,
+        meta: Option<&crate::protocol::msg::FileMeta>,
+    ) -> Result<()> {
+        let named = |e: engine::Error| named(e, Path::new("-"), dst, None);
+        if opts.compression.is_some() && opts.output_format != Format::Qcow2 {
+            return Err(Error::said(format!(
+                "{}: compression needs qcow2 output",
+                dst.display()
+            )));
+        }
+        convert::check_size_options(info.virtual_size, opts).map_err(named)?;
+        remote::check_receive(info, &out, opts).map_err(named)?;
         send_msg(&mut self.fw, &Message::Ready).map_err(named)?;
         self.fw.flush().map_err(|e| named(e.into()))?;
+        self.opts.changing.store(true, Ordering::Relaxed);
         let cancel = &self.opts.cancel;
-        let report = remote::receive_chunks(
-            &mut self.fr,
-            &limits,
-            &info,
-            &out,
-            &opts,
-            &NoProgress,
-            cancel,
-        )
-        .and_then(|r| remote::set_content_size(&out, &info, &opts, meta.as_ref()).map(|()| r))
-        .map_err(|e| match e {
-            engine::Error::Protocol(p) => Error::said(format!(
-                "{}: {} (nothing was written)",
-                dst.display(),
-                super::one_line(&p)
-            )),
-            e => named(e),
-        })?;
+        let limits = self.limits;
+        let report =
+            remote::receive_chunks(&mut self.fr, &limits, info, &out, opts, &NoProgress, cancel)
+                .and_then(|r| remote::set_content_size(&out, info, opts, meta).map(|()| r))
+                .map_err(|e| match e {
+                    engine::Error::Protocol(p) => Error::said(format!(
+                        "{}: {} (nothing was written)",
+                        dst.display(),
+                        super::one_line(&p)
+                    )),
+                    e => named(e),
+                })?;
         if cancel.load(Ordering::Relaxed) {
             return Err(named(engine::Error::Interrupted));
         }
@@ -387,11 +400,53 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
             .map_err(|e| Error::at("serve", e))?;
         check_block_size(r.params.block_size, &dst)?;
         let target = super::open_target(&dst, r.dst_format.map(format_of))?;
-        if let Some(m) = meta {
+        if let Some(m) = &meta {
             target
-                .adopt(&remote::io_meta(&m))
+                .adopt(&remote::io_meta(m))
                 .map_err(|e| Error::at(dst.display(), e))?;
         }
+        let target = match (target, r.create) {
+            (Target::New(out), Some(c)) => {
+                // DST absent: made as a push of the whole image would.
+                send_msg(
+                    &mut self.fw,
+                    &Message::SyncInfo(SyncInfo {
+                        exists: false,
+                        dst_size: 0,
+                        resumed: false,
+                        cached: false,
+                        key: r.params.key,
+                    }),
+                )
+                .map_err(|e| named(e, &dst, &dst, None))?;
+                self.fw
+                    .flush()
+                    .map_err(|e| named(e.into(), &dst, &dst, None))?;
+                let info = match recv_msg(&mut self.fr, &self.limits, kind::IMAGE) {
+                    Ok(Message::Image(i)) => i,
+                    Ok(_) => unreachable!("recv_msg checks the type"),
+                    Err(e) => return Err(Error::at("serve", e)),
+                };
+                let opts = ConvertOptions {
+                    output_format: format_of(c.format),
+                    min_sparse: 4096,
+                    compression: compression_of(c.compression),
+                    cluster_bits: u32::from(c.cluster_bits),
+                    target_is_zero: false,
+                    check_space: r.params.check_space,
+                    workers: self.opts.workers,
+                };
+                return self.receive_new(out, &dst, &info, &opts, meta.as_ref());
+            }
+            (Target::New(_), None) if r.dst_format == Some(WireFormat::Qcow2) => {
+                // Only a client that says how to make it gets a qcow2.
+                return Err(Error::said(format!(
+                    "{}: a new qcow2 DST needs an imgsync client that can ask for one (update it)",
+                    dst.display()
+                )));
+            }
+            (t, _) => t,
+        };
         crate::engine::sync::sync_receive(
             target,
             &mut self.fr,
@@ -459,6 +514,14 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
             self.fw.flush().map_err(|e| named(e.into()))?;
         }
         Ok(())
+    }
+}
+
+fn compression_of(c: WireCompression) -> Option<CompressionType> {
+    match c {
+        WireCompression::None => None,
+        WireCompression::Zlib => Some(CompressionType::Zlib),
+        WireCompression::Zstd => Some(CompressionType::Zstd),
     }
 }
 

@@ -13,17 +13,12 @@ use crate::engine::sync::{SendState, Target};
 use crate::io::{journal, lock, open_image, LocalFile, Locking, OpenOptions, Output};
 
 /// DST as the receiver sees it: an existing raw file or block device, or
-/// a new output when absent. `format` is DST's format as the user named
-/// it (`None`: probed); a DST that probes as qcow2 is refused unless the
-/// user named it raw (then it is a file of bytes, as rsync sees it).
+/// a new output when absent. `format` is an existing DST's format as the
+/// user named it (`None`: probed); a DST that probes as qcow2 is refused
+/// unless the user named it raw (then it is a file of bytes, as rsync sees
+/// it). A new output's format is the caller's business.
 pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
     let name = || dst.display().to_string();
-    if format == Some(Format::Qcow2) {
-        return Err(Error::said(format!(
-            "{}: sync writes raw images and block devices only for now, not qcow2",
-            dst.display()
-        )));
-    }
     let meta = match std::fs::metadata(dst) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -33,6 +28,12 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
         }
         Err(e) => return Err(Error::at(name(), e)),
     };
+    if format == Some(Format::Qcow2) {
+        return Err(Error::said(format!(
+            "{}: exists and was named qcow2 (by -O qcow2 or -f qcow2), but sync updates existing raw images and block devices only for now; pass -O raw to sync SRC's content onto its bytes as a raw image, or remove it to have it made anew",
+            dst.display()
+        )));
+    }
     let is_device = meta.file_type().is_block_device();
     if !is_device && !meta.is_file() {
         return Err(Error::said(format!(

@@ -1,8 +1,11 @@
 //! `sync -f FMT` / `-O FMT`: the format the user names for SRC applies to
-//! DST too unless -O says otherwise. `sync -f raw disk.qcow2 DST` (the
-//! qcow2 file synced as bytes, as rsync users do) works every time, not
-//! just while DST is absent; a qcow2 DST is refused (sync writes raw images
-//! only for now) with the option to pass, never silently made raw.
+//! an existing DST too unless -O says otherwise. `sync -f raw disk.qcow2
+//! DST` (the qcow2 file synced as bytes, as rsync users do) works every
+//! time, not just while DST is absent; an existing qcow2 DST is refused
+//! (sync updates raw images only for now) with the option to pass. A new
+//! DST is made in -O's format, else SRC's, as convert makes it: a qcow2 SRC
+//! gives a qcow2 DST (never a raw file named .qcow2 without a word), made
+//! as a push of the whole image (SRC read once), local, push and pull.
 
 use std::fs;
 use std::path::Path;
@@ -97,14 +100,15 @@ fn qcow2_destinations_are_refused_naming_the_option() {
     let env = qemu_env!();
     qcow2(&env, "disk.qcow2", 0x55);
     env.qemu_img(&["convert", "-O", "raw", "disk.qcow2", "disk.raw"]);
-    // -O qcow2: refused, nothing created (never a raw file instead).
-    let out = env.imgsync(&["sync", "-O", "qcow2", "disk.raw", "new.qcow2"]);
-    let line = assert_one_line_error(&out, "sync -O qcow2");
+    // -O qcow2 onto an existing raw DST: refused, untouched.
+    fs::copy(env.path("disk.raw"), env.path("raw-dst.img")).unwrap();
+    let out = env.imgsync(&["sync", "-O", "qcow2", "disk.raw", "raw-dst.img"]);
+    let line = assert_one_line_error(&out, "sync -O qcow2 onto a raw DST");
     assert!(
         line.contains("-O qcow2") && line.contains("raw images"),
         "{line}"
     );
-    assert!(!env.path("new.qcow2").exists());
+    cmp(&env.path("disk.raw"), &env.path("raw-dst.img"), "refused");
     // -f qcow2 names DST's format too: the fix is -O raw.
     fs::copy(env.path("disk.raw"), env.path("old.raw")).unwrap();
     fs::write(env.path("dst.raw"), b"old").unwrap();
@@ -145,4 +149,188 @@ fn qcow2_destinations_are_refused_naming_the_option() {
         &env.path("keep.qcow2"),
         "refused DST",
     );
+}
+
+/// qemu-img's verdicts on a new DST: `format`, a clean check, and SRC's
+/// guest content.
+fn made_as(env: &Env, src: &str, dst: &Path, format: &str, what: &str) {
+    let info = env.qemu_json(&["info", "--output=json", &dst.display().to_string()]);
+    assert_eq!(info["format"], format, "{what}: {info}");
+    if format == "qcow2" {
+        let out = env.run("qemu-img", &["check", &dst.display().to_string()]);
+        assert!(out.status.success(), "{what}: qemu-img check: {out:?}");
+    }
+    let out = env.run(
+        "qemu-img",
+        &[
+            "compare",
+            &env.path(src).display().to_string(),
+            &dst.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{what}: qemu-img compare: {out:?}");
+}
+
+fn json(out: &std::process::Output, what: &str) -> serde_json::Value {
+    let text = ok(out, what);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: {e}: {text}"))
+}
+
+#[test]
+fn a_new_dst_is_made_in_srcs_format_reading_src_once() {
+    let env = qemu_env!();
+    qcow2(&env, "disk.qcow2", 0x31);
+    let data = 3 * MIB + 256 * 1024;
+    // SRC qcow2, DST absent: a qcow2, SRC's data read once.
+    let out = env.imgsync(&["sync", "-q", "--output", "json", "disk.qcow2", "new.qcow2"]);
+    let r = json(&out, "new qcow2");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    made_as(
+        &env,
+        "disk.qcow2",
+        &env.path("new.qcow2"),
+        "qcow2",
+        "new qcow2",
+    );
+    let read = r["bytes-read"].as_u64().unwrap();
+    assert!(
+        read <= data,
+        "SRC read more than once: {read} of {data}: {r}"
+    );
+    assert_eq!(r["destination-existed"], false, "{r}");
+    // -c: compressed clusters, still the same guest.
+    let out = env.imgsync(&["sync", "-q", "-c", "disk.qcow2", "small.qcow2"]);
+    ok(&out, "-c");
+    made_as(&env, "disk.qcow2", &env.path("small.qcow2"), "qcow2", "-c");
+    let map = env.qemu_json(&["map", "--output=json", "small.qcow2"]);
+    let compressed = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["compressed"] == true);
+    assert!(compressed, "no compressed cluster: {map}");
+    // An existing qcow2 DST is still refused, untouched.
+    fs::copy(env.path("new.qcow2"), env.path("before.qcow2")).unwrap();
+    let out = env.imgsync(&["sync", "disk.qcow2", "new.qcow2"]);
+    let line = assert_one_line_error(&out, "existing qcow2 DST");
+    assert!(line.contains("new.qcow2: is a qcow2 image"), "{line}");
+    cmp(
+        &env.path("before.qcow2"),
+        &env.path("new.qcow2"),
+        "untouched",
+    );
+    // -O raw makes a raw copy of a qcow2 SRC.
+    let out = env.imgsync(&["sync", "-q", "-O", "raw", "disk.qcow2", "flat.raw"]);
+    ok(&out, "-O raw");
+    made_as(&env, "disk.qcow2", &env.path("flat.raw"), "raw", "-O raw");
+    // -c asks for a qcow2: refused with a raw DST.
+    let out = env.imgsync(&["sync", "-c", "-O", "raw", "disk.qcow2", "no.raw"]);
+    assert_one_line_error(&out, "-c -O raw");
+    assert!(!env.path("no.raw").exists());
+}
+
+#[test]
+fn a_new_dst_whose_name_says_another_format_is_warned_about() {
+    let env = qemu_env!();
+    qcow2(&env, "disk.qcow2", 0x41);
+    env.qemu_img(&["convert", "-O", "raw", "disk.qcow2", "disk.raw"]);
+    // SRC raw into a name ending in .qcow2: raw (SRC's format), one line
+    // naming both.
+    let out = env.imgsync(&["sync", "disk.raw", "b.qcow2"]);
+    ok(&out, "raw into .qcow2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("imgsync: b.qcow2: warning:")
+            && err.contains("raw")
+            && err.contains(".qcow2"),
+        "{err}"
+    );
+    made_as(
+        &env,
+        "disk.raw",
+        &env.path("b.qcow2"),
+        "raw",
+        "raw into .qcow2",
+    );
+    // -O qcow2 into a name ending in .img: qcow2, and the warning.
+    let out = env.imgsync(&["sync", "-O", "qcow2", "disk.raw", "c.img"]);
+    ok(&out, "qcow2 into .img");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("c.img: warning:") && err.contains("qcow2") && err.contains(".img"),
+        "{err}"
+    );
+    made_as(
+        &env,
+        "disk.raw",
+        &env.path("c.img"),
+        "qcow2",
+        "qcow2 into .img",
+    );
+    // A name that says nothing (or the right thing): no warning.
+    for (args, name) in [
+        (&["sync", "disk.qcow2", "d.qcow2"][..], "d.qcow2"),
+        (&["sync", "disk.raw", "e"][..], "e"),
+    ] {
+        let out = env.imgsync(args);
+        ok(&out, name);
+        assert!(
+            out.stderr.is_empty(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_new_qcow2_dst_over_ssh_push_and_pull() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    qcow2(&env, "disk.qcow2", 0x51);
+    for via in BOTH {
+        let remote = env.path(&format!("pushed-{via:?}.qcow2"));
+        let mut a = vec!["sync".to_string(), "-q".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push("disk.qcow2".into());
+        a.push(url(&sshd, &remote));
+        let out = run(&env, &sshd, &a, &[]);
+        ok(&out, &format!("push {via:?}"));
+        made_as(
+            &env,
+            "disk.qcow2",
+            &remote,
+            "qcow2",
+            &format!("push {via:?}"),
+        );
+        // Pulled back into a new local DST: a qcow2 again.
+        let local = format!("pulled-{via:?}.qcow2");
+        let mut a = vec!["sync".to_string(), "-q".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push(url(&sshd, &remote));
+        a.push(local.clone());
+        let out = run(&env, &sshd, &a, &[]);
+        ok(&out, &format!("pull {via:?}"));
+        made_as(
+            &env,
+            "disk.qcow2",
+            &env.path(&local),
+            "qcow2",
+            &format!("pull {via:?}"),
+        );
+        // The second push finds a qcow2 there: refused, untouched.
+        let before = fs::read(&remote).unwrap();
+        let mut a = vec!["sync".to_string(), "-q".into()];
+        a.extend(ssh_args(&sshd, via, BIN));
+        a.push("disk.qcow2".into());
+        a.push(url(&sshd, &remote));
+        let out = run(&env, &sshd, &a, &[]);
+        let line = assert_one_line_error(&out, "existing remote qcow2");
+        assert!(line.contains("qcow2"), "{line}");
+        assert_eq!(fs::read(&remote).unwrap(), before, "{via:?}: DST changed");
+    }
 }
