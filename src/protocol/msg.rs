@@ -1306,7 +1306,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x1f]); // caps: zstd, keepalive, source check, meta, DST format
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x3f]); // caps: zstd, keepalive, source check, meta, DST format, sync create
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);
