@@ -49,6 +49,8 @@ pub struct Client {
     /// Capabilities both ends announced.
     pub(super) caps: u64,
     cancel: Arc<AtomicBool>,
+    /// How it was reached (`None`: a local socket pair), to connect again.
+    reach: Option<ConnectOptions>,
 }
 
 /// What a push or a pull did (for `--stats` and `--output json`).
@@ -80,23 +82,32 @@ pub struct CompareReport {
 }
 
 /// How a sync makes DST when it does not exist.
-pub(super) struct Create<'a> {
+pub(super) struct Create {
     new_format: Option<Format>,
     compression: Option<CompressionType>,
     cluster_bits: u32,
-    warn: Option<&'a Warn>,
-    /// DST as messages name it.
-    dst_name: String,
 }
 
 impl SyncOptions {
-    pub(super) fn create(&self, dst_name: String) -> Create<'_> {
+    pub(super) fn create(&self) -> Create {
         Create {
             new_format: self.new_format,
             compression: self.compression,
             cluster_bits: self.cluster_bits,
-            warn: self.warn.as_ref(),
-            dst_name,
+        }
+    }
+
+    /// After a sync that made DST (of SRC's format `src`): the warning
+    /// when DST's name says another format.
+    pub(super) fn warn_new(&self, report: &SyncReport, dst: &str, src: Format) {
+        if report.dst_existed {
+            return;
+        }
+        if let (Some(warn), Some(w)) = (
+            &self.warn,
+            name_warning(dst, self.new_format.unwrap_or(src)),
+        ) {
+            warn(&w);
         }
     }
 }
@@ -189,6 +200,7 @@ impl Client {
             limits: Limits::DEFAULT,
             caps: 0,
             cancel: opts.cancel.clone(),
+            reach: Some(opts.clone()),
         };
         match handshake(&mut client.fr, &mut client.fw) {
             Ok(n) => {
@@ -230,6 +242,7 @@ impl Client {
             limits: n.limits,
             caps: n.caps,
             cancel,
+            reach: None,
         })
     }
 
@@ -765,6 +778,7 @@ impl Client {
         match r {
             Ok(r) => {
                 source_held_still(source, &dst_name)?;
+                opts.warn_new(&r.0, &dst_name, source.image.format());
                 Ok(r)
             }
             Err(e) => {
@@ -786,7 +800,7 @@ impl Client {
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
         let meta = FileMeta::of_path(src).map_err(|e| Error::at(src.display(), e))?;
-        let create = opts.create(format!("{}:{path}", self.host));
+        let create = opts.create();
         let r = self.sync_exchange(
             source,
             &meta,
@@ -827,7 +841,7 @@ impl Client {
         path: &[u8],
         params: &SyncParams,
         dst_format: Option<Format>,
-        create: &Create<'_>,
+        create: &Create,
         sopts: &SyncSendOptions,
         progress: &dyn Progress,
     ) -> engine::Result<SyncReport> {
@@ -871,19 +885,7 @@ impl Client {
                     "the imgsync there is too old to create a qcow2 DST in a sync: update it, pass -O raw, or make DST with imgsync convert first",
                 )));
             }
-            if let Some(warn) = &create.warn {
-                if let Some(w) = name_warning(&create.dst_name, new_format) {
-                    warn(&w);
-                }
-            }
             return self.create_exchange(source, params, create, sopts, progress);
-        }
-        if !info.exists {
-            if let Some(warn) = &create.warn {
-                if let Some(w) = name_warning(&create.dst_name, new_format) {
-                    warn(&w);
-                }
-            }
         }
         crate::engine::sync::sync_send_after(
             image,
@@ -982,9 +984,9 @@ impl Client {
         let changing = Arc::new(AtomicBool::new(false));
         let cancel = self.cancel.clone();
         let existed = Some(matches!(target, Target::Existing { .. }));
-        if matches!(target, Target::New(_)) && opts.new_format != Some(Format::Raw) {
-            // DST absent, and maybe a qcow2 to make (SRC's format is known
-            // from its IMAGE): a pull of the whole image, SRC read once.
+        if matches!(target, Target::New(_)) && opts.new_format == Some(Format::Qcow2) {
+            // DST absent, to be made a qcow2: a pull of the whole image,
+            // SRC read once.
             drop(target);
             return self
                 .sync_create_pull(path, dst, opts, progress)
@@ -993,8 +995,9 @@ impl Client {
                     with_state(e, &dst.display().to_string(), state, &cancel)
                 });
         }
-        let r = super::random_key()
-            .and_then(|key| self.sync_pull_inner(path, dst, target, key, opts, changing.clone()));
+        let r = super::random_key().and_then(|key| {
+            self.sync_pull_inner(path, dst, target, key, opts, changing.clone(), progress)
+        });
         r.map_err(|e| {
             let state = local_state(dst, existed, opts.journal, &changing);
             with_state(e, &dst.display().to_string(), state, &cancel)
@@ -1050,6 +1053,7 @@ impl Client {
         Ok((report, r.wire_bytes))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn sync_pull_inner(
         mut self,
         path: &str,
@@ -1058,6 +1062,7 @@ impl Client {
         key: [u8; 32],
         opts: &SyncOptions,
         changing: Arc<AtomicBool>,
+        progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
         let req = Request::SyncSend(SyncSendRequest {
             path: path.as_bytes().to_vec(),
@@ -1079,6 +1084,26 @@ impl Client {
             Ok(_) => unreachable!("recv_msg checks the type"),
             Err(e) => return Err(self.fail(e)),
         };
+        if matches!(target, Target::New(_))
+            && opts.new_format.is_none()
+            && info.format.map(format_of) == Some(Format::Qcow2)
+        {
+            // DST absent and SRC a qcow2: DST is made a qcow2 too, by a
+            // pull of the whole image on a new connection (this one is
+            // dropped before anything was said about DST).
+            if let Some(reach) = self.reach.clone() {
+                let host = self.host.clone();
+                drop(target);
+                self.waiter.abort();
+                drop((self.fr, self.fw));
+                let again = Client::connect(&host, &reach)?;
+                let opts = SyncOptions {
+                    new_format: Some(Format::Qcow2),
+                    ..opts.clone()
+                };
+                return again.sync_create_pull(path, dst, &opts, progress);
+            }
+        }
         if let Some(m) = meta {
             if let Err(e) = target.adopt(&remote::io_meta(&m)) {
                 drop(self);

@@ -45,6 +45,7 @@ pub fn sync_local(
     match exchange(s, &params, &send, progress, cancel, &changing) {
         Ok(r) => {
             source_held_still(s.source, &dst_name)?;
+            s.opts.warn_new(&r.0, &dst_name, s.source.image.format());
             Ok(r)
         }
         Err(e) => {
@@ -98,7 +99,7 @@ fn exchange(
                 s.dst.as_os_str().as_bytes(),
                 params,
                 s.opts.dst_format,
-                &s.opts.create(s.dst.display().to_string()),
+                &s.opts.create(),
                 send,
                 progress,
             );

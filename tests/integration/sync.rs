@@ -308,8 +308,12 @@ fn qcow2_source_with_compressed_clusters_and_absent_destination() {
         "qcow2 -> raw",
     );
     assert_eq!(n(&r, "blocks-sent"), 17, "{r}");
-    // DST absent: a full copy, sparse.
-    let r = report(&sync_local(&env, &["new.qcow2", "fresh.raw"]), "absent");
+    // DST absent, -O raw (else it is made a qcow2, SRC's format): a full
+    // copy, sparse.
+    let r = report(
+        &sync_local(&env, &["-O", "raw", "new.qcow2", "fresh.raw"]),
+        "absent",
+    );
     identical(&env, &env.path("new.raw"), &env.path("fresh.raw"), "absent");
     assert_eq!(r["destination-existed"], false, "{r}");
     assert_eq!(data_regions(&env.path("fresh.raw")), 9 * MIB);
