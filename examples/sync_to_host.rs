@@ -67,12 +67,9 @@ pub fn run(args: &[String]) -> Result<String, Error> {
     // One connection, one request: DST on the host becomes SRC's content,
     // only the blocks that differ crossing the wire, under an undo journal.
     let client = Client::connect(&host, &connect)?;
-    let opts = SyncOptions {
-        block_size: 64 << 10,
-        journal: true,
-        check_space: true,
-        ..SyncOptions::default()
-    };
+    // The defaults: an undo journal, the space check, blocks of DST's
+    // cluster size for a qcow2 DST (64 KiB for a raw one).
+    let opts = SyncOptions::default();
     let (report, wire) = client.sync_push(&source, src, path, &opts, &NoProgress)?;
     Ok(format!(
         "{}: {} of {} blocks sent, {} holes punched, {wire} bytes on the wire",

@@ -261,9 +261,10 @@ enum Command {
         /// A new qcow2 DST's cluster size
         #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
         cluster_size: u64,
-        /// Comparison block size
-        #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
-        block_size: u64,
+        /// Comparison block size (default: a qcow2 DST's cluster size, at
+        /// least 4k; else 64k)
+        #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+        block_size: Option<u64>,
         /// Do not keep an undo journal: faster and needs no room for the
         /// changed blocks' old content, but an interrupted sync leaves DST
         /// partly updated with no way back (rerunning still completes it)
@@ -404,6 +405,10 @@ impl session::Hooks for Listings {
 
     fn warn_in_use(&self, in_use: &[std::path::PathBuf], what: &str) {
         warn_in_use(in_use, what)
+    }
+
+    fn warn(&self, line: &str) {
+        output::eprint_line(&format!("imgsync: {line}"))
     }
 }
 

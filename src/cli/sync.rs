@@ -29,7 +29,9 @@ pub struct Args {
     pub compress: bool,
     pub compression_type: imgsync_formats::qcow2::CompressionType,
     pub cluster_size: u64,
-    pub block_size: u64,
+    /// `None`: the receiver's choice (a qcow2 DST's cluster size, else
+    /// 64 KiB).
+    pub block_size: Option<u64>,
     pub no_journal: bool,
     pub checksum: bool,
     pub rollback: bool,
@@ -53,9 +55,10 @@ pub fn run(a: Args) -> Result<u8> {
     let [src, dst] = &a.paths[..] else {
         bail!("sync needs SRC and DST (or --rollback DST)");
     };
-    let bs = a.block_size;
-    if !bs.is_power_of_two() || !(u64::from(MIN_BLOCK)..=u64::from(MAX_BLOCK)).contains(&bs) {
-        bail!("--block-size {bs}: must be a power of two from 4k to 16M");
+    if let Some(bs) = a.block_size {
+        if !bs.is_power_of_two() || !(u64::from(MIN_BLOCK)..=u64::from(MAX_BLOCK)).contains(&bs) {
+            bail!("--block-size {bs}: must be a power of two from 4k to 16M");
+        }
     }
     let src_loc = Location::parse(src)?;
     let dst_loc = Location::parse(dst)?;
@@ -70,7 +73,7 @@ pub fn run(a: Args) -> Result<u8> {
         warn: Some(std::sync::Arc::new(|w: &str| {
             super::output::eprint_line(&format!("imgsync: {w}"))
         })),
-        block_size: bs as u32,
+        block_size: a.block_size.map(|b| b as u32),
         journal: !a.no_journal,
         check_space: !a.no_space_check,
         reread: a.checksum,

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod qcow2_dst;
 pub mod remote;
 pub mod sink;
 pub mod sync;

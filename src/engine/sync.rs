@@ -441,6 +441,22 @@ pub fn sync_send_after<R: Read, W: Write>(
     cancel: &AtomicBool,
 ) -> Result<SyncReport> {
     let started = Instant::now();
+    // The receiver's choice, when the block size was left to it.
+    let params = &SyncParams {
+        block_size: if info.block_size != 0 {
+            info.block_size
+        } else {
+            params.block_size
+        },
+        ..*params
+    };
+    if !params.block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&params.block_size)
+    {
+        return Err(bad(
+            "SYNC_INFO",
+            format!("block size {} chosen", params.block_size),
+        ));
+    }
     let bs = u64::from(params.block_size);
     // The receiver's key: the request's, or its hash cache's.
     opts.state.exists.store(info.exists, Ordering::Relaxed);
@@ -722,6 +738,21 @@ pub enum Target {
     },
     /// DST did not exist: a new output, linked into place at the end.
     New(crate::io::Output),
+    /// An existing qcow2 image, updated in place through the format layer
+    /// (`super::qcow2_dst`).
+    Qcow2 {
+        /// DST's file, read-write and locked.
+        file: File,
+        /// DST's guest view, backing chain included (hashing, old content).
+        image: Image,
+        /// Its virtual size.
+        size: u64,
+        id: journal::DstId,
+        journal_path: PathBuf,
+        /// An interrupted sync's journal was rolled back first: this sync
+        /// starts afresh from the image before it (a qcow2 DST resumes so).
+        rolled_back: bool,
+    },
 }
 
 impl Target {
@@ -730,7 +761,7 @@ impl Target {
     pub fn adopt(&self, meta: &crate::io::FileMeta) -> std::io::Result<()> {
         match self {
             Target::New(out) => out.adopt(meta),
-            Target::Existing { .. } => Ok(()),
+            Target::Existing { .. } | Target::Qcow2 { .. } => Ok(()),
         }
     }
 }
@@ -749,7 +780,7 @@ pub struct SyncReceiveOptions {
 /// The receiving end: DST is `target`; SRC's size, block size and key are
 /// in `params`. Returns what it reports in SYNC_DONE.
 /// What the receiving end did (a pull reports from here).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Received {
     pub done: SyncDone,
     /// DST existed (else it was created, as convert does).
@@ -762,6 +793,9 @@ pub struct Received {
     pub src_bytes_read: u64,
     /// Bytes of block content received (before compression).
     pub data: u64,
+    /// What the user should hear about DST (a qcow2 DST's bitmaps made
+    /// inconsistent), without DST's name.
+    pub warnings: Vec<String>,
 }
 
 pub fn sync_receive<R: Read + Send, W: Write>(
@@ -773,7 +807,41 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     opts: &SyncReceiveOptions,
     cancel: &AtomicBool,
 ) -> Result<Received> {
+    // A qcow2 DST: its updater (refusing what it cannot update before
+    // anything is said).
+    let updater = match &target {
+        Target::Qcow2 { file, .. } => {
+            let view = super::qcow2_dst::JournaledFile::new(file, None, u64::from(MIN_BLOCK))
+                .map_err(Error::Dest)?;
+            Some(imgsync_formats::qcow2::update::Updater::open(&view).map_err(Error::DestFormat)?)
+        }
+        _ => None,
+    };
+    // The block size, when the sender left it to this end: a qcow2 DST's
+    // cluster size (at least the smallest block), else the default.
+    let chosen = match (params.block_size, &updater) {
+        (0, Some(u)) => (u.cluster_size() as u32).clamp(MIN_BLOCK, MAX_BLOCK),
+        (0, None) => DEFAULT_BLOCK,
+        _ => 0,
+    };
+    let params = &SyncParams {
+        block_size: if chosen != 0 {
+            chosen
+        } else {
+            params.block_size
+        },
+        ..*params
+    };
     let bs = u64::from(params.block_size);
+    if let Some(u) = &updater {
+        if bs % u.cluster_size() != 0 {
+            return Err(Error::Dest(std::io::Error::other(format!(
+                "--block-size {bs} is not a multiple of DST's cluster size ({}): pass --block-size {}, or leave it out",
+                u.cluster_size(),
+                u.cluster_size().max(u64::from(MIN_BLOCK))
+            ))));
+        }
+    }
     let src_blocks = blocks_of(params.src_size, bs);
     // An interrupted sync's journal: continued (its entries hold the
     // original content), if it was made with this block size.
@@ -805,15 +873,26 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             (true, *size)
         }
         Target::New(_) => (false, 0),
+        Target::Qcow2 { size, .. } => (true, *size),
     };
-    let resumed = journal.is_some();
+    let resumed = journal.is_some()
+        || matches!(
+            target,
+            Target::Qcow2 {
+                rolled_back: true,
+                ..
+            }
+        );
+    // A qcow2 DST: its updater (refusing what it cannot update before
+    // anything is said), and blocks of whole clusters.
     // DST's hash cache, if it still describes DST (not after an
     // interruption: DST changed since). A cache not used is removed
     // before DST changes; a new one is written at the end.
     let cache_path = match &target {
         Target::Existing {
             is_device: true, ..
-        } => None,
+        }
+        | Target::Qcow2 { .. } => None,
         _ => opts.cache.as_deref().map(hashcache::path_for),
     };
     let mut cache = None;
@@ -856,6 +935,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             resumed,
             cached: cache.is_some(),
             key: params.key,
+            block_size: chosen,
         }),
     )?;
     // DST's hashes before the sync, kept for the new cache.
@@ -874,7 +954,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     };
     let mut digest = SumDigest::default();
     let mut compared = 0;
-    if let Target::Existing { image, .. } = &target {
+    if let Target::Existing { image, .. } | Target::Qcow2 { image, .. } = &target {
         let mut sink = HashSink {
             fw: &mut *fw,
             batch: Vec::new(),
@@ -966,6 +1046,114 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                 }
             }
         }
+        Target::Qcow2 { file, .. } => {
+            if params.check_space {
+                // New clusters, and the journal: the data blocks changed,
+                // and for the metadata one L2 table and one refcount
+                // block per 512 changed blocks, at least 16 blocks.
+                let changed = plan.send_blocks + plan.punch_blocks;
+                let meta = 2 * changed.div_ceil(512) + 16;
+                let journal_need = if params.journal {
+                    journal::space_needed(params.block_size, plan.journal_blocks + meta)
+                } else {
+                    0
+                };
+                let need = alloc_need + meta * bs + journal_need;
+                let free = crate::io::output::free_space_of(file).map_err(Error::Dest)?;
+                if need > free {
+                    return Err(Error::NoSpace { need, free });
+                }
+            }
+        }
+    }
+    if let (
+        Target::Qcow2 {
+            file,
+            image,
+            id,
+            journal_path,
+            ..
+        },
+        Some(updater),
+    ) = (&target, updater)
+    {
+        let changes = plan.send_blocks + plan.punch_blocks > 0 || params.src_size != dst_size;
+        let journal = if params.journal && changes {
+            let old_size = file.metadata().map_err(Error::Dest)?.len();
+            Some(
+                Journal::create(
+                    journal_path,
+                    JournalHeader {
+                        block_size: params.block_size,
+                        old_size,
+                        new_size: old_size,
+                        sync_id: [0; 32],
+                        dst: *id,
+                    },
+                )
+                .map_err(jerr)?,
+            )
+        } else {
+            None
+        };
+        let jfile = super::qcow2_dst::JournaledFile::new(file, journal, bs).map_err(Error::Dest)?;
+        let mut applier = super::qcow2_dst::Qcow2Applier::new(
+            updater,
+            jfile,
+            image,
+            bs,
+            params.src_size,
+            params.key,
+            digest,
+        );
+        opts.changing.store(true, Ordering::Relaxed);
+        send_msg(fw, &Message::Ready)?;
+        fw.flush()?;
+        let mut warnings = Vec::new();
+        if changes && applier.updater.bitmaps_in_use() {
+            // Kept true would mean setting the bits of every range written;
+            // the spec's other way: autoclear bit 0 cleared, and qemu then
+            // treats them as inconsistent. Never left claiming "clean".
+            let (u, f) = (&mut applier.updater, &mut applier.file);
+            u.invalidate_bitmaps(f).map_err(Error::DestFormat)?;
+            warnings.push(
+                "warning: its persistent dirty bitmaps were marked inconsistent (qcow2 autoclear bit 0 cleared); an incremental backup needs them made anew"
+                    .to_string(),
+            );
+        }
+        if changes {
+            applier.grow()?;
+        }
+        let ((src_digest, src_read), data) =
+            recv_changes(fr, limits, params, src_blocks, cancel, &mut applier)?;
+        let stats = applier.finish()?;
+        if applier.digest.bytes() != src_digest {
+            return Err(Error::Dest(std::io::Error::other(
+                "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
+            )));
+        }
+        let journal_bytes = applier.file.journal_bytes();
+        if let Some(j) = applier.file.take_journal() {
+            j.remove().map_err(jerr)?;
+        }
+        let done = SyncDone {
+            blocks_compared: compared,
+            blocks_written: applier.written,
+            blocks_punched: applier.punched,
+            journal_bytes,
+        };
+        let _ = stats;
+        send_msg(fw, &Message::SyncDone(done))?;
+        fw.flush()?;
+        return Ok(Received {
+            done,
+            existed: true,
+            resumed,
+            cached: false,
+            src_bytes_read: src_read,
+            data,
+            warnings,
+        });
     }
     // A resumed sync's journal knows DST's size before the first run (the
     // file may have grown since).
@@ -1021,11 +1209,108 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             }
         }
         Target::New(out) => out.set_len(params.src_size).map_err(Error::Dest)?,
+        Target::Qcow2 { .. } => unreachable!("a qcow2 DST is received above"),
     }
     opts.changing.store(true, Ordering::Relaxed);
     send_msg(fw, &Message::Ready)?;
     fw.flush()?;
 
+    let (end, data_bytes) = recv_changes(fr, limits, params, src_blocks, cancel, &mut applier)?;
+    applier.flush()?;
+    applier.finish_size()?;
+    let (src_digest, src_read) = end;
+    if applier.digest.bytes() != src_digest {
+        return Err(Error::Dest(std::io::Error::other(
+            "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
+        )));
+    }
+    let journal_bytes = applier.journal.as_ref().map_or(0, |j| j.bytes());
+    let (written, punched, data) = (applier.written, applier.punched, data_bytes);
+    if let Some(j) = applier.journal.take() {
+        j.remove().map_err(jerr)?;
+    }
+    let changed = applier.changed.take();
+    let punched_runs = std::mem::take(&mut applier.punched_runs);
+    drop(applier);
+    let dst_file = match target {
+        Target::New(out) => {
+            out.commit().map_err(Error::Dest)?;
+            opts.cache.as_deref().and_then(|p| File::open(p).ok())
+        }
+        Target::Existing { file, .. } => Some(file),
+        Target::Qcow2 { .. } => unreachable!("a qcow2 DST is received apart"),
+    };
+    // The new hash cache: an optimisation, so a failure only means the
+    // next sync reads DST.
+    if let (Some(cp), Some(f), Some(mut old), Some(mut changed)) =
+        (&cache_path, &dst_file, old_hashes, changed)
+    {
+        let _ = hashcache::write(
+            cp,
+            f,
+            params.block_size,
+            params.key,
+            src_blocks,
+            &mut old,
+            &mut changed,
+            &punched_runs,
+        );
+    }
+    let done = SyncDone {
+        blocks_compared: compared,
+        blocks_written: written,
+        blocks_punched: punched,
+        journal_bytes,
+    };
+    send_msg(fw, &Message::SyncDone(done))?;
+    fw.flush()?;
+    Ok(Received {
+        done,
+        existed: exists,
+        resumed,
+        cached: cache.is_some(),
+        src_bytes_read: src_read,
+        data,
+        warnings: Vec::new(),
+    })
+}
+
+/// Where the receiver puts the changes as they arrive.
+trait Apply {
+    fn put_blocks(&mut self, first: u64, data: Vec<u8>) -> Result<()>;
+    fn put_punch(&mut self, first: u64, count: u64) -> Result<()>;
+}
+
+impl Apply for Applier<'_> {
+    fn put_blocks(&mut self, first: u64, data: Vec<u8>) -> Result<()> {
+        Applier::put_blocks(self, first, data)
+    }
+    fn put_punch(&mut self, first: u64, count: u64) -> Result<()> {
+        Applier::put_punch(self, first, count)
+    }
+}
+
+impl Apply for super::qcow2_dst::Qcow2Applier<'_> {
+    fn put_blocks(&mut self, first: u64, data: Vec<u8>) -> Result<()> {
+        super::qcow2_dst::Qcow2Applier::put_blocks(self, first, data)
+    }
+    fn put_punch(&mut self, first: u64, count: u64) -> Result<()> {
+        super::qcow2_dst::Qcow2Applier::put_punch(self, first, count)
+    }
+}
+
+/// The sender's PUNCH and BLOCKS frames up to SYNC_END, checked against
+/// SRC's size and handed to `applier`. Returns SYNC_END's digest and bytes
+/// read, and the block bytes received.
+fn recv_changes<R: Read>(
+    fr: &mut FrameReader<R>,
+    limits: &Limits,
+    params: &SyncParams,
+    src_blocks: u64,
+    cancel: &AtomicBool,
+    applier: &mut dyn Apply,
+) -> Result<(([u8; 32], u64), u64)> {
+    let bs = u64::from(params.block_size);
     let mut zstd_buf = Vec::new();
     let mut data_bytes = 0u64;
     let end = loop {
@@ -1084,61 +1369,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             m => return Err(unexpected("BLOCKS", &m)),
         }
     };
-    applier.flush()?;
-    applier.finish_size()?;
-    let (src_digest, src_read) = end;
-    if applier.digest.bytes() != src_digest {
-        return Err(Error::Dest(std::io::Error::other(
-            "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
-        )));
-    }
-    let journal_bytes = applier.journal.as_ref().map_or(0, |j| j.bytes());
-    let (written, punched, data) = (applier.written, applier.punched, data_bytes);
-    if let Some(j) = applier.journal.take() {
-        j.remove().map_err(jerr)?;
-    }
-    let changed = applier.changed.take();
-    let punched_runs = std::mem::take(&mut applier.punched_runs);
-    drop(applier);
-    let dst_file = match target {
-        Target::New(out) => {
-            out.commit().map_err(Error::Dest)?;
-            opts.cache.as_deref().and_then(|p| File::open(p).ok())
-        }
-        Target::Existing { file, .. } => Some(file),
-    };
-    // The new hash cache: an optimisation, so a failure only means the
-    // next sync reads DST.
-    if let (Some(cp), Some(f), Some(mut old), Some(mut changed)) =
-        (&cache_path, &dst_file, old_hashes, changed)
-    {
-        let _ = hashcache::write(
-            cp,
-            f,
-            params.block_size,
-            params.key,
-            src_blocks,
-            &mut old,
-            &mut changed,
-            &punched_runs,
-        );
-    }
-    let done = SyncDone {
-        blocks_compared: compared,
-        blocks_written: written,
-        blocks_punched: punched,
-        journal_bytes,
-    };
-    send_msg(fw, &Message::SyncDone(done))?;
-    fw.flush()?;
-    Ok(Received {
-        done,
-        existed: exists,
-        resumed,
-        cached: cache.is_some(),
-        src_bytes_read: src_read,
-        data,
-    })
+    Ok((end, data_bytes))
 }
 
 trait PastEnd {
@@ -1256,7 +1487,7 @@ impl Applier<'_> {
     fn file(&self) -> Option<&File> {
         match self.target {
             Target::Existing { file, .. } => Some(file),
-            Target::New(_) => None,
+            Target::New(_) | Target::Qcow2 { .. } => None,
         }
     }
 
@@ -1406,6 +1637,10 @@ impl Applier<'_> {
     fn apply(&self, act: Act, off: u64, bytes: &[u8]) -> Result<()> {
         match (act, self.target) {
             (Act::Skip, _) | (Act::Punch, Target::New(_)) => Ok(()),
+            // The raw applier never sees a qcow2 DST (`qcow2_dst` does).
+            (_, Target::Qcow2 { .. }) => Err(Error::Internal(
+                "the raw applier was given a qcow2 DST".into(),
+            )),
             (Act::Write, Target::Existing { file, .. }) => {
                 file.write_all_at(bytes, off).map_err(Error::Dest)
             }

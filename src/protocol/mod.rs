@@ -39,7 +39,11 @@ pub mod caps {
     /// SyncReceiveRequest.create: a sync push makes an absent DST as a
     /// push of the whole image would, in the format it names.
     pub const SYNC_CREATE: u64 = 32;
-    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE;
+    /// A sync request may leave the block size to the receiver (block size
+    /// 0): SYNC_INFO then says which (a qcow2 DST's cluster size).
+    pub const BLOCK_CHOICE: u64 = 64;
+    pub const ALL: u64 =
+        ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE | BLOCK_CHOICE;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

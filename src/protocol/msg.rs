@@ -266,6 +266,11 @@ pub struct SyncInfo {
     pub cached: bool,
     /// The key both ends hash with: the request's, or the cache's.
     pub key: [u8; 32],
+    /// The block size the receiver chose, when the request left it to it
+    /// (block size 0, sent only to a peer with `caps::BLOCK_CHOICE`): a
+    /// qcow2 DST's cluster size (at least 4 KiB), else 64 KiB. 0: as
+    /// requested (and not on the wire).
+    pub block_size: u32,
 }
 
 /// The sender's plan after comparing the hashes.
@@ -538,6 +543,9 @@ impl Message {
                 v.push(u8::from(i.exists) | (u8::from(i.resumed) << 1) | (u8::from(i.cached) << 2));
                 v.extend_from_slice(&i.dst_size.to_be_bytes());
                 v.extend_from_slice(&i.key);
+                if i.block_size != 0 {
+                    v.extend_from_slice(&i.block_size.to_be_bytes());
+                }
             }
             Message::Hashes(h) => {
                 v.extend_from_slice(&(h.len() as u32).to_be_bytes());
@@ -747,6 +755,7 @@ impl Message {
                     cached: flags & 4 != 0,
                     dst_size: d.u64()?,
                     key: d.array()?,
+                    block_size: if d.p.is_empty() { 0 } else { d.u32()? },
                 })
             }
             kind::HASHES => {
@@ -1229,6 +1238,15 @@ mod tests {
             resumed: true,
             cached: true,
             key: [7; 32],
+            block_size: 0,
+        }));
+        round_trip(Message::SyncInfo(SyncInfo {
+            exists: true,
+            dst_size: 5,
+            resumed: false,
+            cached: false,
+            key: [7; 32],
+            block_size: 2 << 20,
         }));
         round_trip(Message::Hashes(vec![(1, [2; 16]), (9, [3; 16])]));
         round_trip(Message::HashesEnd(2));
@@ -1306,7 +1324,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x3f]); // caps: zstd, keepalive, source check, meta, DST format, sync create
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x7f]); // caps: zstd, keepalive, source check, meta, DST format, sync create, block choice
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

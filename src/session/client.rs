@@ -149,7 +149,9 @@ pub struct SyncOptions {
     pub cluster_bits: u32,
     /// Where warnings go (a new DST whose name says another format).
     pub warn: Option<Warn>,
-    pub block_size: u32,
+    /// Blocks compared (`None`: a qcow2 DST's cluster size, at least
+    /// 4 KiB, else 64 KiB; the receiver chooses).
+    pub block_size: Option<u32>,
     pub journal: bool,
     pub check_space: bool,
     /// Read DST's blocks again instead of trusting its hash cache.
@@ -170,7 +172,7 @@ impl Default for SyncOptions {
             compression: None,
             cluster_bits: 16,
             warn: None,
-            block_size: crate::engine::sync::DEFAULT_BLOCK,
+            block_size: None,
             journal: true,
             check_space: true,
             reread: false,
@@ -773,7 +775,7 @@ impl Client {
         // As the command line spelled DST (`host:path`).
         let dst_name = format!("{}:{path}", self.host);
         let cancel = self.cancel.clone();
-        let (params, sopts) = send_side(source, opts)?;
+        let (params, sopts) = send_side(source, opts, self.caps)?;
         let r = self.sync_push_inner(source, src, path, &params, opts, &sopts, progress);
         match r {
             Ok(r) => {
@@ -877,6 +879,13 @@ impl Client {
         send_msg(&mut self.fw, &Message::Request(req))?;
         remote::send_meta(&mut self.fw, self.caps, meta, image)?;
         let info = crate::engine::sync::recv_sync_info(&mut self.fr, &mut self.fw, &limits)?;
+        let params = &SyncParams {
+            block_size: match info.block_size {
+                0 => params.block_size,
+                chosen => chosen,
+            },
+            ..*params
+        };
         if !info.exists && new_format == Format::Qcow2 {
             sopts.state.informed.store(true, Ordering::Relaxed);
             if create_params.is_none() {
@@ -947,7 +956,7 @@ impl Client {
             &cancel,
         )?;
         recv_msg(&mut self.fr, &self.limits, kind::DONE)?;
-        let bs = u64::from(params.block_size);
+        let bs = u64::from(params.block_size).max(u64::from(crate::engine::sync::MIN_BLOCK));
         let blocks = sent.data_sent.div_ceil(bs);
         Ok(SyncReport {
             src_size: params.src_size,
@@ -1030,7 +1039,10 @@ impl Client {
         ) {
             warn(&w);
         }
-        let bs = u64::from(opts.block_size);
+        let bs = u64::from(
+            opts.block_size
+                .unwrap_or(crate::engine::sync::DEFAULT_BLOCK),
+        );
         let blocks = r.data_sent.div_ceil(bs);
         let report = SyncReport {
             src_size: r.virtual_size,
@@ -1064,10 +1076,25 @@ impl Client {
         changing: Arc<AtomicBool>,
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
+        // This end is the receiver: a qcow2 DST's cluster size, unless
+        // the user chose.
+        let block_size = opts.block_size.unwrap_or(match &target {
+            Target::Qcow2 { image, .. } => {
+                image
+                    .qcow2()
+                    .map_or(crate::engine::sync::DEFAULT_BLOCK, |q| {
+                        (q.header().cluster_size() as u32).clamp(
+                            crate::engine::sync::MIN_BLOCK,
+                            crate::engine::sync::MAX_BLOCK,
+                        )
+                    })
+            }
+            _ => crate::engine::sync::DEFAULT_BLOCK,
+        });
         let req = Request::SyncSend(SyncSendRequest {
             path: path.as_bytes().to_vec(),
             format: opts.src_format.map(wire_format),
-            block_size: opts.block_size,
+            block_size,
             key,
             level: opts.level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
             force_share: opts.force_share,
@@ -1111,7 +1138,7 @@ impl Client {
             }
         }
         let params = SyncParams {
-            block_size: opts.block_size,
+            block_size,
             key,
             src_size: info.virtual_size,
             journal: opts.journal,
@@ -1149,6 +1176,11 @@ impl Client {
                 }
                 let wire = self.wire();
                 self.finish();
+                if let Some(warn) = &opts.warn {
+                    for w in &got.warnings {
+                        warn(&format!("{}: {w}", dst.display()));
+                    }
+                }
                 let done = got.done;
                 let report = SyncReport {
                     src_size: info.virtual_size,
@@ -1178,12 +1210,20 @@ impl Client {
 
 /// The sending end's parameters of a sync of `source`: a fresh key, SRC's
 /// content size.
+/// `caps`: the receiver's; one with `caps::BLOCK_CHOICE` chooses the block
+/// size when the user did not.
 pub(super) fn send_side(
     source: &Source,
     opts: &SyncOptions,
+    caps: u64,
 ) -> Result<(SyncParams, SyncSendOptions)> {
+    let left_to_receiver = caps & protocol::caps::BLOCK_CHOICE != 0;
     let params = SyncParams {
-        block_size: opts.block_size,
+        block_size: opts.block_size.unwrap_or(if left_to_receiver {
+            0
+        } else {
+            crate::engine::sync::DEFAULT_BLOCK
+        }),
         key: super::random_key()?,
         src_size: source.image.content_size(),
         journal: opts.journal,

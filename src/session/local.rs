@@ -38,7 +38,8 @@ pub fn sync_local(
     cancel: &Arc<AtomicBool>,
 ) -> Result<(SyncReport, u64)> {
     refuse_same(s.src, s.dst)?;
-    let (params, send) = send_side(s.source, &s.opts)?;
+    // Both ends are this imgsync: the receiver chooses the block size.
+    let (params, send) = send_side(s.source, &s.opts, crate::protocol::caps::ALL)?;
     let existed = Some(std::fs::metadata(s.dst).is_ok());
     let changing = Arc::new(AtomicBool::new(false));
     let dst_name = s.dst.display().to_string();
@@ -81,7 +82,7 @@ fn exchange(
                 BufWriter::with_capacity(1 << 20, theirs_w),
                 None,
                 &opts,
-                &NoQueries,
+                &NoQueries(s.opts.warn.clone()),
             )
         });
         let sent = Client::over(
@@ -161,8 +162,8 @@ impl Waiter for NoWaiter {
     fn abort(self: Box<Self>) {}
 }
 
-/// A local sync asks for no listing.
-struct NoQueries;
+/// A local sync asks for no listing; its warnings go where the caller's do.
+struct NoQueries(Option<super::client::Warn>);
 
 impl Hooks for NoQueries {
     fn query(
@@ -180,4 +181,10 @@ impl Hooks for NoQueries {
         )))
     }
     fn warn_in_use(&self, _: &[PathBuf], _: &str) {}
+
+    fn warn(&self, line: &str) {
+        if let Some(w) = &self.0 {
+            w(line)
+        }
+    }
 }

@@ -50,6 +50,9 @@ pub trait Hooks: Sync {
     /// Files a writer holds that are read anyway (`-U`): `what` may be
     /// inconsistent.
     fn warn_in_use(&self, in_use: &[PathBuf], what: &str);
+
+    /// A warning line (naming its file) for this end's stderr.
+    fn warn(&self, line: &str);
 }
 
 /// How the serving end runs.
@@ -398,7 +401,10 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         let dst = path_of(&r.path);
         let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)
             .map_err(|e| Error::at("serve", e))?;
-        check_block_size(r.params.block_size, &dst)?;
+        // 0: left to this end (a client with caps::BLOCK_CHOICE).
+        if r.params.block_size != 0 || self.caps & caps::BLOCK_CHOICE == 0 {
+            check_block_size(r.params.block_size, &dst)?;
+        }
         let target = super::open_target(&dst, r.dst_format.map(format_of))?;
         if let Some(m) = &meta {
             target
@@ -416,6 +422,11 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
                         resumed: false,
                         cached: false,
                         key: r.params.key,
+                        block_size: if r.params.block_size == 0 {
+                            crate::engine::sync::DEFAULT_BLOCK
+                        } else {
+                            0
+                        },
                     }),
                 )
                 .map_err(|e| named(e, &dst, &dst, None))?;
@@ -462,8 +473,12 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         )
         // Everything the receiver reads or writes is DST (its old content
         // is read through the format layer, a "source" to the engine).
-        .map_err(|e| named(e, &dst, &dst, None))?;
-        Ok(())
+        .map_err(|e| named(e, &dst, &dst, None))
+        .map(|got| {
+            for w in &got.warnings {
+                self.hooks.warn(&format!("{}: {w}", dst.display()));
+            }
+        })
     }
 
     /// sync pull: SRC is here.

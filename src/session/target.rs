@@ -28,12 +28,6 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
         }
         Err(e) => return Err(Error::at(name(), e)),
     };
-    if format == Some(Format::Qcow2) {
-        return Err(Error::said(format!(
-            "{}: exists and was named qcow2 (by -O qcow2 or -f qcow2), but sync updates existing raw images and block devices only for now; pass -O raw to sync SRC's content onto its bytes as a raw image, or remove it to have it made anew",
-            dst.display()
-        )));
-    }
     let is_device = meta.file_type().is_block_device();
     if !is_device && !meta.is_file() {
         return Err(Error::said(format!(
@@ -63,14 +57,23 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
     // image is refused, and no VM can start on DST mid-sync.
     lock::lock_for_writing(&file).map_err(|e| Error::at(name(), e))?;
     let mut magic = [0u8; 4];
-    if format.is_none()
-        && std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
-        && magic == *b"QFI\xfb"
-    {
+    // A file shorter than the magic is no qcow2 (the zeros stay).
+    let _ = std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0);
+    let probed_qcow2 = format.is_none() && magic == *b"QFI\xfb";
+    if format == Some(Format::Qcow2) && magic != *b"QFI\xfb" {
         return Err(Error::said(format!(
-            "{}: is a qcow2 image; sync updates raw images and block devices only for now (pass -O raw to sync SRC onto the file's bytes as a raw image; or sync into a raw copy, or convert it)",
+            "{}: -O qcow2 (or -f qcow2) names DST a qcow2 image, but it is not one: pass -O raw to sync onto it as a raw image, or remove it to have it made a qcow2",
             dst.display()
         )));
+    }
+    if probed_qcow2 || format == Some(Format::Qcow2) {
+        if is_device {
+            return Err(Error::said(format!(
+                "{}: a qcow2 image on a block device is not updated in place (sync onto its bytes with -O raw)",
+                dst.display()
+            )));
+        }
+        return open_qcow2(dst, file, &meta);
     }
     let size = LocalFile::open(dst)
         .and_then(|f| f.size())
@@ -100,6 +103,81 @@ pub fn open_target(dst: &Path, format: Option<Format>) -> Result<Target> {
         id,
         journal_path: journal::path_of(dst, &meta),
     })
+}
+
+/// An existing qcow2 DST, updated in place. An interrupted sync's journal
+/// is rolled back first: the sync then starts afresh from the image before
+/// it (so no cluster the interrupted run allocated stays behind).
+fn open_qcow2(dst: &Path, file: std::fs::File, meta: &std::fs::Metadata) -> Result<Target> {
+    let name = || dst.display().to_string();
+    refuse_unclean(dst, &file)?;
+    let id = journal::DstId::of(&file).map_err(|e| Error::at(name(), e))?;
+    let journal_path = journal::path_of(dst, meta);
+    let rolled_back = match journal::state(&journal_path, &id) {
+        journal::JournalState::InProgress => {
+            journal::rollback(dst, &journal_path).map_err(|e| Error::at(name(), e))?;
+            true
+        }
+        // Another destination's journal, or one that is not ours: never
+        // applied, and never overwritten.
+        journal::JournalState::Refused(e) => return Err(Error::at(name(), e)),
+        journal::JournalState::None => false,
+    };
+    // DST's guest view, its backing chain included (read-only, through a
+    // second descriptor: `file`'s locks cover it).
+    let image = open_image(
+        dst,
+        OpenOptions {
+            format: Some(Format::Qcow2),
+            allow_corrupt: false,
+            locking: Locking::None,
+        },
+    )
+    .map_err(Error::other)?;
+    Ok(Target::Qcow2 {
+        size: image.virtual_size(),
+        file,
+        image,
+        id,
+        journal_path,
+        rolled_back,
+    })
+}
+
+/// A qcow2 DST whose dirty or corrupt bit is set is refused before
+/// anything else: its refcounts cannot be trusted for allocating.
+fn refuse_unclean(dst: &Path, file: &std::fs::File) -> Result<()> {
+    use imgsync_formats::qcow2::Header;
+    use std::os::unix::fs::FileExt;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::at(dst.display(), e))?
+        .len();
+    let mut prefix = [0u8; 24];
+    if file.read_exact_at(&mut prefix, 0).is_err() {
+        return Ok(()); // too short: the format layer says what is wrong
+    }
+    let Ok(first) = Header::first_cluster_len(&prefix) else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; first.min(len) as usize];
+    if file.read_exact_at(&mut buf, 0).is_err() {
+        return Ok(());
+    }
+    let Ok(h) = Header::parse(&buf, len) else {
+        return Ok(());
+    };
+    let why = if h.corrupt() {
+        "is marked corrupt (qcow2 corrupt bit)"
+    } else if h.dirty() {
+        "was not closed cleanly (qcow2 dirty bit: its refcounts may be stale)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::said(format!(
+        "{}: {why}; run qemu-img check -r all first (nothing was changed)",
+        dst.display()
+    )))
 }
 
 /// Opens DST read-write. A file of ours without its owner-write bit (a

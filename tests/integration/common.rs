@@ -330,11 +330,15 @@ impl Env {
 
     /// Runs the imgsync binary in the temp dir.
     pub fn imgsync(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_imgsync"))
-            .args(args)
-            .current_dir(self.root())
-            .output()
-            .expect("run imgsync")
+        self.imgsync_cmd(args).output().expect("run imgsync")
+    }
+
+    /// imgsync with `args` in the test's dir, to be given more (an
+    /// environment variable) and run.
+    pub fn imgsync_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_imgsync"));
+        c.args(args).current_dir(self.root());
+        c
     }
 
     /// Runs imgsync and returns its stdout as JSON; panics unless it succeeds.

@@ -11,6 +11,8 @@
 //!   perms:   new images keep the source's mode and owner, every path;
 //!   sizes:   raw copies keep a raw file's exact size, every path;
 //!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
+//!   sync_qcow2: sync into existing qcow2 DSTs, in place (kinds x patterns,
+//!            crashes at every barrier, refusals, over sshd);
 //!   example: examples/sync_to_host.rs, the library API, against the sshd.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
@@ -28,5 +30,6 @@ mod sizes;
 mod sshd;
 mod sync;
 mod sync_format;
+mod sync_qcow2;
 mod transport;
 mod trust;

@@ -371,9 +371,9 @@ fn block_size_is_honoured() {
 fn refusals_are_one_line_errors() {
     let env = qemu_env!();
     base(&env.path("a.raw"));
-    env.create("d.qcow2", Qcow2::new(256 * MIB));
+    env.create("d.qcow2", Qcow2::new(256 * MIB).data_file("d.data"));
     let cases: &[(&[&str], &str)] = &[
-        (&["sync", "a.raw", "d.qcow2"], "qcow2"),
+        (&["sync", "a.raw", "d.qcow2"], "data file"),
         (&["sync", "a.raw", "a.raw"], "a.raw"),
         (&["sync", "missing.raw", "x.raw"], "missing.raw"),
         (&["sync", "a.raw", "nodir/x.raw"], "nodir"),
@@ -890,7 +890,9 @@ fn remote_errors_name_the_host() {
     let env = qemu_env!();
     let Some(sshd) = Sshd::start() else { return };
     base(&env.path("a.raw"));
-    env.create("d.qcow2", Qcow2::new(256 * MIB));
+    // A qcow2 DST that cannot be updated in place (its data lives in an
+    // external file): the receiver's refusal, named with the host.
+    env.create("d.qcow2", Qcow2::new(256 * MIB).data_file("d.data"));
     for via in BOTH {
         let out = sync_remote(
             &env,
@@ -902,7 +904,7 @@ fn remote_errors_name_the_host() {
         );
         let line = assert_one_line_error(&out, "qcow2 DST");
         assert!(
-            line.contains("127.0.0.1") && line.contains("qcow2"),
+            line.contains("127.0.0.1") && line.contains("d.qcow2") && line.contains("data file"),
             "{line}"
         );
         let out = sync_remote(

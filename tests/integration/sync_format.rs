@@ -1,8 +1,8 @@
 //! `sync -f FMT` / `-O FMT`: the format the user names for SRC applies to
 //! an existing DST too unless -O says otherwise. `sync -f raw disk.qcow2
 //! DST` (the qcow2 file synced as bytes, as rsync users do) works every
-//! time, not just while DST is absent; an existing qcow2 DST is refused
-//! (sync updates raw images only for now) with the option to pass. A new
+//! time, not just while DST is absent; an existing qcow2 DST is updated in
+//! place (`sync_qcow2` holds those tests). A new
 //! DST is made in -O's format, else SRC's, as convert makes it: a qcow2 SRC
 //! gives a qcow2 DST (never a raw file named .qcow2 without a word), made
 //! as a push of the whole image (SRC read once), local, push and pull.
@@ -105,7 +105,7 @@ fn qcow2_destinations_are_refused_naming_the_option() {
     let out = env.imgsync(&["sync", "-O", "qcow2", "disk.raw", "raw-dst.img"]);
     let line = assert_one_line_error(&out, "sync -O qcow2 onto a raw DST");
     assert!(
-        line.contains("-O qcow2") && line.contains("raw images"),
+        line.contains("raw-dst.img") && line.contains("-O qcow2") && line.contains("not"),
         "{line}"
     );
     cmp(&env.path("disk.raw"), &env.path("raw-dst.img"), "refused");
@@ -135,19 +135,17 @@ fn qcow2_destinations_are_refused_naming_the_option() {
         &env.path("dst.raw"),
         "-f qcow2 -O raw",
     );
-    // Nothing special asked and DST probes as qcow2: refused as before,
-    // untouched, saying which option syncs onto its bytes.
-    fs::copy(env.path("disk.qcow2"), env.path("keep.qcow2")).unwrap();
-    let out = env.imgsync(&["sync", "disk.raw", "keep.qcow2"]);
-    let line = assert_one_line_error(&out, "qcow2 DST, no options");
-    assert!(
-        line.contains("keep.qcow2: is a qcow2 image") && line.contains("-O raw"),
-        "{line}"
-    );
-    cmp(
-        &env.path("disk.qcow2"),
+    // Nothing special asked and DST probes as qcow2: updated in place,
+    // still a qcow2.
+    qcow2(&env, "keep.qcow2", 0x66);
+    let out = env.imgsync(&["sync", "-q", "disk.raw", "keep.qcow2"]);
+    ok(&out, "qcow2 DST, no options");
+    made_as(
+        &env,
+        "disk.raw",
         &env.path("keep.qcow2"),
-        "refused DST",
+        "qcow2",
+        "qcow2 DST",
     );
 }
 
@@ -213,15 +211,15 @@ fn a_new_dst_is_made_in_srcs_format_reading_src_once() {
         .iter()
         .any(|e| e["compressed"] == true);
     assert!(compressed, "no compressed cluster: {map}");
-    // An existing qcow2 DST is still refused, untouched.
+    // A second sync finds the qcow2 DST identical: its file stays as it
+    // is, byte for byte.
     fs::copy(env.path("new.qcow2"), env.path("before.qcow2")).unwrap();
-    let out = env.imgsync(&["sync", "disk.qcow2", "new.qcow2"]);
-    let line = assert_one_line_error(&out, "existing qcow2 DST");
-    assert!(line.contains("new.qcow2: is a qcow2 image"), "{line}");
+    let out = env.imgsync(&["sync", "-q", "disk.qcow2", "new.qcow2"]);
+    ok(&out, "existing qcow2 DST");
     cmp(
         &env.path("before.qcow2"),
         &env.path("new.qcow2"),
-        "untouched",
+        "identical",
     );
     // -O raw makes a raw copy of a qcow2 SRC.
     let out = env.imgsync(&["sync", "-q", "-O", "raw", "disk.qcow2", "flat.raw"]);
@@ -322,15 +320,20 @@ fn a_new_qcow2_dst_over_ssh_push_and_pull() {
             "qcow2",
             &format!("pull {via:?}"),
         );
-        // The second push finds a qcow2 there: refused, untouched.
-        let before = fs::read(&remote).unwrap();
+        // The second push finds a qcow2 there and updates it in place.
+        qcow2(&env, "disk2.qcow2", 0x52);
         let mut a = vec!["sync".to_string(), "-q".into()];
         a.extend(ssh_args(&sshd, via, BIN));
-        a.push("disk.qcow2".into());
+        a.push("disk2.qcow2".into());
         a.push(url(&sshd, &remote));
         let out = run(&env, &sshd, &a, &[]);
-        let line = assert_one_line_error(&out, "existing remote qcow2");
-        assert!(line.contains("qcow2"), "{line}");
-        assert_eq!(fs::read(&remote).unwrap(), before, "{via:?}: DST changed");
+        ok(&out, &format!("second push {via:?}"));
+        made_as(
+            &env,
+            "disk2.qcow2",
+            &remote,
+            "qcow2",
+            &format!("second push {via:?}"),
+        );
     }
 }
