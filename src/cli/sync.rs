@@ -189,7 +189,7 @@ fn print_report(
     use std::io::Write;
     let mut out = super::output::stdout();
     if a.output == OutputFormat::Json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "source": src.to_string(),
             "destination": dst.to_string(),
             "virtual-size": r.src_size,
@@ -206,6 +206,15 @@ fn print_report(
             "journal-bytes": r.done.journal_bytes,
             "seconds": seconds,
         });
+        // A qcow2 DST updated in place: what happened to its allocation.
+        if let (Some(q), Some(m)) = (r.done.qcow2, v.as_object_mut()) {
+            m.insert("clusters-allocated".into(), q.clusters_allocated.into());
+            m.insert("clusters-freed".into(), q.clusters_freed.into());
+            m.insert(
+                "metadata-bytes-written".into(),
+                q.metadata_bytes_written.into(),
+            );
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if a.stats {
         if r.resumed {
@@ -222,6 +231,15 @@ fn print_report(
             human_size(r.data_sent)
         )?;
         writeln!(out, "holes punched:   {}", r.blocks_punched)?;
+        if let Some(q) = r.done.qcow2 {
+            writeln!(
+                out,
+                "qcow2 clusters:  {} allocated, {} freed; {} of metadata written",
+                q.clusters_allocated,
+                q.clusters_freed,
+                human_size(q.metadata_bytes_written)
+            )?;
+        }
         writeln!(out, "data read:       {}", human_size(r.bytes_read))?;
         if r.dst_existed {
             writeln!(

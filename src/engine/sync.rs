@@ -775,6 +775,8 @@ pub struct SyncReceiveOptions {
     pub cache: Option<PathBuf>,
     /// Set once DST may change (READY sent): what a failure leaves DST as.
     pub changing: Arc<AtomicBool>,
+    /// The sender's capabilities (`protocol::caps`): what SYNC_DONE may say.
+    pub peer_caps: u64,
 }
 
 /// The receiving end: DST is `target`; SRC's size, block size and key are
@@ -1141,8 +1143,14 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             blocks_written: applier.written,
             blocks_punched: applier.punched,
             journal_bytes,
+            qcow2: (opts.peer_caps & protocol::caps::BLOCK_CHOICE != 0).then_some(
+                crate::protocol::msg::Qcow2Done {
+                    clusters_allocated: stats.clusters_allocated,
+                    clusters_freed: stats.clusters_freed,
+                    metadata_bytes_written: stats.metadata_bytes_written,
+                },
+            ),
         };
-        let _ = stats;
         send_msg(fw, &Message::SyncDone(done))?;
         fw.flush()?;
         return Ok(Received {
@@ -1261,6 +1269,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         blocks_written: written,
         blocks_punched: punched,
         journal_bytes,
+        qcow2: None,
     };
     send_msg(fw, &Message::SyncDone(done))?;
     fw.flush()?;

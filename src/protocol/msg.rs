@@ -301,6 +301,17 @@ pub struct SyncDone {
     pub blocks_written: u64,
     pub blocks_punched: u64,
     pub journal_bytes: u64,
+    /// A qcow2 DST's allocation changes (trailing, sent only to a peer
+    /// with `caps::BLOCK_CHOICE`: older readers refuse trailing bytes).
+    pub qcow2: Option<Qcow2Done>,
+}
+
+/// What updating a qcow2 DST in place did to its file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Qcow2Done {
+    pub clusters_allocated: u64,
+    pub clusters_freed: u64,
+    pub metadata_bytes_written: u64,
 }
 
 /// What the sender's image holds (from its metadata, before any data).
@@ -591,6 +602,15 @@ impl Message {
                 ] {
                     v.extend_from_slice(&x.to_be_bytes());
                 }
+                if let Some(q) = d.qcow2 {
+                    for x in [
+                        q.clusters_allocated,
+                        q.clusters_freed,
+                        q.metadata_bytes_written,
+                    ] {
+                        v.extend_from_slice(&x.to_be_bytes());
+                    }
+                }
             }
             Message::Meta(m) => {
                 for x in [m.mode, m.uid, m.gid] {
@@ -824,6 +844,15 @@ impl Message {
                 blocks_written: d.u64()?,
                 blocks_punched: d.u64()?,
                 journal_bytes: d.u64()?,
+                qcow2: if d.p.is_empty() {
+                    None
+                } else {
+                    Some(Qcow2Done {
+                        clusters_allocated: d.u64()?,
+                        clusters_freed: d.u64()?,
+                        metadata_bytes_written: d.u64()?,
+                    })
+                },
             }),
             kind::META => {
                 let mode = d.u32()?;
@@ -1065,7 +1094,12 @@ mod tests {
                 assert!(
                     matches!(short, Message::Chunk(ref c) if c.zstd)
                         || matches!(short, Message::Blocks(ref b) if b.zstd)
-                        || (cut + 1 == v.len() && without_read_flags(&m) == Some(short.clone())),
+                        || (cut + 1 == v.len() && without_read_flags(&m) == Some(short.clone()))
+                        // The optional trailing fields of SYNC_INFO and SYNC_DONE.
+                        || matches!((&m, &short), (Message::SyncInfo(a), Message::SyncInfo(b))
+                            if cut + 4 == v.len() && b.block_size == 0 && SyncInfo { block_size: 0, ..*a } == *b)
+                        || matches!((&m, &short), (Message::SyncDone(a), Message::SyncDone(b))
+                            if cut + 24 == v.len() && b.qcow2.is_none() && SyncDone { qcow2: None, ..*a } == *b),
                     "{cut}: {short:?}"
                 );
             }
@@ -1274,6 +1308,18 @@ mod tests {
             blocks_written: 2,
             blocks_punched: 3,
             journal_bytes: 4,
+            qcow2: None,
+        }));
+        round_trip(Message::SyncDone(SyncDone {
+            blocks_compared: 1,
+            blocks_written: 2,
+            blocks_punched: 3,
+            journal_bytes: 4,
+            qcow2: Some(Qcow2Done {
+                clusters_allocated: 5,
+                clusters_freed: 6,
+                metadata_bytes_written: 7,
+            }),
         }));
         round_trip(Message::Meta(FileMeta {
             mode: 0o4750,

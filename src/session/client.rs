@@ -973,6 +973,7 @@ impl Client {
                 blocks_written: blocks,
                 blocks_punched: 0,
                 journal_bytes: 0,
+                qcow2: None,
             },
             elapsed: started.elapsed(),
         })
@@ -1059,6 +1060,7 @@ impl Client {
                 blocks_written: blocks,
                 blocks_punched: 0,
                 journal_bytes: 0,
+                qcow2: None,
             },
             elapsed: std::time::Duration::from_secs_f64(r.seconds),
         };
@@ -1157,6 +1159,7 @@ impl Client {
                 workers: opts.workers,
                 cache: Some(dst.to_path_buf()),
                 changing,
+                peer_caps: self.caps,
             },
             &cancel,
         );

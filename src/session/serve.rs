@@ -468,6 +468,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
                 workers: self.opts.workers,
                 cache: Some(dst.clone()),
                 changing: self.opts.changing.clone(),
+                peer_caps: self.caps,
             },
             &self.opts.cancel,
         )
