@@ -32,6 +32,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A write barrier (fdatasync) failed: what was written before it may
+    /// not be durable.
+    #[error("write barrier failed")]
+    Barrier {
+        #[source]
+        source: io::Error,
+    },
     #[error("{what} at offset {offset:#x} (length {len:#x}) lies beyond the end of the file ({file_size:#x} bytes)")]
     BeyondEof {
         what: &'static str,
@@ -61,7 +68,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } | Error::Write { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Write { .. } | Error::Barrier { .. } => ErrorKind::Io,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             _ => ErrorKind::Invalid,
         }

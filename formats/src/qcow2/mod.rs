@@ -11,6 +11,7 @@ pub mod snapshot;
 mod test_bytes;
 #[cfg(test)]
 mod tests;
+pub mod update;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -462,10 +463,7 @@ impl Qcow2 {
     /// (spec: "Compressed Clusters Descriptor"; qemu
     /// `qcow2_parse_compressed_l2_entry`).
     pub fn compressed_descriptor(&self, entry: u64) -> (u64, u64) {
-        let x = 62 - (self.header.cluster_bits - 8);
-        let host_offset = entry & ((1u64 << x) - 1);
-        let sectors = ((entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
-        (host_offset, sectors * 512 - (host_offset & 511))
+        compressed_descriptor(self.header.cluster_bits, entry)
     }
 
     /// Decompresses the compressed cluster at `host_offset` into `out` (one
@@ -569,4 +567,15 @@ impl Qcow2 {
         tail.fill(0);
         Ok(())
     }
+}
+
+/// Host offset and byte length of a compressed cluster descriptor for
+/// clusters of `1 << cluster_bits` bytes (spec: "Compressed Clusters
+/// Descriptor"): bits 0..x-1 the host offset, bits x..61 the number of
+/// additional 512-byte sectors, x = 62 - (cluster_bits - 8).
+pub(crate) fn compressed_descriptor(cluster_bits: u32, entry: u64) -> (u64, u64) {
+    let x = 62 - (cluster_bits - 8);
+    let host_offset = entry & ((1u64 << x) - 1);
+    let sectors = ((entry >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
+    (host_offset, sectors * 512 - (host_offset & 511))
 }
