@@ -656,3 +656,65 @@ fn resize_of_a_qemu_image_with_snapshots() {
         "{info}"
     );
 }
+
+/// 512-byte clusters with 64-bit refcounts: a refcount block covers 32 KiB
+/// of file, so 3 MiB of new data needs new blocks and a larger refcount
+/// table. Every barrier of the flush is replayed through qemu-img check.
+#[test]
+fn refcount_table_growth_in_a_qemu_image() {
+    require_qemu!();
+    let dir = temp_dir();
+    let d = &dir.0;
+    make(
+        d,
+        &Case {
+            name: "growth",
+            opts: "cluster_size=512,refcount_bits=64",
+            size: "8M",
+            io: &["write -P 0x11 0 64k"],
+            ..Case::default()
+        },
+    );
+    let mut model = raw(d, "img.qcow2", None);
+    let base = std::fs::read(d.join("img.qcow2")).unwrap();
+    let mut u = Updater::open(&base).unwrap();
+    let cs = u.cluster_size();
+    let old_rt = (
+        u.header().refcount_table_offset,
+        u.header().refcount_table_clusters,
+    );
+    let data: Vec<u8> = (0..(3 << 20) / cs).flat_map(|k| pattern(cs, k)).collect();
+    u.write(1 << 20, &data).unwrap();
+    model_write(&mut model, 1 << 20, &data);
+    let mut rec = Recorder {
+        file: base.clone(),
+        log: Vec::new(),
+    };
+    u.flush(&mut rec).unwrap();
+    let new_rt = (
+        u.header().refcount_table_offset,
+        u.header().refcount_table_clusters,
+    );
+    assert_ne!(old_rt, new_rt, "the refcount table moved");
+    assert!(new_rt.1 > old_rt.1);
+    let n = barriers(&rec.log);
+    for at in 0..=n {
+        for variant in 0..2u64 {
+            let mut r = Rng(at as u64 * 2 + variant + 1);
+            let image = crash_image(&base, &rec.log, at, &mut || {
+                variant == 1 && r.next() & 1 == 0
+            });
+            write_sparse(&d.join("crash.qcow2"), &image);
+            let (st, out) = check_status(d, "crash.qcow2");
+            assert!(
+                st == 0 || st == 3,
+                "crash after barrier {at} of {n}: exit {st}: {out}"
+            );
+        }
+    }
+    write_sparse(&d.join("img.qcow2"), &rec.file);
+    let (st, out) = check_status(d, "img.qcow2");
+    assert_eq!(st, 0, "{out}");
+    assert!(raw(d, "img.qcow2", None) == model);
+    eprintln!("refcount table {old_rt:?} -> {new_rt:?}, {n} barriers");
+}
