@@ -40,11 +40,36 @@ mk comp-io cluster_size=4k 64k "write -c -s $tmp/text.bin 0 8k"
 size=$(stat -c %s "$tmp/comp-io.qcow2")
 head -c $(( size / 512 * 512 - 512 )) "$tmp/comp-io.qcow2" >"$tmp/comp-io-cut.qcow2"
 
+# Internal snapshots (the second taken last: its L2 tables are shared),
+# preallocated metadata, 1-bit and 64-bit refcounts.
+mk snap-4k cluster_size=4k,refcount_bits=64 256k 'write -P 0x61 0 64k' 'write -z 128k 8k'
+qemu-img snapshot -c s1 "$tmp/snap-4k.qcow2"
+qemu-io -f qcow2 -c 'write -P 0x62 16k 8k' "$tmp/snap-4k.qcow2" >/dev/null
+qemu-img snapshot -c s2 "$tmp/snap-4k.qcow2"
+mk prealloc-4k cluster_size=4k,preallocation=metadata 64k 'write -P 0x63 4k 4k'
+mk rc1-512 cluster_size=512,refcount_bits=1 32k 'write -P 0x64 0 4k'
+
 for target in qcow2_header image_map_read; do
     mkdir -p "corpus/$target"
     cp "$tmp"/*.qcow2 "corpus/$target/"
 done
 ls -l corpus/image_map_read
+
+# qcow2_update: byte 0 the mode, byte 1 the number of 3-byte operations
+# (kind, then a big-endian guest cluster index): writes, zeros, a flush,
+# a resize, a flush. Mode 0 seeds carry a qemu-made image after them;
+# mode 1 seeds four blank-image parameters (cluster size, refcount order,
+# size, flags: 1 version 2, 2 extended L2, 4 backing file).
+mkdir -p corpus/qcow2_update
+ops='\x00\x00\x01\x08\x00\x05\x04\x00\x02\x06\x00\x00\x0b\x00\x03\x0c\x00\x01\x07\x00\x40\x06\x00\x00'
+for f in "$tmp"/*.qcow2; do
+    { printf '\x00\x08'; printf "$ops"; cat "$f"; } >"corpus/qcow2_update/$(basename "$f")"
+done
+for p in '\x00\x04\x10\x00' '\x03\x00\x08\x01' '\x05\x06\x20\x06' '\x07\x04\x04\x05'; do
+    name=blank-$(printf "$p" | od -An -tx1 | tr -d ' ')
+    { printf '\x01\x08'; printf "$ops"; printf "$p"; } >"corpus/qcow2_update/$name"
+done
+ls -l corpus/qcow2_update
 
 # sync_files: a torn journal of a killed `imgsync sync --block-size 4k`
 # (mode byte 2: its header is patched to name the fuzzer's scratch DST)

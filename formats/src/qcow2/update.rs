@@ -229,6 +229,9 @@ pub struct Updater {
     /// Refcount table entries changed in place (new refcount blocks).
     rt_dirty: BTreeSet<u64>,
     blocks: HashMap<u64, RefBlock>,
+    /// Clusters the refcount table names as refcount blocks: never free,
+    /// never data, whatever a (damaged) refcount says.
+    block_clusters: HashSet<u64>,
     /// Clusters allocated in this batch: a reference to one of them found in
     /// the image means its refcount was wrong (0) before.
     alloc_now: HashSet<u64>,
@@ -371,6 +374,11 @@ impl Updater {
         let mut raw = vec![0u8; rt_bytes as usize];
         read(f, &mut raw, header.refcount_table_offset)?;
         let reftable = words_from(&raw);
+        let block_clusters = reftable
+            .iter()
+            .map(|e| (e & REFT_OFFSET_MASK) / cs)
+            .filter(|&c| c != 0)
+            .collect();
         let l2_words = header.l2_entry_size() / 8;
         Ok(Updater {
             cs,
@@ -388,6 +396,7 @@ impl Updater {
             rt_moved_from: None,
             rt_dirty: BTreeSet::new(),
             blocks: HashMap::new(),
+            block_clusters,
             alloc_now: HashSet::new(),
             free_hint: 1,
             alloc_end: file_len.div_ceil(cs),
@@ -766,9 +775,11 @@ impl Updater {
                 align: self.cs,
             });
         }
-        if self.is_fixed_metadata(offset / self.cs) {
+        let c = offset / self.cs;
+        let on_block = what != "refcount block" && self.block_clusters.contains(&c);
+        if self.in_fixed_tables(c) || on_block {
             return Err(Error::invalid(format!(
-                "{what} at offset {offset:#x} overlaps the L1 or refcount table"
+                "{what} at offset {offset:#x} overlaps the L1 table, refcount table or a refcount block"
             )));
         }
         crate::error::check_in_file(what, offset, self.cs, self.file_len)
@@ -802,10 +813,15 @@ impl Updater {
         Ok(())
     }
 
-    /// The header, the L1 table and the refcount table (where they are and
-    /// where they were in this batch) are never free, whatever their
-    /// refcount says.
+    /// The header, the L1 table, the refcount table (where they are and
+    /// where they were in this batch) and the refcount blocks are never
+    /// free, whatever their refcount says.
     fn is_fixed_metadata(&self, c: u64) -> bool {
+        self.block_clusters.contains(&c) || self.in_fixed_tables(c)
+    }
+
+    /// The header, the L1 table or the refcount table.
+    fn in_fixed_tables(&self, c: u64) -> bool {
         let cs = self.cs;
         let within = |(off, n): (u64, u64)| c >= off / cs && c - off / cs < n;
         c == 0
@@ -940,6 +956,7 @@ impl Updater {
         if let Some(e) = self.reftable.get_mut(b as usize) {
             *e = c * self.cs;
         }
+        self.block_clusters.insert(c);
         self.rt_dirty.insert(b);
         self.note_allocated(c);
         if c == self.free_hint {
@@ -1069,7 +1086,7 @@ impl Updater {
                     let (a, b) = (host / cs, (end - 1) / cs);
                     if (a..=b).any(|c| self.is_fixed_metadata(c)) {
                         return Err(Error::invalid(format!(
-                            "compressed cluster at {host:#x} overlaps the L1 or refcount table"
+                            "compressed cluster at {host:#x} overlaps the L1 table, refcount table or a refcount block"
                         )));
                     }
                     Ok(HostRef::Compressed(a, b))
@@ -1108,7 +1125,7 @@ impl Updater {
             }
             if self.is_fixed_metadata(offset / cs) {
                 return Err(Error::invalid(format!(
-                    "data cluster at {offset:#x} overlaps the L1 or refcount table"
+                    "data cluster at {offset:#x} overlaps the L1 table, refcount table or a refcount block"
                 )));
             }
             Ok(HostRef::Cluster(offset / cs))
@@ -1316,7 +1333,7 @@ impl Updater {
             self.plan_dec(f, plan, old_l2 / cs)?;
         }
         plan.new_l2.push((n * cs, table));
-        self.set_l1(plan, ops.l1_index, n * cs | OFLAG_COPIED);
+        self.set_l1(plan, ops.l1_index, (n * cs) | OFLAG_COPIED);
         Ok(true)
     }
 

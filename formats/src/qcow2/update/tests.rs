@@ -494,7 +494,7 @@ fn random_updates_keep_every_variant_consistent() {
         variants.push(Blank {
             cluster_bits: 12,
             refcount_order: order,
-            size: 8 << 20,
+            size: 4 << 20,
             ..Blank::default()
         });
     }
@@ -527,7 +527,7 @@ fn random_updates_keep_every_variant_consistent() {
     });
     variants.push(Blank {
         cluster_bits: 21,
-        size: 64 << 20,
+        size: 24 << 20,
         ..Blank::default()
     });
     for (vi, v) in variants.into_iter().enumerate() {
@@ -586,7 +586,10 @@ fn refcount_table_grows_when_a_block_has_no_slot() {
 fn crash_at_every_barrier_leaves_no_corruption() {
     let mut rng = Rng(77);
     for v in [
-        Blank::default(),
+        Blank {
+            size: 4 << 20,
+            ..Blank::default()
+        },
         Blank {
             cluster_bits: 9,
             refcount_order: 6,
@@ -597,6 +600,7 @@ fn crash_at_every_barrier_leaves_no_corruption() {
             backing: true,
             ext_l2: true,
             cluster_bits: 14,
+            size: 4 << 20,
             ..Blank::default()
         },
         Blank {
@@ -936,5 +940,33 @@ fn damaged_images_never_panic() {
         random_ops(&mut u, &mut m, &mut rng, 30);
         let _ = u.flush(&mut f);
         let _ = u.resize(&mut f, rng.below(1 << 20));
+    }
+}
+
+/// Found by the fuzzer: a refcount block whose own refcount (and every
+/// other) reads 0. The block must not be handed out as a free cluster (data
+/// written over it made every cluster look used, and the next allocation
+/// went 2 GiB out).
+#[test]
+fn refcount_block_with_refcount_zero_is_never_allocated() {
+    let mut f = blank(Blank::default());
+    let cs = 1u64 << 16;
+    // The block (cluster 2) says every cluster is free.
+    f[(2 * cs) as usize..(3 * cs) as usize].fill(0);
+    let mut u = Updater::open(&f).unwrap();
+    u.write(0, &pattern(cs, 1)).unwrap();
+    u.write(cs, &pattern(cs, 2)).unwrap();
+    u.flush(&mut f).unwrap();
+    let l2 = get64(&f, u.header().l1_table_offset) & L1E_OFFSET_MASK;
+    for (what, at) in [
+        ("L2 table", l2),
+        ("data", get64(&f, l2) & L2E_OFFSET_MASK),
+        ("data", get64(&f, l2 + 8) & L2E_OFFSET_MASK),
+    ] {
+        assert!(
+            at != 0 && at != 2 * cs,
+            "{what} placed on the refcount block"
+        );
+        assert!(at < 16 * cs, "{what} at {at:#x}: far past the file");
     }
 }
