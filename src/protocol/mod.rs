@@ -36,7 +36,11 @@ pub mod caps {
     /// trailing format byte): `sync -O raw`/`-f raw` onto a file that
     /// probes as qcow2. Older receivers refuse the trailing byte.
     pub const DST_FORMAT: u64 = 16;
-    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT;
+    /// Right after HELLO each end sends INFO (its version, whether it is
+    /// a forced or restricted serve, the wire rate it asks of the peer).
+    /// Only when both announce it: an older peer refuses an unknown frame.
+    pub const SESSION_INFO: u64 = 32;
+    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SESSION_INFO;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and
