@@ -122,13 +122,16 @@ pub struct File {
     pub include_dir: PathBuf,
     /// `~`, for `Include ~/...`.
     pub home: Option<PathBuf>,
+    /// A file named on the command line must exist (`ssh -F`); the
+    /// default ones are read when they do.
+    pub required: bool,
 }
 
 /// Reads `files` in order (a missing file is skipped) for `target`.
 pub fn load_files(files: &[File], target: &Target<'_>) -> Result<HostConfig, ConfigError> {
     let mut cfg = HostConfig::default();
     for f in files {
-        if !f.path.exists() {
+        if !f.required && !f.path.exists() {
             continue;
         }
         load_into(&mut cfg, &f.path, target, f, 0)?;
@@ -144,6 +147,7 @@ pub fn load(path: &Path, host: &str, ssh_dir: &Path) -> Result<HostConfig, Confi
         path: path.to_path_buf(),
         include_dir: ssh_dir.to_path_buf(),
         home: ssh_dir.parent().map(Path::to_path_buf),
+        required: true,
     };
     let target = Target {
         host,
@@ -1355,11 +1359,13 @@ Host *
                 path: ssh.join("config"),
                 include_dir: ssh.clone(),
                 home: Some(dir.path().to_path_buf()),
+                required: false,
             },
             File {
                 path: etc.join("ssh_config"),
                 include_dir: etc.clone(),
                 home: Some(dir.path().to_path_buf()),
+                required: false,
             },
         ];
         let t = Target {
@@ -1373,6 +1379,13 @@ Host *
         assert_eq!(c.user.as_deref(), Some("inc"));
         let h = c.hand_over().expect("the system file's ProxyJump");
         assert_eq!(h.at.file, etc.join("ssh_config.d/z.conf"));
+        // A file named on the command line must exist, as with `ssh -F`.
+        let named = [File {
+            path: dir.path().join("missing"),
+            required: true,
+            ..files[0].clone()
+        }];
+        assert!(load_files(&named, &t).is_err());
         let t = Target { host: "q", ..t };
         let c = load_files(&files, &t).unwrap();
         assert_eq!(

@@ -298,27 +298,29 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
 /// and the system's `ssh_config`.
 fn config_files(opts: &SshOptions, env: &LocalEnv) -> Vec<config::File> {
     let ssh_dir = env.home.as_ref().map(|h| h.join(".ssh"));
-    let user_file = |path: PathBuf| config::File {
+    let user_file = |path: PathBuf, required: bool| config::File {
         include_dir: ssh_dir
             .clone()
             .or_else(|| path.parent().map(Path::to_path_buf))
             .unwrap_or_default(),
         home: env.home.clone(),
         path,
+        required,
     };
     match &opts.config {
         Some(p) if p.as_os_str() == "none" => Vec::new(),
-        Some(p) => vec![user_file(p.clone())],
+        Some(p) => vec![user_file(p.clone(), true)],
         None => {
             let mut v = Vec::new();
             if let Some(d) = &ssh_dir {
-                v.push(user_file(d.join("config")));
+                v.push(user_file(d.join("config"), false));
             }
             if let Some(etc) = &env.etc {
                 v.push(config::File {
                     path: etc.join("ssh_config"),
                     include_dir: etc.clone(),
                     home: env.home.clone(),
+                    required: false,
                 });
             }
             v
@@ -332,8 +334,8 @@ fn load_config(
     env: &LocalEnv,
     files: &[config::File],
 ) -> Result<HostConfig, Error> {
-    // An explicit --ssh-config that does not exist is an error; the
-    // default files are optional.
+    // An explicit --ssh-config that does not exist is an error (as `ssh
+    // -F`); the default files are optional.
     let target = config::Target {
         host: &host.host,
         user: host.user.as_deref(),
@@ -506,7 +508,7 @@ fn find_program(program: &str) -> Option<PathBuf> {
 /// OpenSSH reads exactly what the built-in client read.
 fn write_include_file(files: &[config::File]) -> io::Result<PathBuf> {
     let mut text = String::from("# imgsync: the ssh_config files it read, in order\n");
-    for f in files {
+    for f in files.iter().filter(|f| f.path.exists()) {
         let p = std::path::absolute(&f.path)?;
         text.push_str(&format!("Include \"{}\"\n", p.display()));
     }
