@@ -3,8 +3,10 @@
 # 1 Gbit/s link. A push of incompressible data with `imgsync convert
 # --bwlimit RATE` (built-in SSH client, and the pull of the same file, where
 # the serving end paces itself at the client's word), timed, with the bytes
-# on the wire counted by ../shared/bench/wire.sh (veth counters, TCP/IP and
-# ssh overhead included). Goal: a transfer of about DURATION seconds averages
+# on the wire counted from the veth counters that ../shared/bench/wire.sh
+# reads (`wire.sh snap`, sampled every 0.2 s; TCP/IP and ssh overhead
+# included): the average over the whole command, and over the transfer
+# itself (first to last sample in which bytes moved). Goal: a transfer of about DURATION seconds averages
 # within 5 % of RATE on the wire (the forward direction for the push, the
 # reverse for the pull).
 #
@@ -57,32 +59,60 @@ fi
 netns_take 1gbit
 
 common=(--bwlimit "$RATE" --known-hosts "$KH" -i "$S/id_ed25519" --ssh-config /dev/null --remote-imgsync "$BIN")
-report() { # label wall-seconds bytes
-    python3 - "$@" "$rate_bytes" <<'EOF'
+
+# Runs CMD... in isrc while sampling the veth counters every 0.2 s; prints
+# the whole command's wall time and the counters' samples to $1.
+sampled() {
+    local out=$1; shift
+    : >"$out"
+    local t0; t0=$(date +%s.%N)
+    "$@" &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        echo "$(date +%s.%N) $("$SHARED/wire.sh" snap)" >>"$out"
+        sleep 0.2
+    done
+    wait "$pid" || return 1
+    echo "$(date +%s.%N) $("$SHARED/wire.sh" snap)" >>"$out"
+    echo "wall $t0 $(date +%s.%N)" >>"$out"
+}
+
+# label samples-file column(2 fwd, 3 rev): the average over the whole
+# command, and over the transfer (from the first to the last sample in
+# which the counter moved by more than 64 KiB: connecting, the last
+# fsync and the digest check left out).
+report() {
+    python3 - "$@" "$rate_bytes" <<'EOF2'
 import sys
-label, wall, wire, rate = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-avg = wire / wall
-print(f"{label}: {wire} wire bytes in {wall:.2f} s = {avg / 2**20:.2f} MiB/s "
-      f"({100 * (avg / rate - 1):+.1f} % of {rate / 2**20:.2f} MiB/s)")
-EOF
+label, path, col, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rows, wall = [], None
+for line in open(path):
+    f = line.split()
+    if f[0] == "wall":
+        wall = float(f[2]) - float(f[1])
+    else:
+        rows.append((float(f[0]), int(f[col - 1])))
+total = rows[-1][1] - rows[0][1]
+moving = [i for i in range(1, len(rows)) if rows[i][1] - rows[i - 1][1] > 65536]
+a, b = rows[moving[0] - 1], rows[moving[-1]]
+avg = total / wall
+win = (b[1] - a[1]) / (b[0] - a[0])
+print(f"{label}: {total} wire bytes; whole command {wall:.2f} s = {avg / 2**20:.2f} MiB/s "
+      f"({100 * (avg / rate - 1):+.1f} %); transfer {b[0] - a[0]:.2f} s = {win / 2**20:.2f} MiB/s "
+      f"({100 * (win / rate - 1):+.1f} % of {rate / 2**20:.2f} MiB/s)")
+EOF2
 }
 
 rm -f "$OUT_DIR/dst.raw" "$OUT_DIR/back.raw"
 say "push: $BIN convert --bwlimit $RATE $SRC ssh://root@$RIP$OUT_DIR/dst.raw"
-t0=$(date +%s.%N)
-"$SHARED/wire.sh" -o "$OUT_DIR/push.wire" -- ip netns exec isrc env -u SSH_AUTH_SOCK \
+sampled "$OUT_DIR/push.samples" ip netns exec isrc env -u SSH_AUTH_SOCK \
     "$BIN" convert -q "${common[@]}" "$SRC" "ssh://root@$RIP$OUT_DIR/dst.raw" || die "push failed"
-t1=$(date +%s.%N)
-read -r fwd rev _ _ <"$OUT_DIR/push.wire"
-report "push (forward)" "$(echo "$t1 - $t0" | bc)" "$fwd"
+report "push (forward)" "$OUT_DIR/push.samples" 2
 cmp -s "$SRC" "$OUT_DIR/dst.raw" || die "push: destination differs"
 
 say "pull: $BIN convert --bwlimit $RATE ssh://root@$RIP$OUT_DIR/dst.raw $OUT_DIR/back.raw"
-t0=$(date +%s.%N)
-"$SHARED/wire.sh" -o "$OUT_DIR/pull.wire" -- ip netns exec isrc env -u SSH_AUTH_SOCK \
+sampled "$OUT_DIR/pull.samples" ip netns exec isrc env -u SSH_AUTH_SOCK \
     "$BIN" convert -q "${common[@]}" "ssh://root@$RIP$OUT_DIR/dst.raw" "$OUT_DIR/back.raw" || die "pull failed"
-t1=$(date +%s.%N)
-read -r fwd rev _ _ <"$OUT_DIR/pull.wire"
-report "pull (reverse)" "$(echo "$t1 - $t0" | bc)" "$rev"
+report "pull (reverse)" "$OUT_DIR/pull.samples" 3
 cmp -s "$SRC" "$OUT_DIR/back.raw" || die "pull: copy differs"
 rm -f "$OUT_DIR/dst.raw" "$OUT_DIR/back.raw"

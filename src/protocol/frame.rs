@@ -271,10 +271,11 @@ impl Pacer {
         }
     }
 
-    /// Takes `n` bytes out of the bucket.
-    fn charge(&mut self, n: usize) {
-        let now = Instant::now();
-        let start = self.due.map_or(now, |d| d.max(now));
+    /// Takes `n` bytes out of the bucket, for a write that `began` then
+    /// (the time the write itself took is part of what it paid for: a
+    /// write that blocks on a slow peer must not cost twice).
+    fn charge(&mut self, n: usize, began: Instant) {
+        let start = self.due.map_or(began, |d| d.max(began));
         let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
         self.due = Some(start + cost);
     }
@@ -349,6 +350,7 @@ impl<W: Write> FrameWriter<W> {
         if let Some(p) = &mut self.pacer {
             p.wait()?;
         }
+        let began = Instant::now();
         let n = self.frames;
         self.frames += 1;
         let mut w = lock(&self.inner);
@@ -363,7 +365,7 @@ impl<W: Write> FrameWriter<W> {
         drop(w);
         self.bytes += frame.len() as u64;
         if let Some(p) = &mut self.pacer {
-            p.charge(frame.len());
+            p.charge(frame.len(), began);
         }
         self.touch();
         Ok(())
