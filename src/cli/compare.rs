@@ -54,13 +54,13 @@ pub fn run(args: Args) -> Result<u8> {
         // as a stream, whichever argument it is.
         (Location::Local(pa), Location::Remote { host, path }) => {
             let a = open(&pa, args.format_a)?;
-            let client = Client::connect(&host, &args.ssh.options())?;
+            let client = Client::connect(&host, &args.ssh.options_for(args.reporting.quiet))?;
             let r = client.compare(&a, &pa, &path, args.format_b, args.force_share, progress)?;
             (r.outcome, r.size_mismatch)
         }
         (Location::Remote { host, path }, Location::Local(pb)) => {
             let b = open(&pb, args.format_b)?;
-            let client = Client::connect(&host, &args.ssh.options())?;
+            let client = Client::connect(&host, &args.ssh.options_for(args.reporting.quiet))?;
             let r = client.compare(&b, &pb, &path, args.format_a, args.force_share, progress)?;
             (r.outcome, r.size_mismatch)
         }

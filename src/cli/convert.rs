@@ -69,7 +69,7 @@ pub fn run(a: Args) -> Result<u8> {
             convert::check_options(&source.image, &opts).map_err(|e| {
                 named(e, s, Path::new(&dst_name(&dst)), None)
             })?;
-            let client = Client::connect(host, &a.ssh.options())?;
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
             let bar = a.reporting.bar();
             client.push(&source, s, path, &transfer_options(&a), progress_of(&bar))?
         }
@@ -78,7 +78,7 @@ pub fn run(a: Args) -> Result<u8> {
             // The options must suit some output format before connecting.
             opts.convert_options(a.output_format.unwrap_or(Format::Raw))
                 .or_else(|_| opts.convert_options(Format::Qcow2))?;
-            let client = Client::connect(host, &a.ssh.options())?;
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
             let bar = a.reporting.bar();
             client.pull(path, d, &opts, progress_of(&bar))?
         }

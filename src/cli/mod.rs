@@ -310,11 +310,29 @@ enum Command {
     },
     /// The far end of a remote transfer, speaking the imgsync protocol on
     /// stdin/stdout (started over SSH by imgsync, not by hand)
+    ///
+    /// As the forced command of a backup host's key (authorized_keys:
+    /// `command="imgsync serve --restrict /srv/backup",restrict ssh-ed25519
+    /// AAAA...`), --restrict confines every path the client names to DIR
+    /// and --read-only refuses every write.
     Serve {
         /// Give up when the client sends nothing for this many seconds (0:
         /// never); the client passes its own --timeout
         #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = ssh::parse_timeout)]
         timeout: u64,
+        /// Only paths inside DIR (relative paths are taken from DIR;
+        /// symlinks are followed only while they stay inside; checked
+        /// again on every file opened); anything else is refused
+        #[arg(long, value_name = "DIR")]
+        restrict: Option<std::path::PathBuf>,
+        /// Refuse every request that writes (push, sync to here,
+        /// --rollback): the key can only read
+        #[arg(long)]
+        read_only: bool,
+        /// Limit what this end writes to RATE per second (rsync's form);
+        /// the client's --bwlimit applies too, the smaller wins
+        #[arg(long, value_name = "RATE", value_parser = size::parse_rate)]
+        bwlimit: Option<u64>,
     },
     /// Validate an image's metadata, with qemu-img check's exit status
     ///
@@ -408,10 +426,18 @@ impl session::Hooks for Listings {
 }
 
 /// `imgsync serve`: one request on stdin/stdout.
-fn serve(timeout: u64) -> anyhow::Result<u8> {
+fn serve(
+    timeout: u64,
+    restrict: Option<std::path::PathBuf>,
+    read_only: bool,
+    bwlimit: Option<u64>,
+) -> anyhow::Result<u8> {
     let opts = session::ServeOptions {
         timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
         cancel: progress::interrupt_flag(),
+        restrict,
+        read_only,
+        bwlimit: bwlimit.filter(|&r| r > 0),
         ..Default::default()
     };
     session::serve_stdio(&opts, &Listings)?;
@@ -538,7 +564,12 @@ pub fn main() -> ExitCode {
             reporting,
             output,
         }),
-        Command::Serve { timeout } => serve(timeout),
+        Command::Serve {
+            timeout,
+            restrict,
+            read_only,
+            bwlimit,
+        } => serve(timeout, restrict, read_only, bwlimit),
         Command::Sync {
             format,
             output_format,

@@ -96,13 +96,13 @@ pub fn run(a: Args) -> Result<u8> {
         (Location::Local(s), Location::Remote { host, path }) => {
             let source = open_src(&a, s)?;
             refuse_compress(&a, &source)?;
-            let client = Client::connect(host, &a.ssh.options())?;
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
             let bar = a.reporting.bar();
             client.sync_push(&source, s, path, &opts, progress_of(&bar))?
         }
         (Location::Remote { host, path }, Location::Local(d)) => {
             let target = session::open_target(d, dst_format)?;
-            let client = Client::connect(host, &a.ssh.options())?;
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
             let bar = a.reporting.bar();
             client.sync_pull(path, d, target, &opts, progress_of(&bar))?
         }
@@ -169,7 +169,8 @@ fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
     Ok(match Location::parse(dst)? {
         Location::Local(p) => session::rollback_to(&mut out, &p)?,
         Location::Remote { host, path } => {
-            Client::connect(&host, &a.ssh.options())?.rollback(&path, &mut out)?
+            Client::connect(&host, &a.ssh.options_for(a.reporting.quiet))?
+                .rollback(&path, &mut out)?
         }
         Location::Stdio => bail!("-: --rollback needs the destination image"),
     })

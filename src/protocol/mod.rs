@@ -39,7 +39,12 @@ pub mod caps {
     /// SyncReceiveRequest.create: a sync push makes an absent DST as a
     /// push of the whole image would, in the format it names.
     pub const SYNC_CREATE: u64 = 32;
-    pub const ALL: u64 = ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE;
+    /// Right after HELLO each end sends INFO (its version, whether it is
+    /// a forced or restricted serve, the wire rate it asks of the peer).
+    /// Only when both announce it: an older peer refuses an unknown frame.
+    pub const SESSION_INFO: u64 = 128;
+    pub const ALL: u64 =
+        ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE | SESSION_INFO;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

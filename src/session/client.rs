@@ -29,7 +29,7 @@ use crate::engine::sync::{SyncReceiveOptions, SyncReport, SyncSendOptions, Targe
 use crate::engine::{self, Progress};
 use crate::io::{FileMeta, Source};
 use crate::protocol::msg::{
-    kind, CreateParams, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
+    kind, CreateParams, Info, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
     SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
@@ -181,6 +181,24 @@ impl Default for SyncOptions {
     }
 }
 
+/// What to say when sshd ran its forced command instead of ours and
+/// that imgsync is another version: `--remote-imgsync` had no effect.
+fn forced_note(host: &Host, remote_imgsync: &str, peer: &Info) -> Option<String> {
+    if peer.flags & Info::FORCED == 0 || peer.version == super::VERSION {
+        return None;
+    }
+    let path = if remote_imgsync == "imgsync" {
+        String::new()
+    } else {
+        format!(" (--remote-imgsync {remote_imgsync} has no effect there)")
+    };
+    Some(format!(
+        "{host}: sshd ran the key's forced command in place of imgsync's own{path}: the imgsync serving there is {}, this one is {}",
+        if peer.version.is_empty() { "unknown" } else { &peer.version },
+        super::VERSION
+    ))
+}
+
 /// A remote check's JSON report is held in memory; qemu-img check's lists
 /// are capped (1000 problems each), so a real one is well under this.
 const MAX_CHECK_REPORT: usize = 16 << 20;
@@ -214,6 +232,29 @@ impl Client {
             }
             Err(e) => return Err(client.fail(e)),
         }
+        // --bwlimit: this end's writes here; the serving end's are asked
+        // for in INFO (an older serve, without it, is not limited).
+        client
+            .fw
+            .set_rate_limit(opts.bwlimit, Some(opts.cancel.clone()));
+        let ours = Info {
+            version: super::VERSION.into(),
+            flags: 0,
+            bwlimit: opts.bwlimit.unwrap_or(0),
+        };
+        let (limits, caps) = (client.limits, client.caps);
+        let peer = match super::exchange_info(&mut client.fr, &mut client.fw, &limits, caps, ours) {
+            Ok(p) => p,
+            Err(e) => return Err(client.fail(e)),
+        };
+        if let Some(p) = peer {
+            if !opts.quiet {
+                if let Some(note) = forced_note(host, &opts.remote_imgsync, &p) {
+                    // Never panics on a closed stderr (as eprintln! would).
+                    let _ = writeln!(std::io::stderr(), "imgsync: {note}");
+                }
+            }
+        }
         Ok(client)
     }
 
@@ -229,6 +270,11 @@ impl Client {
         let mut fr = FrameReader::new(reader, Limits::DEFAULT.max_frame);
         let mut fw = FrameWriter::new(writer);
         let n = handshake(&mut fr, &mut fw)?;
+        let ours = Info {
+            version: super::VERSION.into(),
+            ..Info::default()
+        };
+        super::exchange_info(&mut fr, &mut fw, &n.limits, n.caps, ours)?;
         Ok(Client {
             host: Host {
                 user: None,

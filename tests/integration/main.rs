@@ -11,13 +11,16 @@
 //!   perms:   new images keep the source's mode and owner, every path;
 //!   sizes:   raw copies keep a raw file's exact size, every path;
 //!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
-//!   example: examples/sync_to_host.rs, the library API, against the sshd.
+//!   example: examples/sync_to_host.rs, the library API, against the sshd;
+//!   admin:   ssh_config handed to OpenSSH (a jump host), a forced
+//!            `serve --restrict DIR [--read-only]`, --bwlimit.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
 
 #[macro_use]
 mod common;
+mod admin;
 mod convert;
 mod example;
 mod formats;
