@@ -29,8 +29,8 @@ use crate::engine::sync::{SyncReceiveOptions, SyncReport, SyncSendOptions, Targe
 use crate::engine::{self, Progress};
 use crate::io::{FileMeta, Source};
 use crate::protocol::msg::{
-    kind, CreateParams, Info, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
-    SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
+    kind, CreateParams, ImageInfo, Info, QueryCommand, QueryRequest, ReceiveRequest, Request,
+    SendRequest, SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
 use crate::transport::{self, Waiter};
@@ -71,6 +71,30 @@ pub struct TransferReport {
     /// zstd level at the end of the transfer (when this end sent).
     pub level: Option<i32>,
     pub seconds: f64,
+}
+
+impl TransferReport {
+    /// What a receiving end reports of an image it made from a stream.
+    pub(super) fn received(
+        format: Format,
+        info: &ImageInfo,
+        report: &convert::Report,
+        wire_bytes: u64,
+        started: Instant,
+    ) -> TransferReport {
+        TransferReport {
+            format,
+            virtual_size: info.virtual_size,
+            bytes_read: report.bytes_read,
+            zero_bytes: report.zero_bytes,
+            data_sent: report.bytes_read - report.zero_bytes,
+            wire_bytes,
+            bytes_written: report.bytes_written,
+            clusters_compressed: report.clusters_compressed,
+            level: None,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// What a compare with a remote image found.
@@ -426,6 +450,28 @@ impl Client {
         Error::said(format!("{host}: {}", engine_line(&e)))
     }
 
+    /// Sends `req` (send or sync-send: the peer holds SRC) and reads the
+    /// image's IMAGE and META.
+    fn request_image(
+        &mut self,
+        req: Request,
+    ) -> engine::Result<(ImageInfo, Option<protocol::msg::FileMeta>)> {
+        send_msg(&mut self.fw, &Message::Request(req))?;
+        self.fw.flush()?;
+        let info = match recv_msg(&mut self.fr, &self.limits, kind::IMAGE)? {
+            Message::Image(i) => i,
+            m => {
+                return Err(protocol::Error::Unexpected {
+                    expected: "IMAGE",
+                    got: m.name(),
+                }
+                .into())
+            }
+        };
+        let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
+        Ok((info, meta))
+    }
+
     /// Ends a completed exchange: EOF to the peer, then its exit.
     fn finish(self) {
         let Client { fr, fw, waiter, .. } = self;
@@ -565,16 +611,8 @@ impl Client {
             level: opts.level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
             force_share: opts.force_share,
         });
-        let head = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok((info, meta))
-        })();
-        let (info, meta) = match head {
-            Ok((Message::Image(i), meta)) => (i, meta),
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        let (info, meta) = match self.request_image(req) {
+            Ok(x) => x,
             Err(e) => return Err(self.fail(e)),
         };
         let output_format = opts
@@ -612,18 +650,13 @@ impl Client {
         };
         let wire = self.wire();
         self.finish();
-        Ok(TransferReport {
-            format: output_format,
-            virtual_size: info.virtual_size,
-            bytes_read: report.bytes_read,
-            zero_bytes: report.zero_bytes,
-            data_sent: report.bytes_read - report.zero_bytes,
-            wire_bytes: wire,
-            bytes_written: report.bytes_written,
-            clusters_compressed: report.clusters_compressed,
-            level: None,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(TransferReport::received(
+            output_format,
+            &info,
+            &report,
+            wire,
+            started,
+        ))
     }
 
     /// info or map of the image at `path` there: what the remote imgsync
@@ -765,17 +798,9 @@ impl Client {
             level: AUTO_LEVEL,
             force_share,
         });
-        let info = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            // The file's permissions do not take part in a compare.
-            remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok(info)
-        })();
-        let info = match info {
-            Ok(Message::Image(i)) => i,
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        // The file's permissions do not take part in a compare.
+        let info = match self.request_image(req) {
+            Ok((info, _meta)) => info,
             Err(e) => return Err(self.fail(e)),
         };
         let pool = BufPool::new(2);
@@ -1118,16 +1143,8 @@ impl Client {
             level: opts.level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
             force_share: opts.force_share,
         });
-        let head = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok((info, meta))
-        })();
-        let (info, meta) = match head {
-            Ok((Message::Image(i), meta)) => (i, meta),
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        let (info, meta) = match self.request_image(req) {
+            Ok(x) => x,
             Err(e) => return Err(self.fail(e)),
         };
         if matches!(target, Target::New(_))
