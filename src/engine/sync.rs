@@ -413,6 +413,7 @@ pub fn sync_send<R: Read, W: Write>(
     let bs = u64::from(params.block_size);
     // Whatever the caller sent (REQUEST) must reach the receiver first.
     fw.flush()?;
+    let read_at_start = fr.bytes;
     let info = match recv_msg(fr, limits, kind::SYNC_INFO)? {
         Message::SyncInfo(i) => i,
         m => return Err(unexpected("SYNC_INFO", &m)),
@@ -427,6 +428,7 @@ pub fn sync_send<R: Read, W: Write>(
     };
     let summary = plan::summarize(image, 1)?;
     progress.start(summary.data_bytes);
+    progress.phase(super::Phase::Compare);
     let mut merge = MergeSink {
         fr,
         progress,
@@ -452,10 +454,14 @@ pub fn sync_send<R: Read, W: Write>(
         compared,
         ..
     } = merge;
+    let hashes_read = fr.bytes - read_at_start;
     send_msg(fw, &Message::Plan(plan))?;
     fw.flush()?;
     recv_msg(fr, limits, kind::READY)?;
     opts.state.ready.store(true, Ordering::Relaxed);
+    progress.phase(super::Phase::Send);
+    // The receiver's hashes crossed the wire while comparing.
+    progress.wire(hashes_read);
 
     // Punches first (they carry no data), then the blocks through the
     // pipeline: read, compress, frame on the workers; write in order.
@@ -516,6 +522,7 @@ pub fn sync_send<R: Read, W: Write>(
         },
     )?;
     fw.flush()?;
+    progress.phase(super::Phase::Verify);
     let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
         Message::SyncDone(d) => d,
         m => return Err(unexpected("SYNC_DONE", &m)),
@@ -656,6 +663,7 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
     fn put(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
         let arrived = Instant::now();
         self.fw.write_built(&f)?;
+        self.progress.wire(f.len() as u64);
         if let Some(t) = &mut self.tuner {
             let done = Instant::now();
             t.record(

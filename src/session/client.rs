@@ -403,6 +403,7 @@ impl Client {
             }
             Err(e) => return Err(self.fail(e)),
         };
+        progress.phase(engine::Phase::Verify);
         let done = match recv_msg(&mut self.fr, &self.limits, kind::DONE) {
             Ok(Message::Done(d)) => d,
             Ok(_) => unreachable!("recv_msg checks the type"),
