@@ -484,7 +484,10 @@ fn too_little_space_fails_early_and_leaves_nothing() {
         assert_eq!(out.status.code(), Some(2));
         let line = assert_one_line_error(&out, "small/out");
         assert!(
-            line.contains("bytes free") && line.contains("--no-space-check"),
+            // Sizes human and exact: "needs up to 100 MiB (104857600 bytes)
+            // but the file system has 16 MiB free".
+            line.contains(" MiB (") && line.contains(" bytes) but the file system has ")
+                && line.contains(" free") && line.contains("--no-space-check"),
             "{line}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
