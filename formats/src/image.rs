@@ -209,7 +209,15 @@ impl Image {
                 let run = r.lookup(offset, max_len)?;
                 // qemu reports a raw file's holes at their offset too.
                 let host = Some(offset);
-                (HostRun { len: run.len, offset: host, compressed: false, depth: 0 }, false)
+                (
+                    HostRun {
+                        len: run.len,
+                        offset: host,
+                        compressed: false,
+                        depth: 0,
+                    },
+                    false,
+                )
             }
             Layer::Qcow2(q) => {
                 let m = q.lookup(offset, max_len)?;
@@ -219,7 +227,12 @@ impl Image {
                     ClusterKind::Compressed { .. } => (None, true),
                     ClusterKind::Zero | ClusterKind::Unallocated => (None, false),
                 };
-                let run = HostRun { len: m.len, offset: host, compressed, depth: 0 };
+                let run = HostRun {
+                    len: m.len,
+                    offset: host,
+                    compressed,
+                    depth: 0,
+                };
                 (run, m.kind == ClusterKind::Unallocated)
             }
         };

@@ -245,7 +245,9 @@ enum Command {
     /// fsynced) before the block is overwritten: an
     /// interrupted sync resumes when rerun, or `--rollback DST` restores the
     /// previous image. DST absent: a full copy, appearing only when complete.
-    #[command(override_usage = "imgsync sync [OPTIONS] SRC DST\n       imgsync sync --rollback [OPTIONS] DST")]
+    #[command(
+        override_usage = "imgsync sync [OPTIONS] SRC DST\n       imgsync sync --rollback [OPTIONS] DST"
+    )]
     Sync {
         /// Source format (probed when absent); DST's too unless -O
         #[arg(short = 'f', long = "format", value_enum)]
@@ -534,7 +536,9 @@ fn clap_error_lines(e: &clap::Error) -> Vec<String> {
         ErrorKind::InvalidSubcommand => {
             let name = context(ContextKind::InvalidSubcommand).unwrap_or_default();
             let hint = match context(ContextKind::SuggestedSubcommand) {
-                Some(s) => format!("imgsync: did you mean '{s}'? (imgsync --help lists the commands)"),
+                Some(s) => {
+                    format!("imgsync: did you mean '{s}'? (imgsync --help lists the commands)")
+                }
                 None => "imgsync: imgsync --help lists the commands".to_string(),
             };
             vec![format!("imgsync: '{name}' is not an imgsync command"), hint]
@@ -595,7 +599,11 @@ fn arg_name(clap_name: &str) -> String {
         }
         return first.to_string();
     }
-    first.trim_start_matches('<').trim_end_matches('>').trim_end_matches("...").to_string()
+    first
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim_end_matches("...")
+        .to_string()
 }
 
 pub fn main() -> ExitCode {

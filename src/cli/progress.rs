@@ -292,7 +292,9 @@ impl Progress for Reporter {
         });
     }
     fn advance(&self, bytes: u64) {
-        let Ok(mut s) = self.0.state.lock() else { return };
+        let Ok(mut s) = self.0.state.lock() else {
+            return;
+        };
         s.done += bytes;
         self.0.show(&mut s, false);
     }
@@ -306,7 +308,9 @@ impl Progress for Reporter {
         self.update(|s| s.wire += bytes);
     }
     fn phase(&self, phase: Phase) {
-        let Ok(mut s) = self.0.state.lock() else { return };
+        let Ok(mut s) = self.0.state.lock() else {
+            return;
+        };
         if s.phase == Some(phase) {
             return;
         }
@@ -344,8 +348,7 @@ mod usr1 {
         if !first {
             return;
         }
-        let Ok(mut signals) =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
         else {
             return;
         };

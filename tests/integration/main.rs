@@ -11,13 +11,16 @@
 //!   perms:   new images keep the source's mode and owner, every path;
 //!   sizes:   raw copies keep a raw file's exact size, every path;
 //!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
-//!   example: examples/sync_to_host.rs, the library API, against the sshd.
+//!   example: examples/sync_to_host.rs, the library API, against the sshd;
+//!   cli:     --progress=json streams, SIGUSR1, man pages and completions,
+//!            one-line usage errors, option checks, SIGINT's status.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
 
 #[macro_use]
 mod common;
+mod cli;
 mod convert;
 mod example;
 mod formats;
