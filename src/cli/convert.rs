@@ -169,10 +169,7 @@ fn run_resolved(a: Args) -> Result<u8> {
 
 /// DST as transfer reports name it (`ssh://host:port/path` with a port).
 fn dst_name(dst: &Location) -> String {
-    match dst {
-        Location::Remote { host, path } => session::location_name(host, path),
-        d => d.to_string(),
-    }
+    dst.to_string()
 }
 
 fn transfer_options(a: &Args) -> TransferOptions {

@@ -443,7 +443,7 @@ fn query(
                 // come from the counts, as for a local check.
                 let report = client.check(&path, format, force_share)?;
                 check::print_stdout(&report, output)?;
-                return check::finish(&format!("{host}: {path}"), &report);
+                return check::finish(&session::location_name(&host, &path), &report);
             }
             let json = output == OutputFormat::Json;
             let mut out = output::stdout();

@@ -540,7 +540,7 @@ impl Client {
         format: Option<Format>,
         force_share: bool,
     ) -> Result<serde_json::Value> {
-        let name = format!("{}: {path}", self.host);
+        let name = location_name(&self.host, path);
         let mut report = Vec::new();
         self.run_query(
             path,
@@ -702,8 +702,9 @@ impl Client {
         opts: &SyncOptions,
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
-        // As the command line spelled DST (`host:path`).
-        let dst_name = format!("{}:{path}", self.host);
+        // As every message spells a remote location (`host:path`, or
+        // `ssh://host:port/path` with a port).
+        let dst_name = location_name(&self.host, path);
         let cancel = self.cancel.clone();
         let (params, sopts) = send_side(source, opts)?;
         let r = self.sync_push_inner(
