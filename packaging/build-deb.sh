@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds target/debian/imgsync_VERSION-1_ARCH.deb: the stripped binary (its
-# debug info in a separate file, /usr/lib/debug/.build-id/...), man pages,
-# bash/zsh/fish completions, the README and the nightly sync units.
+# Builds target/debian/imgsync_VERSION-1_ARCH.deb: the stripped binary, man
+# pages, bash/zsh/fish completions, the README and the nightly sync units;
+# and beside it imgsync-dbgsym_VERSION-1_ARCH.ddeb, the binary's debug info
+# (/usr/lib/debug/.build-id/..., for gdb and perf).
 # Installs cargo-deb first when it is missing. Needs only the Rust toolchain
 # and a C compiler (OpenSSL is built from source: no libssl-dev).
 set -euo pipefail
@@ -26,4 +27,4 @@ gzip -9n "$gen"/man/*.1
 "$bin" generate completions fish > "$gen/completions/imgsync.fish"
 
 cargo deb --locked --profile deb --no-build "$@"
-ls -l target/debian/*.deb
+ls -l target/debian/*.deb target/debian/*.ddeb

@@ -170,7 +170,22 @@ impl State {
         v.to_string()
     }
 
-    /// The human line (SIGUSR1, `-p` in a log).
+    /// `-p`'s line in a log: ` 40% 1.2 GiB of 3 GiB, 110 MiB/s, 20 MiB sent`.
+    fn log_line(&self) -> String {
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        let sent = match self.sent {
+            0 => String::new(),
+            s => format!(", {} sent", human_size(s)),
+        };
+        format!(
+            "{pct:>3}% {} of {}, {}/s{sent}",
+            human_size(self.done),
+            human_size(self.total),
+            human_size(self.rate())
+        )
+    }
+
+    /// SIGUSR1's line: the phase, the share done to 0.01 %, the wire.
     fn line(&self) -> String {
         let pct = (self.done as f64 * 100.0 / self.total.max(1) as f64).min(100.0);
         let wire = match self.wire {
@@ -220,8 +235,10 @@ impl Reporter {
         match &self.0.view {
             View::Json(out) => write_json(out, &s.json("done")),
             View::Terminal(b) => b.finish_and_clear(),
-            View::Lines if s.tenth <= 10 => {
-                super::output::eprint_line(&format!("100% {}", human_size(s.done)))
+            View::Lines => {
+                let mut last = *s;
+                last.done = last.done.max(last.total);
+                super::output::eprint_line(&last.log_line())
             }
             _ => {}
         }
@@ -265,7 +282,7 @@ impl Shared {
                 let tenth = (s.done * 10).checked_div(s.total).unwrap_or(0).min(10);
                 if tenth > s.tenth && tenth < 10 {
                     s.tenth = tenth;
-                    super::output::eprint_line(&s.line());
+                    super::output::eprint_line(&s.log_line());
                 }
             }
             View::Json(out) => {
