@@ -289,7 +289,7 @@ impl Shared {
                 let now = Instant::now();
                 let due = s
                     .last_json
-                    .is_none_or(|t| now.duration_since(t) >= JSON_INTERVAL);
+                    .map_or(true, |t| now.duration_since(t) >= JSON_INTERVAL);
                 if phase_changed || due {
                     s.last_json = Some(now);
                     let phase = s.phase.map_or("starting", Phase::name);

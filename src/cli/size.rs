@@ -22,19 +22,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('p') => (&body[..body.len() - 1], 50),
         _ => (body, 0),
     };
-    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, "0"));
     let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || fraction.len() > 18 {
+    if !digits(whole) || !digits(fraction) || fraction.len() > 18 {
         return Err(invalid());
     }
     let too_large = || format!("size '{s}' is too large");
     let whole: u128 = whole.parse().map_err(|_| too_large())?;
     let scale = 10u128.pow(fraction.len() as u32);
-    let fraction: u128 = if fraction.is_empty() {
-        0
-    } else {
-        fraction.parse().map_err(|_| invalid())?
-    };
+    let fraction: u128 = fraction.parse().map_err(|_| invalid())?;
     // (whole + fraction / scale) << shift, exactly.
     let scaled = whole
         .checked_mul(scale)
