@@ -564,6 +564,7 @@ impl Client {
             }
             Err(e) => return Err(self.fail(e)),
         };
+        progress.phase(engine::Phase::Verify);
         let done = match recv_msg(&mut self.fr, &self.limits, kind::DONE) {
             Ok(Message::Done(d)) => d,
             Ok(_) => unreachable!("recv_msg checks the type"),
@@ -687,7 +688,7 @@ impl Client {
         format: Option<Format>,
         force_share: bool,
     ) -> Result<serde_json::Value> {
-        let name = format!("{}: {path}", self.host);
+        let name = location_name(&self.host, path);
         let mut report = Vec::new();
         self.run_query(
             path,
@@ -841,8 +842,9 @@ impl Client {
         opts: &SyncOptions,
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
-        // As the command line spelled DST (`host:path`).
-        let dst_name = format!("{}:{path}", self.host);
+        // As every message spells a remote location (`host:path`, or
+        // `ssh://host:port/path` with a port).
+        let dst_name = location_name(&self.host, path);
         let cancel = self.cancel.clone();
         let (params, sopts) = send_side(source, opts)?;
         let r = self.sync_push_inner(source, src, path, &params, opts, &sopts, progress);

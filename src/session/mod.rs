@@ -49,6 +49,10 @@ pub use target::{open_target, rollback_to};
 /// it (the path is the request's business).
 pub use crate::transport::Host;
 
+/// The version of the imgsync protocol this build speaks (a peer must
+/// speak the same).
+pub const PROTOCOL_VERSION: u16 = crate::protocol::VERSION;
+
 /// How to reach the peer: the transport and its limits.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
