@@ -73,6 +73,18 @@ impl Extent {
     }
 }
 
+/// Where a run of guest bytes is stored ([`Image::host_run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRun {
+    pub len: u64,
+    /// Host offset of plain data in the layer's own file.
+    pub offset: Option<u64>,
+    /// Stored in a compressed cluster.
+    pub compressed: bool,
+    /// The layer of the chain (0 = top).
+    pub depth: u32,
+}
+
 /// An image with its backing chain.
 pub struct Image {
     layer: Layer,
@@ -182,6 +194,59 @@ impl Image {
             kind,
             depth: 0,
         })
+    }
+
+    /// Where the guest bytes at `offset` (up to `max_len`) are stored: a run
+    /// of one storage, as `qemu-img map --output=json`'s `offset` and
+    /// `compressed` describe it (qemu's `bdrv_co_block_status`). `offset` is
+    /// the host offset of plain data in the file of the layer at `depth`
+    /// (none for zeros, compressed clusters and an external data file).
+    pub fn host_run(&self, offset: u64, max_len: u64) -> Result<HostRun> {
+        let size = self.virtual_size();
+        let max_len = max_len.min(size.saturating_sub(offset));
+        let (run, unallocated) = match &self.layer {
+            Layer::Raw(r) => {
+                let run = r.lookup(offset, max_len)?;
+                // qemu reports a raw file's holes at their offset too.
+                let host = Some(offset);
+                (
+                    HostRun {
+                        len: run.len,
+                        offset: host,
+                        compressed: false,
+                        depth: 0,
+                    },
+                    false,
+                )
+            }
+            Layer::Qcow2(q) => {
+                let m = q.lookup(offset, max_len)?;
+                let own_file = !q.header().has_data_file();
+                let (host, compressed) = match m.kind {
+                    ClusterKind::Data { host_offset } => (own_file.then_some(host_offset), false),
+                    ClusterKind::Compressed { .. } => (None, true),
+                    ClusterKind::Zero | ClusterKind::Unallocated => (None, false),
+                };
+                let run = HostRun {
+                    len: m.len,
+                    offset: host,
+                    compressed,
+                    depth: 0,
+                };
+                (run, m.kind == ClusterKind::Unallocated)
+            }
+        };
+        if unallocated && run.len > 0 {
+            if let Some(b) = &self.backing {
+                let bsize = b.virtual_size();
+                if offset < bsize {
+                    let mut r = b.host_run(offset, run.len.min(bsize - offset))?;
+                    r.depth += 1;
+                    return Ok(r);
+                }
+            }
+        }
+        Ok(run)
     }
 
     /// Extents covering `[start, start + len)` (clamped to the virtual size),

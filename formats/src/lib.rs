@@ -14,6 +14,6 @@ pub mod raw;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{Extent, ExtentKind, Extents, Image, Layer};
+pub use image::{Extent, ExtentKind, Extents, HostRun, Image, Layer};
 pub use probe::{probe, Format};
 pub use storage::{Storage, WriteStorage};

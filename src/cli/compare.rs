@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use imgsync_formats::Format;
 
 use super::location::Location;
-use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::progress::{interrupt_flag, Reporting};
 use super::ssh::SshArgs;
 use super::{exit, OutputFormat};
 use crate::engine::compare::{self, Outcome};
@@ -40,8 +40,8 @@ pub fn run(args: Args) -> Result<u8> {
         Ok(source.image)
     };
     let cancel = interrupt_flag();
-    let bar = args.reporting.bar();
-    let progress = progress_of(&bar);
+    let reporter = args.reporting.reporter()?;
+    let progress = &reporter;
     let (outcome, size_mismatch) = match (Location::parse(&args.a)?, Location::parse(&args.b)?) {
         (Location::Local(pa), Location::Local(pb)) => {
             let a = open(&pa, args.format_a)?;
@@ -54,19 +54,20 @@ pub fn run(args: Args) -> Result<u8> {
         // as a stream, whichever argument it is.
         (Location::Local(pa), Location::Remote { host, path }) => {
             let a = open(&pa, args.format_a)?;
-            let client = Client::connect(&host, &args.ssh.options())?;
+            let client = Client::connect(&host, &args.ssh.options_for(args.reporting.quiet))?;
             let r = client.compare(&a, &pa, &path, args.format_b, args.force_share, progress)?;
             (r.outcome, r.size_mismatch)
         }
         (Location::Remote { host, path }, Location::Local(pb)) => {
             let b = open(&pb, args.format_b)?;
-            let client = Client::connect(&host, &args.ssh.options())?;
+            let client = Client::connect(&host, &args.ssh.options_for(args.reporting.quiet))?;
             let r = client.compare(&b, &pb, &path, args.format_a, args.force_share, progress)?;
             (r.outcome, r.size_mismatch)
         }
         (a, b) => bail!("{a} / {b}: compare needs at least one local image"),
     };
-    drop(bar);
+    reporter.done();
+    drop(reporter);
     // A reader that went away (`compare a b | head -0`) does not change the
     // verdict: the exit status still says identical or different.
     match print(&args, outcome, size_mismatch) {

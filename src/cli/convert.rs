@@ -14,7 +14,7 @@ use imgsync_formats::Format;
 
 use super::location::Location;
 use super::output::human_size;
-use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::progress::{interrupt_flag, Reporter, Reporting};
 use super::ssh::SshArgs;
 use super::{exit, OutputFormat};
 use crate::engine;
@@ -31,9 +31,13 @@ pub struct Args {
     pub format: Option<Format>,
     pub output_format: Option<Format>,
     pub compress: bool,
-    pub compression_type: CompressionType,
+    /// `--compression-type` (None: zstd, or what -o says).
+    pub compression_type: Option<CompressionType>,
     pub min_sparse: u64,
-    pub cluster_size: u64,
+    /// `--cluster-size` (None: 64k, or what -o says).
+    pub cluster_size: Option<u64>,
+    /// `-o` lists, qemu-img's names.
+    pub options: Vec<String>,
     pub target_is_zero: bool,
     pub no_space_check: bool,
     pub threads: Option<usize>,
@@ -45,23 +49,80 @@ pub struct Args {
     pub output: OutputFormat,
 }
 
-pub fn run(a: Args) -> Result<u8> {
+/// The output options in force: -o (qemu-img's names) with the long
+/// options, each given once.
+struct OutputOptions {
+    cluster_size: u64,
+    compression_type: CompressionType,
+}
+
+/// Default QCOW2 cluster size (qemu's).
+const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+
+/// `-o cluster_size=2M,compression_type=zlib`: the options imgsync has, by
+/// qemu-img's names; any other is refused by name.
+fn output_options(a: &Args) -> Result<OutputOptions> {
+    let mut cluster_size = a.cluster_size;
+    let mut compression_type = a.compression_type;
+    for list in &a.options {
+        for item in list.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            match key {
+                "cluster_size" => {
+                    if cluster_size.is_some() {
+                        bail!("-o cluster_size: the cluster size is given twice");
+                    }
+                    cluster_size = Some(
+                        super::size::parse_size(value)
+                            .map_err(|e| anyhow::anyhow!("-o cluster_size: {e}"))?,
+                    );
+                }
+                "compression_type" => {
+                    if compression_type.is_some() {
+                        bail!("-o compression_type: the compression type is given twice");
+                    }
+                    compression_type = Some(match value {
+                        "zstd" => CompressionType::Zstd,
+                        "zlib" => CompressionType::Zlib,
+                        v => bail!("-o compression_type: '{v}' is not zstd or zlib"),
+                    });
+                }
+                k => bail!(
+                    "-o {k}: not an option imgsync takes (it takes cluster_size and compression_type)"
+                ),
+            }
+        }
+    }
+    Ok(OutputOptions {
+        cluster_size: cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE),
+        compression_type: compression_type.unwrap_or(CompressionType::Zstd),
+    })
+}
+
+pub fn run(mut a: Args) -> Result<u8> {
+    let o = output_options(&a)?;
+    a.cluster_size = Some(o.cluster_size);
+    a.compression_type = Some(o.compression_type);
+    run_resolved(a)
+}
+
+fn run_resolved(a: Args) -> Result<u8> {
+    let cluster_size = a.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
     if a.min_sparse % 512 != 0 || a.min_sparse > MAX_MIN_SPARSE {
         bail!(
             "-S {}: the size must be 0 or a multiple of 512 up to 16 MiB",
             a.min_sparse
         );
     }
-    if !a.cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&a.cluster_size) {
-        bail!(
-            "--cluster-size {}: must be a power of two from 512 to 2M",
-            a.cluster_size
-        );
+    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+        bail!("--cluster-size {cluster_size}: must be a power of two from 512 to 2M");
     }
     let src = Location::parse(&a.src)?;
     let dst = Location::parse(&a.dst)?;
+    // From here on SIGUSR1 prints a progress line.
+    let progress = a.reporting.reporter()?;
     let report = match (&src, &dst) {
-        (Location::Local(s), Location::Local(d)) => return run_local(&a, s, d),
+        (Location::Local(s), Location::Local(d)) => return run_local(&a, s, d, &progress),
         (Location::Local(s), Location::Remote { host, path }) => {
             let source = open_src(&a, s)?;
             // Options DST cannot take are refused before connecting.
@@ -69,31 +130,28 @@ pub fn run(a: Args) -> Result<u8> {
             convert::check_options(&source.image, &opts).map_err(|e| {
                 named(e, s, Path::new(&dst_name(&dst)), None)
             })?;
-            let client = Client::connect(host, &a.ssh.options())?;
-            let bar = a.reporting.bar();
-            client.push(&source, s, path, &transfer_options(&a), progress_of(&bar))?
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
+            client.push(&source, s, path, &transfer_options(&a), &progress)?
         }
         (Location::Remote { host, path }, Location::Local(d)) => {
             let opts = transfer_options(&a);
             // The options must suit some output format before connecting.
             opts.convert_options(a.output_format.unwrap_or(Format::Raw))
                 .or_else(|_| opts.convert_options(Format::Qcow2))?;
-            let client = Client::connect(host, &a.ssh.options())?;
-            let bar = a.reporting.bar();
-            client.pull(path, d, &opts, progress_of(&bar))?
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
+            client.pull(path, d, &opts, &progress)?
         }
-        (Location::Local(s), Location::Stdio) => return to_stdout(&a, s),
+        (Location::Local(s), Location::Stdio) => return to_stdout(&a, s, &progress),
         (Location::Stdio, Location::Local(d)) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
                 bail!("-: stdin is a terminal, not an imgsync stream");
             }
-            let bar = a.reporting.bar();
             session::stream::receive_stream(
                 stdin,
                 d,
                 &transfer_options(&a),
-                progress_of(&bar),
+                &progress,
                 &interrupt_flag(),
             )?
         }
@@ -103,25 +161,29 @@ pub fn run(a: Args) -> Result<u8> {
             dst
         ),
     };
+    progress.done();
+    drop(progress);
     print_stats(&a, &src.to_string(), &dst_name(&dst), &report)?;
     Ok(exit::OK)
 }
 
 /// DST as transfer reports name it (`ssh://host:port/path` with a port).
 fn dst_name(dst: &Location) -> String {
-    match dst {
-        Location::Remote { host, path } => session::location_name(host, path),
-        d => d.to_string(),
-    }
+    dst.to_string()
 }
 
 fn transfer_options(a: &Args) -> TransferOptions {
     TransferOptions {
         src_format: a.format,
         output_format: a.output_format,
-        compression: a.compress.then_some(a.compression_type),
+        compression: a
+            .compress
+            .then_some(a.compression_type.unwrap_or(CompressionType::Zstd)),
         min_sparse: a.min_sparse,
-        cluster_bits: a.cluster_size.trailing_zeros(),
+        cluster_bits: a
+            .cluster_size
+            .unwrap_or(DEFAULT_CLUSTER_SIZE)
+            .trailing_zeros(),
         target_is_zero: a.target_is_zero,
         check_space: !a.no_space_check,
         workers: a
@@ -133,21 +195,21 @@ fn transfer_options(a: &Args) -> TransferOptions {
 }
 
 /// Local SRC as a one-way protocol stream on stdout (`convert SRC -`).
-fn to_stdout(a: &Args, src: &Path) -> Result<u8> {
+fn to_stdout(a: &Args, src: &Path, progress: &Reporter) -> Result<u8> {
     let stdout = std::io::stdout();
     if stdout.is_terminal() {
         bail!("-: refusing to write an imgsync stream to a terminal (pipe it into `imgsync convert - DST`)");
     }
     let source = open_src(a, src)?;
-    let bar = a.reporting.bar();
     session::stream::send_stream(
         &source,
         src,
         stdout,
         &transfer_options(a),
-        progress_of(&bar),
+        progress,
         &interrupt_flag(),
     )?;
+    progress.done();
     Ok(exit::OK)
 }
 
@@ -174,7 +236,7 @@ fn print_stats(a: &Args, src: &str, dst: &str, s: &TransferReport) -> Result<()>
             "bytes-written": s.bytes_written,
             "compressed-clusters": s.clusters_compressed,
             "compress-level": s.level,
-            "seconds": s.seconds,
+            "seconds": super::output::seconds_f64(s.seconds),
             "rate": rate.round(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -222,7 +284,7 @@ fn open_src(a: &Args, src: &Path) -> Result<Source> {
     Ok(source)
 }
 
-fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
+fn run_local(a: &Args, src: &Path, dst: &Path, progress: &Reporter) -> Result<u8> {
     let source = open_src(a, src)?;
     let (image, files) = (&source.image, &source.files);
     let opts = transfer_options(a).convert_options(image.format())?;
@@ -233,10 +295,7 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     let out = Output::create(dst).with_context(|| dst.display().to_string())?;
     out.adopt(&FileMeta::of_path(src).with_context(|| src.display().to_string())?)
         .with_context(|| dst.display().to_string())?;
-    let bar = a.reporting.bar();
-    let progress = progress_of(&bar);
     let result = convert::convert(image, &out, &opts, progress, &cancel);
-    drop(bar);
     let report = match result {
         Ok(r) => r,
         // `out` is dropped on return: nothing appears under DST.
@@ -257,6 +316,7 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
     }
     out.commit()
         .with_context(|| format!("{}: completing the output", dst.display()))?;
+    progress.done();
     if a.output == OutputFormat::Json {
         let mut out = super::output::stdout();
         let v = serde_json::json!({
@@ -268,7 +328,7 @@ fn run_local(a: &Args, src: &Path, dst: &Path) -> Result<u8> {
             "zero-bytes": report.zero_bytes,
             "bytes-written": report.bytes_written,
             "compressed-clusters": report.clusters_compressed,
-            "seconds": report.elapsed.as_secs_f64(),
+            "seconds": super::output::seconds(report.elapsed),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }

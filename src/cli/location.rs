@@ -60,7 +60,11 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
-            Location::Remote { host, path } => write!(f, "{host}:{path}"),
+            // One spelling in every message: `host:path`, or
+            // `ssh://host:port/path` with a port (session::location_name).
+            Location::Remote { host, path } => {
+                write!(f, "{}", crate::session::location_name(host, path))
+            }
             Location::Stdio => write!(f, "-"),
         }
     }

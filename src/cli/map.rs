@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use imgsync_formats::{Extent, ExtentKind, Format};
+use imgsync_formats::{Extent, ExtentKind, Format, HostRun, Image};
 
 use super::{exit, OutputFormat};
 use crate::io::{open_source, Locking, OpenOptions};
@@ -48,10 +48,14 @@ pub fn run_to(
         let e = extent.with_context(|| path.display().to_string())?;
         match output {
             OutputFormat::Json => {
-                if !first {
-                    writeln!(out, ",")?;
+                for piece in host_pieces(&image, &e) {
+                    let piece = piece.with_context(|| path.display().to_string())?;
+                    if !first {
+                        writeln!(out, ",")?;
+                    }
+                    write!(out, "{}", json_extent(&piece.0, piece.1))?;
+                    first = false;
                 }
-                write!(out, "{}", json_extent(&e))?;
             }
             OutputFormat::Human => writeln!(
                 out,
@@ -78,16 +82,87 @@ fn kind_name(k: ExtentKind) -> &'static str {
     }
 }
 
+/// An allocated extent split where its storage changes (qemu-img map's
+/// `offset` and `compressed`): runs of contiguous host offsets, compressed
+/// runs, runs in an external data file. Unallocated extents stay whole.
+fn host_pieces<'a>(
+    image: &'a Image,
+    e: &Extent,
+) -> impl Iterator<Item = imgsync_formats::Result<(Extent, Option<HostRun>)>> + 'a {
+    let e = *e;
+    let mut pos = e.start;
+    let mut pending: Option<(Extent, HostRun)> = None;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if e.kind == ExtentKind::Unallocated {
+            if pos < e.end() {
+                pos = e.end();
+                return Some(Ok((e, None)));
+            }
+            return None;
+        }
+        loop {
+            if failed {
+                return None;
+            }
+            if pos >= e.end() {
+                return pending.take().map(|(x, r)| Ok((x, Some(r))));
+            }
+            let r = match image.host_run(pos, e.end() - pos) {
+                Ok(r) if r.len > 0 => r,
+                Ok(_) => {
+                    failed = true;
+                    return Some(Err(imgsync_formats::Error::Invalid(format!(
+                        "no progress mapping guest offset {pos:#x}"
+                    ))));
+                }
+                Err(err) => {
+                    failed = true;
+                    return Some(Err(err));
+                }
+            };
+            let piece = Extent {
+                start: pos,
+                length: r.len,
+                ..e
+            };
+            pos += r.len;
+            match &mut pending {
+                Some((p, pr))
+                    if pr.compressed == r.compressed
+                        && pr.depth == r.depth
+                        && match (pr.offset, r.offset) {
+                            (Some(a), Some(b)) => a + p.length == b,
+                            (None, None) => true,
+                            _ => false,
+                        } =>
+                {
+                    p.length += r.len;
+                }
+                Some(_) => return pending.replace((piece, r)).map(|(x, r)| Ok((x, Some(r)))),
+                None => pending = Some((piece, r)),
+            }
+        }
+    })
+}
+
 /// One extent with qemu-img's keys and meanings: `data` must be read, `zero`
-/// reads as zeros, `present` is allocated in some layer of the chain.
-pub fn json_extent(e: &Extent) -> String {
+/// reads as zeros, `present` is allocated in some layer of the chain,
+/// `compressed` stored in compressed clusters, `offset` where plain data
+/// lies in its layer's own file (when it does).
+pub fn json_extent(e: &Extent, host: Option<HostRun>) -> String {
+    let offset = match host.and_then(|h| h.offset) {
+        Some(o) => format!(", \"offset\": {o}"),
+        None => String::new(),
+    };
     format!(
-        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}}}",
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}{offset}}}",
         e.start,
         e.length,
         e.depth,
         e.kind != ExtentKind::Unallocated,
         e.kind != ExtentKind::Data,
-        e.kind == ExtentKind::Data
+        e.kind == ExtentKind::Data,
+        host.is_some_and(|h| h.compressed)
     )
 }

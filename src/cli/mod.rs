@@ -52,7 +52,7 @@ pub mod exit {
     version,
     about = "Move and sync sparse VM disk images (raw, QCOW2)"
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -103,6 +103,7 @@ enum Command {
         /// Image format (probed from the magic when absent)
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
+        /// human, or json: one object with qemu-img's key names
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         /// Read the image even while a running qemu has it open for
@@ -117,8 +118,12 @@ enum Command {
     },
     /// List which ranges of the guest hold data, zeros or nothing (no data is read)
     Map {
+        /// Image format (probed from the magic when absent; give it to
+        /// read through the files a qcow2 image names)
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
+        /// human, or json: an array of extents as qemu-img map
+        /// --output=json prints them
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         /// Read the image even while a running qemu has it open for
@@ -156,16 +161,21 @@ enum Command {
         /// that makes it smaller)
         #[arg(short = 'c', long = "compress")]
         compress: bool,
-        /// Compression method for -c: zstd, or zlib for old readers
-        #[arg(long, value_enum, default_value = "zstd")]
-        compression_type: CompressionArg,
+        /// Compression method for -c: zstd (the default), or zlib for old
+        /// readers
+        #[arg(long, value_enum)]
+        compression_type: Option<CompressionArg>,
         /// Zero runs of at least SIZE bytes become holes; 0 keeps every
         /// allocated byte
         #[arg(short = 'S', long = "sparse-size", value_name = "SIZE", default_value = "4k", value_parser = size::parse_size)]
         sparse_size: u64,
-        /// QCOW2 output cluster size
-        #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = size::parse_size)]
-        cluster_size: u64,
+        /// QCOW2 output cluster size (default 64k)
+        #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+        cluster_size: Option<u64>,
+        /// Output options by qemu-img's names, comma-separated:
+        /// cluster_size=SIZE, compression_type=zstd|zlib
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
         /// A block device target already reads zeros: do not zero ranges
         /// without data
         #[arg(long)]
@@ -175,7 +185,7 @@ enum Command {
         #[arg(long)]
         no_space_check: bool,
         /// Worker threads (default: one per core, at most 8)
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
         threads: Option<usize>,
         /// zstd level of the data sent over the wire (1-19; 0 sends it
         /// uncompressed). Default: start at 1 and adapt while sending, up
@@ -218,6 +228,8 @@ enum Command {
         format_b: Option<FormatArg>,
         #[command(flatten)]
         reporting: progress::Reporting,
+        /// human (qemu-img compare's words), or json: identical,
+        /// first-difference, size-mismatch
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         /// Read the image even while a running qemu has it open for
@@ -243,6 +255,9 @@ enum Command {
     /// interrupted sync resumes when rerun, or `--rollback DST` restores the
     /// previous image. DST absent: a full copy in -O's format, else SRC's
     /// (as convert), appearing only when complete.
+    #[command(
+        override_usage = "imgsync sync [OPTIONS] SRC DST\n       imgsync sync --rollback [OPTIONS] DST"
+    )]
     Sync {
         /// Source format (probed when absent); an existing DST's too unless -O
         #[arg(short = 'f', long = "format", value_enum)]
@@ -288,7 +303,7 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
         compress_level: Option<i32>,
         /// Worker threads (default: one per core, at most 8)
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
         threads: Option<usize>,
         /// Print a report (blocks compared, sent, holes punched, bytes on
         /// the wire, time)
@@ -303,19 +318,50 @@ enum Command {
         ssh: ssh::SshArgs,
         #[command(flatten)]
         reporting: progress::Reporting,
+        /// human: print nothing on success; json: a final report
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
-        /// SRC DST (or DST alone with --rollback)
-        #[arg(required = true, num_args = 1..=2, value_name = "SRC DST")]
-        paths: Vec<OsString>,
+        /// The source image: a path, [user@]host:PATH or ssh://... (with
+        /// --rollback: the destination to restore)
+        #[arg(value_name = "SRC")]
+        src: OsString,
+        /// The image made identical to SRC (a raw file or block device): a
+        /// path, [user@]host:PATH or ssh://...
+        #[arg(value_name = "DST")]
+        dst: Option<OsString>,
     },
     /// The far end of a remote transfer, speaking the imgsync protocol on
     /// stdin/stdout (started over SSH by imgsync, not by hand)
+    ///
+    /// As the forced command of a backup host's key (authorized_keys:
+    /// `command="imgsync serve --restrict /srv/backup",restrict ssh-ed25519
+    /// AAAA...`), --restrict confines every path the client names to DIR
+    /// and --read-only refuses every write.
     Serve {
         /// Give up when the client sends nothing for this many seconds (0:
         /// never); the client passes its own --timeout
         #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = ssh::parse_timeout)]
         timeout: u64,
+        /// Only paths inside DIR (relative paths are taken from DIR;
+        /// symlinks are followed only while they stay inside; checked
+        /// again on every file opened); anything else is refused
+        #[arg(long, value_name = "DIR")]
+        restrict: Option<std::path::PathBuf>,
+        /// Refuse every request that writes (push, sync to here,
+        /// --rollback): the key can only read
+        #[arg(long)]
+        read_only: bool,
+        /// Limit what this end writes to RATE per second (rsync's form);
+        /// the client's --bwlimit applies too, the smaller wins
+        #[arg(long, value_name = "RATE", value_parser = size::parse_rate)]
+        bwlimit: Option<u64>,
+    },
+    /// Man pages and shell completions from these definitions (for
+    /// packagers)
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
     },
     /// Validate an image's metadata, with qemu-img check's exit status
     ///
@@ -325,8 +371,10 @@ enum Command {
     /// the image and the counts. Only the image's own tables are read: a
     /// backing file or data file it names is shown by `info`, never opened.
     Check {
+        /// Image format (probed from the magic when absent)
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
+        /// human, or json: qemu-img check's counts and key names
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
         /// Read the image even while a running qemu has it open for
@@ -339,6 +387,74 @@ enum Command {
         /// The image: a path, [user@]host:PATH or ssh://...
         image: OsString,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// Write a man page for imgsync and one per subcommand into DIR
+    Man {
+        /// The directory to write imgsync.1, imgsync-convert.1, ... into
+        dir: std::path::PathBuf,
+    },
+    /// Print the completion script for SHELL on stdout
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `--threads N`: at least one.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 threads cannot do the work: give at least 1 (the default is one per core, at most 8)".into()),
+        Ok(n) if n > 256 => Err(format!("{n} threads is more than the 256 imgsync runs")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a number of threads")),
+    }
+}
+
+/// `imgsync --version`: the version, the protocol version (what a peer
+/// must speak) and the git commit when built from a checkout.
+fn version_line() -> &'static str {
+    static LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| {
+        let commit = env!("IMGSYNC_GIT_COMMIT");
+        let commit = if commit.is_empty() {
+            String::new()
+        } else {
+            format!(", commit {commit}")
+        };
+        format!(
+            "{} (protocol {}{commit})",
+            env!("CARGO_PKG_VERSION"),
+            session::PROTOCOL_VERSION
+        )
+    })
+}
+
+/// The clap definitions, with the version line.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().version(version_line())
+}
+
+/// `imgsync generate man DIR | completions SHELL`.
+fn generate(what: Generate) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    let cmd = command();
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+            clap_mangen::generate_to(cmd, &dir).with_context(|| dir.display().to_string())?;
+        }
+        Generate::Completions { shell } => {
+            let mut cmd = cmd;
+            let mut out = output::stdout();
+            clap_complete::generate(shell, &mut cmd, "imgsync", &mut out);
+            std::io::Write::flush(&mut out)?;
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// info, map or check of a local or remote image.
@@ -366,7 +482,7 @@ fn query(
                 // come from the counts, as for a local check.
                 let report = client.check(&path, format, force_share)?;
                 check::print_stdout(&report, output)?;
-                return check::finish(&format!("{host}: {path}"), &report);
+                return check::finish(&session::location_name(&host, &path), &report);
             }
             let json = output == OutputFormat::Json;
             let mut out = output::stdout();
@@ -413,10 +529,24 @@ impl session::Hooks for Listings {
 }
 
 /// `imgsync serve`: one request on stdin/stdout.
-fn serve(timeout: u64) -> anyhow::Result<u8> {
+fn serve(
+    timeout: u64,
+    restrict: Option<std::path::PathBuf>,
+    read_only: bool,
+    bwlimit: Option<u64>,
+) -> anyhow::Result<u8> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "serve: is started by an imgsync client over SSH (imgsync convert|sync ... HOST:PATH), not by hand: it speaks the imgsync protocol on stdin and stdout"
+        );
+    }
     let opts = session::ServeOptions {
         timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
         cancel: progress::interrupt_flag(),
+        restrict,
+        read_only,
+        bwlimit: bwlimit.filter(|&r| r > 0),
         ..Default::default()
     };
     session::serve_stdio(&opts, &Listings)?;
@@ -444,8 +574,95 @@ pub fn warn_in_use(in_use: &[std::path::PathBuf], what: &str) {
     }
 }
 
+/// A clap error as imgsync's errors are: one line, `imgsync: <what>:
+/// <problem>`, and a hint line only for an unknown command.
+fn clap_error_lines(e: &clap::Error) -> Vec<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => Some(v.join(", ")),
+        _ => None,
+    };
+    match e.kind() {
+        ErrorKind::InvalidSubcommand => {
+            let name = context(ContextKind::InvalidSubcommand).unwrap_or_default();
+            let hint = match context(ContextKind::SuggestedSubcommand) {
+                Some(s) => {
+                    format!("imgsync: did you mean '{s}'? (imgsync --help lists the commands)")
+                }
+                None => "imgsync: imgsync --help lists the commands".to_string(),
+            };
+            vec![format!("imgsync: '{name}' is not an imgsync command"), hint]
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            vec!["imgsync: a command is needed: info, map, convert, compare, sync or check (imgsync --help says more)".into()]
+        }
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            let arg = context(ContextKind::InvalidArg).map(|a| arg_name(&a));
+            let value = context(ContextKind::InvalidValue).unwrap_or_default();
+            let why = match (e.kind(), std::error::Error::source(e)) {
+                (ErrorKind::ValueValidation, Some(s)) => s.to_string(),
+                _ => match context(ContextKind::ValidValue) {
+                    Some(valid) => format!("invalid value '{value}' (one of: {valid})"),
+                    None => format!("invalid value '{value}'"),
+                },
+            };
+            match arg {
+                Some(a) => vec![format!("imgsync: {a}: {why}")],
+                None => vec![format!("imgsync: {why}")],
+            }
+        }
+        _ => {
+            // clap's own text on one line: its usage and tips dropped.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let line = parts.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            vec![format!("imgsync: {line}")]
+        }
+    }
+}
+
+/// An argument as clap names it in an error (`--sparse-size <SIZE>`,
+/// `<SRC>`) as the user would type it: its short form when it has one
+/// (`-S`), else its long one; a positional by its name.
+fn arg_name(clap_name: &str) -> String {
+    let first = clap_name.split([' ', '=']).next().unwrap_or(clap_name);
+    if let Some(long) = first.strip_prefix("--") {
+        let cmd = command();
+        let sub = std::env::args().nth(1);
+        let short = sub
+            .and_then(|s| cmd.find_subcommand(&s).cloned())
+            .into_iter()
+            .chain(std::iter::once(cmd.clone()))
+            .find_map(|c| {
+                c.get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .and_then(|a| a.get_short())
+            });
+        if let Some(s) = short {
+            return format!("-{s}");
+        }
+        return first.to_string();
+    }
+    first
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim_end_matches("...")
+        .to_string()
+}
+
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    use clap::FromArgMatches;
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             // `check` has no usage-error status of its own: like qemu-img
@@ -460,13 +677,15 @@ pub fn main() -> ExitCode {
             };
             // clap prints with print!/eprint!, which panic on a closed
             // stream: render it and write it ourselves.
-            use std::io::Write;
-            let text = e.render().ansi().to_string();
-            let _ = if e.use_stderr() {
-                std::io::stderr().write_all(text.as_bytes())
+            if e.use_stderr() {
+                for line in clap_error_lines(&e) {
+                    output::eprint_line(&line);
+                }
             } else {
-                std::io::stdout().write_all(text.as_bytes())
-            };
+                use std::io::Write;
+                let text = e.render().ansi().to_string();
+                let _ = std::io::stdout().write_all(text.as_bytes());
+            }
             return ExitCode::from(code);
         }
     };
@@ -513,6 +732,7 @@ pub fn main() -> ExitCode {
             compression_type,
             sparse_size,
             cluster_size,
+            options,
             target_is_zero,
             no_space_check,
             threads,
@@ -530,9 +750,13 @@ pub fn main() -> ExitCode {
             format: format.map(Into::into),
             output_format: output_format.map(Into::into),
             compress,
-            compression_type: compression_type.into(),
+            compression_type: compression_type.map(|c| match c {
+                CompressionArg::Zstd => imgsync_formats::qcow2::CompressionType::Zstd,
+                CompressionArg::Zlib => imgsync_formats::qcow2::CompressionType::Zlib,
+            }),
             min_sparse: sparse_size,
             cluster_size,
+            options,
             target_is_zero,
             no_space_check,
             threads,
@@ -543,7 +767,13 @@ pub fn main() -> ExitCode {
             reporting,
             output,
         }),
-        Command::Serve { timeout } => serve(timeout),
+        Command::Serve {
+            timeout,
+            restrict,
+            read_only,
+            bwlimit,
+        } => serve(timeout, restrict, read_only, bwlimit),
+        Command::Generate { what } => generate(what),
         Command::Sync {
             format,
             output_format,
@@ -562,9 +792,10 @@ pub fn main() -> ExitCode {
             ssh,
             reporting,
             output,
-            paths,
+            src,
+            dst,
         } => sync::run(sync::Args {
-            paths,
+            paths: std::iter::once(src).chain(dst).collect(),
             format: format.map(Into::into),
             output_format: output_format.map(Into::into),
             compress,
@@ -610,7 +841,9 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(exit::OK);
             }
             output::eprint_line(&format!("imgsync: {}", output::one_line(&e)));
-            ExitCode::from(error_code)
+            // Stopped by a signal: the shell's status for it (130 for
+            // Ctrl-C), after the line saying what the stop left.
+            ExitCode::from(progress::interrupted_status().unwrap_or(error_code))
         }
     }
 }

@@ -76,43 +76,14 @@ pub fn eprint_line(line: &str) {
     let _ = e.flush();
 }
 
-/// A size the way qemu-img prints it: `1 GiB`, `324 KiB`, `1.5 GiB`.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut unit = 0;
-    let mut v = bytes as f64;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        return format!("{bytes} B");
-    }
-    // Three significant digits, trailing zeros dropped.
-    let s = if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    };
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
-    format!("{s} {}", UNITS[unit])
+pub use crate::engine::units::human_size;
+
+/// Seconds for a JSON report: rounded to milliseconds.
+pub fn seconds(d: std::time::Duration) -> f64 {
+    seconds_f64(d.as_secs_f64())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::human_size;
-
-    #[test]
-    fn sizes_print_like_qemu_img() {
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(1 << 30), "1 GiB");
-        assert_eq!(human_size(331776), "324 KiB");
-        assert_eq!(human_size(3 << 29), "1.5 GiB");
-    }
+/// [`seconds`] of a float.
+pub fn seconds_f64(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
 }

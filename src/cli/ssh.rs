@@ -30,7 +30,8 @@ pub struct SshArgs {
     /// ssh-agent and before the default keys; may be repeated
     #[arg(short = 'i', long = "identity", value_name = "FILE")]
     pub identity: Vec<PathBuf>,
-    /// SSH config file for the built-in client (default ~/.ssh/config)
+    /// SSH config file for the built-in client, as ssh -F: read instead of
+    /// ~/.ssh/config and /etc/ssh/ssh_config ("none": no file)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
     /// Give up when the peer sends nothing (and takes nothing) for this
@@ -43,6 +44,10 @@ pub struct SshArgs {
     /// login step)
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: Option<u64>,
+    /// Limit the bytes on the wire to RATE per second, each way (rsync's
+    /// form: a number of KiB, or with a suffix: 500k, 20M, 1G; 0: none)
+    #[arg(long, value_name = "RATE", value_parser = super::size::parse_rate)]
+    pub bwlimit: Option<u64>,
 }
 
 /// `--timeout`: 0 (none), or at least 5 s (a busy peer says it is alive
@@ -57,6 +62,11 @@ pub(super) fn parse_timeout(s: &str) -> Result<u64, String> {
 
 impl SshArgs {
     pub fn options(&self) -> ConnectOptions {
+        self.options_for(false)
+    }
+
+    /// The options, with `-q` (`quiet`: no notices on stderr).
+    pub fn options_for(&self, quiet: bool) -> ConnectOptions {
         ConnectOptions {
             rsh: self.rsh.clone(),
             remote_imgsync: self.remote_imgsync.clone(),
@@ -67,6 +77,8 @@ impl SshArgs {
             timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
             connect_timeout: self.connect_timeout.map(Duration::from_secs),
             cancel: interrupt_flag(),
+            bwlimit: self.bwlimit.filter(|&r| r > 0),
+            quiet,
         }
     }
 }

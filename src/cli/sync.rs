@@ -12,7 +12,7 @@ use imgsync_formats::Format;
 
 use super::location::Location;
 use super::output::human_size;
-use super::progress::{interrupt_flag, progress_of, Reporting};
+use super::progress::{interrupt_flag, Reporting};
 use super::ssh::SshArgs;
 use super::{exit, OutputFormat};
 use crate::engine::pipeline;
@@ -82,35 +82,36 @@ pub fn run(a: Args) -> Result<u8> {
         workers,
     };
     let cancel = interrupt_flag();
+    // From here on SIGUSR1 prints a progress line.
+    let progress = a.reporting.reporter()?;
     let started = Instant::now();
     let report = match (&src_loc, &dst_loc) {
         (Location::Local(s), Location::Local(d)) => {
             let source = open_src(&a, s)?;
             refuse_compress(&a, &source)?;
-            let bar = a.reporting.bar();
             let sync = LocalSync {
                 source: &source,
                 src: s,
                 dst: d,
                 opts,
             };
-            session::sync_local(&sync, progress_of(&bar), &cancel)?
+            session::sync_local(&sync, &progress, &cancel)?
         }
         (Location::Local(s), Location::Remote { host, path }) => {
             let source = open_src(&a, s)?;
             refuse_compress(&a, &source)?;
-            let client = Client::connect(host, &a.ssh.options())?;
-            let bar = a.reporting.bar();
-            client.sync_push(&source, s, path, &opts, progress_of(&bar))?
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
+            client.sync_push(&source, s, path, &opts, &progress)?
         }
         (Location::Remote { host, path }, Location::Local(d)) => {
             let target = session::open_target(d, dst_format)?;
-            let client = Client::connect(host, &a.ssh.options())?;
-            let bar = a.reporting.bar();
-            client.sync_pull(path, d, target, &opts, progress_of(&bar))?
+            let client = Client::connect(host, &a.ssh.options_for(a.reporting.quiet))?;
+            client.sync_pull(path, d, target, &opts, &progress)?
         }
         _ => bail!("{src_loc} -> {dst_loc}: sync needs one local side (and no '-')"),
     };
+    progress.done();
+    drop(progress);
     let wire = report.1;
     print_report(
         &a,
@@ -172,7 +173,8 @@ fn rollback(a: &Args, dst: &OsString) -> Result<u8> {
     Ok(match Location::parse(dst)? {
         Location::Local(p) => session::rollback_to(&mut out, &p)?,
         Location::Remote { host, path } => {
-            Client::connect(&host, &a.ssh.options())?.rollback(&path, &mut out)?
+            Client::connect(&host, &a.ssh.options_for(a.reporting.quiet))?
+                .rollback(&path, &mut out)?
         }
         Location::Stdio => bail!("-: --rollback needs the destination image"),
     })
@@ -204,7 +206,7 @@ fn print_report(
             "data-sent": r.data_sent,
             "wire-bytes": wire,
             "journal-bytes": r.done.journal_bytes,
-            "seconds": seconds,
+            "seconds": super::output::seconds_f64(seconds),
         });
         // A qcow2 DST updated in place: what happened to its allocation.
         if let (Some(q), Some(m)) = (r.done.qcow2, v.as_object_mut()) {

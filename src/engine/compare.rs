@@ -87,6 +87,7 @@ pub fn compare(
     let mut buf_a = Vec::new();
     let mut buf_b = Vec::new();
     progress.start(end);
+    progress.phase(super::Phase::Compare);
     let mut pos = 0u64;
     let mut hinted = 0u64;
     while pos < end {
@@ -155,6 +156,7 @@ where
     let mut buf = Vec::new();
     let mut pos = 0u64;
     progress.start(end);
+    progress.phase(super::Phase::Compare);
     for chunk in chunks {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);

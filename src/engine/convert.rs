@@ -186,6 +186,7 @@ where
     let virtual_size = summary.virtual_size;
     let cluster_size = 1u64 << opts.cluster_bits;
     progress.start(summary.data_bytes);
+    progress.phase(super::Phase::Write);
     let popts = PipelineOptions {
         workers: opts.workers,
     };

@@ -13,11 +13,12 @@ pub mod qcow2_dst;
 pub mod remote;
 pub mod sink;
 pub mod sync;
+pub mod units;
 pub mod zero;
 
 use imgsync_formats as formats;
 
-pub use progress::{NoProgress, Progress};
+pub use progress::{NoProgress, Phase, Progress};
 
 /// Which side of an operation failed, so the caller can name the file.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +35,17 @@ pub enum Error {
     /// Building the destination image's structures.
     #[error(transparent)]
     DestFormat(formats::Error),
-    #[error("the output needs up to {need} bytes but the filesystem has {free} bytes free")]
+    #[error(
+        "the output needs up to {} but the file system has {} free",
+        units::Bytes(*need),
+        units::human_size(*free)
+    )]
     NoSpace { need: u64, free: u64 },
-    #[error("the device holds {device} bytes but the image needs {need}")]
+    #[error(
+        "the device holds {} but the image needs {}",
+        units::Bytes(*device),
+        units::Bytes(*need)
+    )]
     DeviceTooSmall { need: u64, device: u64 },
     #[error("interrupted")]
     Interrupted,

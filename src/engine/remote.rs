@@ -276,8 +276,10 @@ pub fn send_chunks<W: Write>(
     };
     let jobs = plan::jobs(image, opts.chunk);
     let level = Arc::new(AtomicI32::new(opts.level));
+    progress.phase(super::Phase::Send);
     let mut sink = FrameSink {
         fw,
+        progress,
         digest: StreamDigest::new(),
         data_sent: 0,
         chunk_bytes: 0,
@@ -422,6 +424,7 @@ impl Encoder for FrameEncoder {
 /// Ordered side of the sender: writes frames, keeps the stream digest.
 struct FrameSink<'a, W: Write> {
     fw: &'a mut FrameWriter<W>,
+    progress: &'a dyn Progress,
     digest: StreamDigest,
     data_sent: u64,
     chunk_bytes: u64,
@@ -523,6 +526,7 @@ impl<W: Write> Sink for FrameSink<'_, W> {
         };
         let arrived = Instant::now();
         self.fw.write_built(&frame)?;
+        self.progress.wire(frame.len() as u64);
         if let Some(t) = &mut self.tuner {
             let done = Instant::now();
             // The first frame's wait is the pipeline filling up.
@@ -556,9 +560,17 @@ pub struct ChunkFrames<'a, R: Read> {
     digest: StreamDigest,
     end: Option<End>,
     failed: bool,
+    /// Told of the bytes each frame took on the wire.
+    progress: Option<&'a dyn Progress>,
 }
 
 impl<'a, R: Read> ChunkFrames<'a, R> {
+    /// Reports each frame's wire bytes to `progress`.
+    pub fn with_progress(mut self, progress: &'a dyn Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
     pub fn new(fr: &'a mut FrameReader<R>, limits: Limits, virtual_size: u64, align: u64) -> Self {
         ChunkFrames {
             fr,
@@ -570,6 +582,7 @@ impl<'a, R: Read> ChunkFrames<'a, R> {
             digest: StreamDigest::new(),
             end: None,
             failed: false,
+            progress: None,
         }
     }
 
@@ -581,6 +594,9 @@ impl<'a, R: Read> ChunkFrames<'a, R> {
             },
             e => e,
         })?;
+        if let Some(progress) = self.progress {
+            progress.wire((protocol::frame::HEADER_LEN + p.len()) as u64);
+        }
         match Message::decode(k, p, &self.limits)? {
             Message::Chunk(c) => {
                 let end = c.end();
@@ -768,7 +784,8 @@ pub fn receive_chunks<R: Read + Send>(
 ) -> Result<Report> {
     let summary = check_receive(info, out, opts)?;
     let align = convert::output_unit(opts);
-    let mut frames = ChunkFrames::new(fr, *limits, info.virtual_size, align);
+    let mut frames =
+        ChunkFrames::new(fr, *limits, info.virtual_size, align).with_progress(progress);
     let report = convert::write_output(
         &FrameSource,
         &mut frames,
@@ -778,6 +795,7 @@ pub fn receive_chunks<R: Read + Send>(
         progress,
         cancel,
     )?;
+    progress.phase(super::Phase::Verify);
     frames.check_end()?;
     Ok(report)
 }

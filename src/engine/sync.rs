@@ -458,6 +458,7 @@ pub fn sync_send_after<R: Read, W: Write>(
         ));
     }
     let bs = u64::from(params.block_size);
+    let read_at_start = fr.bytes;
     // The receiver's key: the request's, or its hash cache's.
     opts.state.exists.store(info.exists, Ordering::Relaxed);
     opts.state.resumed.store(info.resumed, Ordering::Relaxed);
@@ -468,6 +469,7 @@ pub fn sync_send_after<R: Read, W: Write>(
     };
     let summary = plan::summarize(image, 1)?;
     progress.start(summary.data_bytes);
+    progress.phase(super::Phase::Compare);
     let mut merge = MergeSink {
         fr,
         progress,
@@ -493,10 +495,14 @@ pub fn sync_send_after<R: Read, W: Write>(
         compared,
         ..
     } = merge;
+    let hashes_read = fr.bytes - read_at_start;
     send_msg(fw, &Message::Plan(plan))?;
     fw.flush()?;
     recv_msg(fr, limits, kind::READY)?;
     opts.state.ready.store(true, Ordering::Relaxed);
+    progress.phase(super::Phase::Send);
+    // The receiver's hashes crossed the wire while comparing.
+    progress.wire(hashes_read);
 
     // Punches first (they carry no data), then the blocks through the
     // pipeline: read, compress, frame on the workers; write in order.
@@ -557,6 +563,7 @@ pub fn sync_send_after<R: Read, W: Write>(
         },
     )?;
     fw.flush()?;
+    progress.phase(super::Phase::Verify);
     let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
         Message::SyncDone(d) => d,
         m => return Err(unexpected("SYNC_DONE", &m)),
@@ -697,6 +704,7 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
     fn put(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
         let arrived = Instant::now();
         self.fw.write_built(&f)?;
+        self.progress.wire(f.len() as u64);
         if let Some(t) = &mut self.tuner {
             let done = Instant::now();
             t.record(

@@ -105,6 +105,24 @@ impl Storage for LocalFile {
     }
 }
 
+/// A descriptor the caller was handed open (`--progress-fd N`, as a shell
+/// opens `3>log`), duplicated (close-on-exec) into a `File` of our own: `n`
+/// itself is never closed. An `n` that is not open is EBADF.
+pub fn dup_inherited_fd(n: i32) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    if n < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC takes any number; the kernel checks that it
+    // is open (EBADF otherwise) and returns a new descriptor (>= 3).
+    let fd = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created by fcntl and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

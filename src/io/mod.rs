@@ -2,6 +2,7 @@
 //! SEEK_DATA/SEEK_HOLE, making ranges read as zeros ([`zero`]), and opening
 //! images with their backing chains.
 
+pub mod confine;
 pub mod cpu;
 pub mod file;
 pub mod hashcache;

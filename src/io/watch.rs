@@ -89,6 +89,11 @@ impl SourceWatch {
         Ok(())
     }
 
+    /// Every file watched (the image and its chain), as opened.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, &std::fs::File)> {
+        self.files.iter().map(|w| (w.path.as_path(), w.file.file()))
+    }
+
     /// Fails when any file differs from its stamp.
     pub fn check(&self) -> Result<(), WatchError> {
         test_pause();

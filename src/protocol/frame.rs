@@ -232,6 +232,57 @@ pub struct FrameWriter<W> {
     /// Bytes written so far (headers included; keepalives not counted).
     pub bytes: u64,
     keepalive: Option<Keepalive>,
+    pacer: Option<Pacer>,
+}
+
+/// `--bwlimit`: a token bucket on the bytes written, holding at most one
+/// frame. A frame goes out whole; the next write (or a flush) waits until
+/// the bucket has refilled what it took, so over any stretch the bytes
+/// written are at most `rate × time` plus one frame, and a transfer that
+/// ends with a flush has lasted at least `bytes / rate`. KEEPALIVE frames
+/// (12 bytes, from another thread, only while nothing else is written)
+/// are not counted.
+struct Pacer {
+    bytes_per_sec: u64,
+    /// When the bucket is full again (the bytes written so far are paid).
+    due: Option<Instant>,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+/// How long a pacing wait sleeps at a time (to see the cancel flag).
+const PACE_SLICE: Duration = Duration::from_millis(100);
+
+impl Pacer {
+    /// Waits until the bytes written so far are paid for.
+    fn wait(&mut self) -> Result<()> {
+        let Some(due) = self.due else { return Ok(()) };
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                return Ok(());
+            }
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(Error::Write(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "interrupted",
+                )));
+            }
+            std::thread::sleep((due - now).min(PACE_SLICE));
+        }
+    }
+
+    /// Takes `n` bytes out of the bucket, for a write that `began` then
+    /// (the time the write itself took is part of what it paid for: a
+    /// write that blocks on a slow peer must not cost twice).
+    fn charge(&mut self, n: usize, began: Instant) {
+        let start = self.due.map_or(began, |d| d.max(began));
+        let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        self.due = Some(start + cost);
+    }
 }
 
 struct Keepalive {
@@ -255,7 +306,24 @@ impl<W: Write> FrameWriter<W> {
             scratch: Vec::new(),
             bytes: 0,
             keepalive: None,
+            pacer: None,
         }
+    }
+
+    /// Caps the rate of the frames written at `bytes_per_sec` (`None` or
+    /// 0: no cap); a pacing wait ends early, as an error, once `cancel` is
+    /// set.
+    pub fn set_rate_limit(&mut self, bytes_per_sec: Option<u64>, cancel: Option<Arc<AtomicBool>>) {
+        self.pacer = bytes_per_sec.filter(|&r| r > 0).map(|r| Pacer {
+            bytes_per_sec: r,
+            due: None,
+            cancel,
+        });
+    }
+
+    /// The cap set with [`FrameWriter::set_rate_limit`].
+    pub fn rate_limit(&self) -> Option<u64> {
+        self.pacer.as_ref().map(|p| p.bytes_per_sec)
     }
 
     /// The writer back (after stopping the keepalive thread).
@@ -283,6 +351,10 @@ impl<W: Write> FrameWriter<W> {
 
     /// Writes a frame made by [`build`].
     pub fn write_built(&mut self, frame: &[u8]) -> Result<()> {
+        if let Some(p) = &mut self.pacer {
+            p.wait()?;
+        }
+        let began = Instant::now();
         let n = self.frames;
         self.frames += 1;
         let mut w = lock(&self.inner);
@@ -296,12 +368,20 @@ impl<W: Write> FrameWriter<W> {
         }
         drop(w);
         self.bytes += frame.len() as u64;
+        if let Some(p) = &mut self.pacer {
+            p.charge(frame.len(), began);
+        }
         self.touch();
         Ok(())
     }
 
+    /// Flushes; with a rate cap, returns only once what was written is
+    /// paid for (so a flushed transfer never beats the rate).
     pub fn flush(&mut self) -> Result<()> {
         lock(&self.inner).flush().map_err(Error::Write)?;
+        if let Some(p) = &mut self.pacer {
+            p.wait()?;
+        }
         self.touch();
         Ok(())
     }
@@ -483,6 +563,45 @@ mod tests {
         assert_eq!(r.read_frame().unwrap(), (2, &b"second"[..]));
         assert!(matches!(r.read_frame(), Err(Error::Eof)));
         assert_eq!(r.bytes, data.len() as u64);
+    }
+
+    #[test]
+    fn a_rate_limit_paces_frames_with_a_burst_of_one() {
+        let mut w = FrameWriter::new(Vec::new());
+        w.set_rate_limit(Some(100_000), None);
+        let t = Instant::now();
+        // The first frame goes at once (a full bucket holds one frame).
+        w.write_frame(1, |v| v.resize(v.len() + 20_000 - HEADER_LEN, 0))
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_millis(50));
+        // 5 frames of 20 kB at 100 kB/s: the flush returns after ~1 s.
+        for _ in 0..4 {
+            w.write_frame(1, |v| v.resize(v.len() + 20_000 - HEADER_LEN, 0))
+                .unwrap();
+        }
+        w.flush().unwrap();
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(1000), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        assert_eq!(w.bytes, 100_000);
+    }
+
+    #[test]
+    fn a_pacing_wait_ends_when_cancelled() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut w = FrameWriter::new(Vec::new());
+        // 1 MB at 1 kB/s would take 1000 s.
+        w.set_rate_limit(Some(1000), Some(cancel.clone()));
+        w.write_frame(1, |v| v.resize(1 << 20, 0)).unwrap();
+        let c = cancel.clone();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.store(true, Ordering::Relaxed);
+        });
+        let t = Instant::now();
+        assert!(matches!(w.flush(), Err(Error::Write(_))));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        h.join().unwrap();
     }
 
     #[test]

@@ -42,8 +42,18 @@ pub mod caps {
     /// A sync request may leave the block size to the receiver (block size
     /// 0): SYNC_INFO then says which (a qcow2 DST's cluster size).
     pub const BLOCK_CHOICE: u64 = 64;
-    pub const ALL: u64 =
-        ZSTD | KEEPALIVE | SOURCE_CHECK | META | DST_FORMAT | SYNC_CREATE | BLOCK_CHOICE;
+    /// Right after HELLO each end sends INFO (its version, whether it is
+    /// a forced or restricted serve, the wire rate it asks of the peer).
+    /// Only when both announce it: an older peer refuses an unknown frame.
+    pub const SESSION_INFO: u64 = 128;
+    pub const ALL: u64 = ZSTD
+        | KEEPALIVE
+        | SOURCE_CHECK
+        | META
+        | DST_FORMAT
+        | SYNC_CREATE
+        | BLOCK_CHOICE
+        | SESSION_INFO;
 }
 
 /// Largest sizes a peer may send; each side announces its own in HELLO and

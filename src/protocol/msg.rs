@@ -29,6 +29,7 @@ pub mod kind {
     /// capability, and dropped by the reader (`FrameReader`).
     pub const KEEPALIVE: u8 = 19;
     pub const META: u8 = 20;
+    pub const INFO: u8 = 21;
 }
 
 pub fn kind_name(k: u8) -> &'static str {
@@ -53,6 +54,7 @@ pub fn kind_name(k: u8) -> &'static str {
         kind::SYNC_DONE => "SYNC_DONE",
         kind::KEEPALIVE => "KEEPALIVE",
         kind::META => "META",
+        kind::INFO => "INFO",
         _ => "unknown",
     }
 }
@@ -379,6 +381,32 @@ pub struct FileMeta {
     pub size: u64,
 }
 
+/// What each end says of itself right after HELLO (capability
+/// `SESSION_INFO`): its imgsync version, how it runs, and the wire rate
+/// it asks of the peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Info {
+    /// The imgsync version (`0.1.0`), at most [`Info::MAX_VERSION`] bytes.
+    pub version: String,
+    /// [`Info::FORCED`], [`Info::RESTRICTED`], [`Info::READ_ONLY`].
+    pub flags: u8,
+    /// Bytes per second this end asks the peer to write at most (0: no
+    /// limit): the client's `--bwlimit`.
+    pub bwlimit: u64,
+}
+
+impl Info {
+    /// The server runs as sshd's forced command (`command=` in
+    /// authorized_keys): the client's remote command line was not used.
+    pub const FORCED: u8 = 1;
+    /// The server runs `serve --restrict DIR`.
+    pub const RESTRICTED: u8 = 2;
+    /// The server runs `serve --read-only`.
+    pub const READ_ONLY: u8 = 4;
+    pub const KNOWN: u8 = Self::FORCED | Self::RESTRICTED | Self::READ_ONLY;
+    pub const MAX_VERSION: usize = 64;
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
@@ -415,6 +443,7 @@ pub enum Message {
     SyncDone(SyncDone),
     /// The source file's metadata (`caps::META`).
     Meta(FileMeta),
+    Info(Info),
 }
 
 impl Message {
@@ -439,6 +468,7 @@ impl Message {
             Message::SyncEnd { .. } => kind::SYNC_END,
             Message::SyncDone(_) => kind::SYNC_DONE,
             Message::Meta(_) => kind::META,
+            Message::Info(_) => kind::INFO,
         }
     }
 
@@ -617,6 +647,11 @@ impl Message {
                     v.extend_from_slice(&x.to_be_bytes());
                 }
                 v.extend_from_slice(&m.size.to_be_bytes());
+            }
+            Message::Info(i) => {
+                put_bytes(v, i.version.as_bytes());
+                v.push(i.flags);
+                v.extend_from_slice(&i.bwlimit.to_be_bytes());
             }
         }
     }
@@ -866,6 +901,18 @@ impl Message {
                     uid: d.u32()?,
                     gid: d.u32()?,
                     size: d.u64()?,
+                })
+            }
+            kind::INFO => {
+                let version = String::from_utf8_lossy(d.bytes(Info::MAX_VERSION)?).into_owned();
+                let flags = d.u8()?;
+                if flags & !Info::KNOWN != 0 {
+                    return Err(malformed(what, format!("unknown flags {flags:#x}")));
+                }
+                Message::Info(Info {
+                    version,
+                    flags,
+                    bwlimit: d.u64()?,
                 })
             }
             other => return Err(Error::UnknownType(other)),
@@ -1330,6 +1377,31 @@ mod tests {
     }
 
     #[test]
+    fn golden_info() {
+        let m = Message::Info(Info {
+            version: "0.1.0".into(),
+            flags: Info::FORCED | Info::RESTRICTED,
+            bwlimit: 20 << 20,
+        });
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        let want = [
+            0, 0, 0, 5, b'0', b'.', b'1', b'.', b'0', // version
+            3,    // flags: forced, restricted
+            0, 0, 0, 0, 0x01, 0x40, 0, 0, // bwlimit 20 MiB/s
+        ];
+        assert_eq!(v, want);
+        round_trip(m);
+        let mut bad = v.clone();
+        bad[9] = 8;
+        assert!(Message::decode(kind::INFO, &bad, &Limits::DEFAULT).is_err());
+        let mut long = Vec::new();
+        put_bytes(&mut long, &[b'x'; 65]);
+        long.extend_from_slice(&[0; 9]);
+        assert!(Message::decode(kind::INFO, &long, &Limits::DEFAULT).is_err());
+    }
+
+    #[test]
     fn golden_meta() {
         let mut v = Vec::new();
         Message::Meta(FileMeta {
@@ -1370,7 +1442,7 @@ mod tests {
         Message::Hello(Hello::ours()).encode(&mut v);
         let mut want = b"IMGSYNC\0".to_vec();
         want.extend_from_slice(&[0, 1]); // version 1
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x7f]); // caps: zstd, keepalive, source check, meta, DST format, sync create, block choice
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0xff]); // caps: zstd, keepalive, source check, meta, DST format, sync create, block choice, session info
         want.extend_from_slice(&[0x01, 0x10, 0, 0]); // max frame 17 MiB
         want.extend_from_slice(&[0x01, 0, 0, 0]); // max chunk 16 MiB
         assert_eq!(v, want);

@@ -29,8 +29,8 @@ use crate::engine::sync::{SyncReceiveOptions, SyncReport, SyncSendOptions, Targe
 use crate::engine::{self, Progress};
 use crate::io::{FileMeta, Source};
 use crate::protocol::msg::{
-    kind, CreateParams, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest,
-    SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
+    kind, CreateParams, ImageInfo, Info, QueryCommand, QueryRequest, ReceiveRequest, Request,
+    SendRequest, SyncParams, SyncReceiveRequest, SyncSendRequest, WireCompression,
 };
 use crate::protocol::{self, FrameReader, FrameWriter, Limits, Message};
 use crate::transport::{self, Waiter};
@@ -71,6 +71,30 @@ pub struct TransferReport {
     /// zstd level at the end of the transfer (when this end sent).
     pub level: Option<i32>,
     pub seconds: f64,
+}
+
+impl TransferReport {
+    /// What a receiving end reports of an image it made from a stream.
+    pub(super) fn received(
+        format: Format,
+        info: &ImageInfo,
+        report: &convert::Report,
+        wire_bytes: u64,
+        started: Instant,
+    ) -> TransferReport {
+        TransferReport {
+            format,
+            virtual_size: info.virtual_size,
+            bytes_read: report.bytes_read,
+            zero_bytes: report.zero_bytes,
+            data_sent: report.bytes_read - report.zero_bytes,
+            wire_bytes,
+            bytes_written: report.bytes_written,
+            clusters_compressed: report.clusters_compressed,
+            level: None,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// What a compare with a remote image found.
@@ -183,6 +207,24 @@ impl Default for SyncOptions {
     }
 }
 
+/// What to say when sshd ran its forced command instead of ours and
+/// that imgsync is another version: `--remote-imgsync` had no effect.
+fn forced_note(host: &Host, remote_imgsync: &str, peer: &Info) -> Option<String> {
+    if peer.flags & Info::FORCED == 0 || peer.version == super::VERSION {
+        return None;
+    }
+    let path = if remote_imgsync == "imgsync" {
+        String::new()
+    } else {
+        format!(" (--remote-imgsync {remote_imgsync} has no effect there)")
+    };
+    Some(format!(
+        "{host}: sshd ran the key's forced command in place of imgsync's own{path}: the imgsync serving there is {}, this one is {}",
+        if peer.version.is_empty() { "unknown" } else { &peer.version },
+        super::VERSION
+    ))
+}
+
 /// A remote check's JSON report is held in memory; qemu-img check's lists
 /// are capped (1000 problems each), so a real one is well under this.
 const MAX_CHECK_REPORT: usize = 16 << 20;
@@ -216,6 +258,29 @@ impl Client {
             }
             Err(e) => return Err(client.fail(e)),
         }
+        // --bwlimit: this end's writes here; the serving end's are asked
+        // for in INFO (an older serve, without it, is not limited).
+        client
+            .fw
+            .set_rate_limit(opts.bwlimit, Some(opts.cancel.clone()));
+        let ours = Info {
+            version: super::VERSION.into(),
+            flags: 0,
+            bwlimit: opts.bwlimit.unwrap_or(0),
+        };
+        let (limits, caps) = (client.limits, client.caps);
+        let peer = match super::exchange_info(&mut client.fr, &mut client.fw, &limits, caps, ours) {
+            Ok(p) => p,
+            Err(e) => return Err(client.fail(e)),
+        };
+        if let Some(p) = peer {
+            if !opts.quiet {
+                if let Some(note) = forced_note(host, &opts.remote_imgsync, &p) {
+                    // Never panics on a closed stderr (as eprintln! would).
+                    let _ = writeln!(std::io::stderr(), "imgsync: {note}");
+                }
+            }
+        }
         Ok(client)
     }
 
@@ -231,6 +296,11 @@ impl Client {
         let mut fr = FrameReader::new(reader, Limits::DEFAULT.max_frame);
         let mut fw = FrameWriter::new(writer);
         let n = handshake(&mut fr, &mut fw)?;
+        let ours = Info {
+            version: super::VERSION.into(),
+            ..Info::default()
+        };
+        super::exchange_info(&mut fr, &mut fw, &n.limits, n.caps, ours)?;
         Ok(Client {
             host: Host {
                 user: None,
@@ -382,6 +452,28 @@ impl Client {
         Error::said(format!("{host}: {}", engine_line(&e)))
     }
 
+    /// Sends `req` (send or sync-send: the peer holds SRC) and reads the
+    /// image's IMAGE and META.
+    fn request_image(
+        &mut self,
+        req: Request,
+    ) -> engine::Result<(ImageInfo, Option<protocol::msg::FileMeta>)> {
+        send_msg(&mut self.fw, &Message::Request(req))?;
+        self.fw.flush()?;
+        let info = match recv_msg(&mut self.fr, &self.limits, kind::IMAGE)? {
+            Message::Image(i) => i,
+            m => {
+                return Err(protocol::Error::Unexpected {
+                    expected: "IMAGE",
+                    got: m.name(),
+                }
+                .into())
+            }
+        };
+        let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
+        Ok((info, meta))
+    }
+
     /// Ends a completed exchange: EOF to the peer, then its exit.
     fn finish(self) {
         let Client { fr, fw, waiter, .. } = self;
@@ -474,6 +566,7 @@ impl Client {
             }
             Err(e) => return Err(self.fail(e)),
         };
+        progress.phase(engine::Phase::Verify);
         let done = match recv_msg(&mut self.fr, &self.limits, kind::DONE) {
             Ok(Message::Done(d)) => d,
             Ok(_) => unreachable!("recv_msg checks the type"),
@@ -521,16 +614,8 @@ impl Client {
             level: opts.level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
             force_share: opts.force_share,
         });
-        let head = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok((info, meta))
-        })();
-        let (info, meta) = match head {
-            Ok((Message::Image(i), meta)) => (i, meta),
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        let (info, meta) = match self.request_image(req) {
+            Ok(x) => x,
             Err(e) => return Err(self.fail(e)),
         };
         let output_format = opts
@@ -568,18 +653,13 @@ impl Client {
         };
         let wire = self.wire();
         self.finish();
-        Ok(TransferReport {
-            format: output_format,
-            virtual_size: info.virtual_size,
-            bytes_read: report.bytes_read,
-            zero_bytes: report.zero_bytes,
-            data_sent: report.bytes_read - report.zero_bytes,
-            wire_bytes: wire,
-            bytes_written: report.bytes_written,
-            clusters_compressed: report.clusters_compressed,
-            level: None,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(TransferReport::received(
+            output_format,
+            &info,
+            &report,
+            wire,
+            started,
+        ))
     }
 
     /// info or map of the image at `path` there: what the remote imgsync
@@ -610,7 +690,7 @@ impl Client {
         format: Option<Format>,
         force_share: bool,
     ) -> Result<serde_json::Value> {
-        let name = format!("{}: {path}", self.host);
+        let name = location_name(&self.host, path);
         let mut report = Vec::new();
         self.run_query(
             path,
@@ -721,17 +801,9 @@ impl Client {
             level: AUTO_LEVEL,
             force_share,
         });
-        let info = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            // The file's permissions do not take part in a compare.
-            remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok(info)
-        })();
-        let info = match info {
-            Ok(Message::Image(i)) => i,
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        // The file's permissions do not take part in a compare.
+        let info = match self.request_image(req) {
+            Ok((info, _meta)) => info,
             Err(e) => return Err(self.fail(e)),
         };
         let pool = BufPool::new(2);
@@ -772,8 +844,9 @@ impl Client {
         opts: &SyncOptions,
         progress: &dyn Progress,
     ) -> Result<(SyncReport, u64)> {
-        // As the command line spelled DST (`host:path`).
-        let dst_name = format!("{}:{path}", self.host);
+        // As every message spells a remote location (`host:path`, or
+        // `ssh://host:port/path` with a port).
+        let dst_name = location_name(&self.host, path);
         let cancel = self.cancel.clone();
         let (params, sopts) = send_side(source, opts, self.caps)?;
         let r = self.sync_push_inner(source, src, path, &params, opts, &sopts, progress);
@@ -1101,16 +1174,8 @@ impl Client {
             level: opts.level.map_or(AUTO_LEVEL, |l| l.clamp(0, 19) as i8),
             force_share: opts.force_share,
         });
-        let head = (|| {
-            send_msg(&mut self.fw, &Message::Request(req))?;
-            self.fw.flush()?;
-            let info = recv_msg(&mut self.fr, &self.limits, kind::IMAGE)?;
-            let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)?;
-            Ok((info, meta))
-        })();
-        let (info, meta) = match head {
-            Ok((Message::Image(i), meta)) => (i, meta),
-            Ok(_) => unreachable!("recv_msg checks the type"),
+        let (info, meta) = match self.request_image(req) {
+            Ok(x) => x,
             Err(e) => return Err(self.fail(e)),
         };
         if matches!(target, Target::New(_))

@@ -74,6 +74,7 @@ fn exchange(
         cancel: cancel.clone(),
         workers: send.workers,
         changing: changing.clone(),
+        ..ServeOptions::default()
     };
     let (sent, received) = std::thread::scope(|scope| {
         let server = scope.spawn(|| {

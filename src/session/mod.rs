@@ -49,6 +49,10 @@ pub use target::{open_target, rollback_to};
 /// it (the path is the request's business).
 pub use crate::transport::Host;
 
+/// The version of the imgsync protocol this build speaks (a peer must
+/// speak the same).
+pub const PROTOCOL_VERSION: u16 = crate::protocol::VERSION;
+
 /// How to reach the peer: the transport and its limits.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -75,6 +79,12 @@ pub struct ConnectOptions {
     pub connect_timeout: Option<Duration>,
     /// Set to stop every wait on the peer (Ctrl-C).
     pub cancel: Arc<AtomicBool>,
+    /// `--bwlimit`: bytes per second on the wire, each way (this end's
+    /// writes, and the serving end's, which the client asks for in-band).
+    pub bwlimit: Option<u64>,
+    /// `-q`: no notices on stderr (a host handed to OpenSSH by its
+    /// ssh_config, a forced command's other imgsync).
+    pub quiet: bool,
 }
 
 impl Default for ConnectOptions {
@@ -89,6 +99,8 @@ impl Default for ConnectOptions {
             timeout: Some(crate::transport::DEFAULT_TIMEOUT),
             connect_timeout: None,
             cancel: Arc::default(),
+            bwlimit: None,
+            quiet: false,
         }
     }
 }
@@ -104,7 +116,34 @@ impl ConnectOptions {
             config: self.config.clone(),
             watch: Watch::new(self.timeout, Some(self.cancel.clone())),
             connect_timeout: self.connect_timeout,
+            quiet: self.quiet,
         }
+    }
+}
+
+/// This build's imgsync version, as INFO carries it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Right after the handshake, when both ends announced
+/// `caps::SESSION_INFO`: sends this end's INFO and reads the peer's
+/// (both ends send before they read, so neither waits on the other).
+fn exchange_info<R: std::io::Read, W: std::io::Write>(
+    fr: &mut crate::protocol::FrameReader<R>,
+    fw: &mut crate::protocol::FrameWriter<W>,
+    limits: &crate::protocol::Limits,
+    caps: u64,
+    ours: crate::protocol::msg::Info,
+) -> crate::engine::Result<Option<crate::protocol::msg::Info>> {
+    use crate::engine::remote::{recv_msg, send_msg};
+    use crate::protocol::{msg::kind, Message};
+    if caps & crate::protocol::caps::SESSION_INFO == 0 {
+        return Ok(None);
+    }
+    send_msg(fw, &Message::Info(ours))?;
+    fw.flush()?;
+    match recv_msg(fr, limits, kind::INFO)? {
+        Message::Info(i) => Ok(Some(i)),
+        _ => unreachable!("recv_msg checks the type"),
     }
 }
 

@@ -23,9 +23,10 @@ use crate::engine::convert::{self, ConvertOptions};
 use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
 use crate::engine::sync::Target;
 use crate::engine::{self, NoProgress};
+use crate::io::confine::{ConfineError, Confined};
 use crate::io::{open_source, FileMeta, Locking, OpenOptions, Output, Source};
 use crate::protocol::msg::{
-    kind, Done, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, SyncInfo,
+    kind, Done, Info, QueryCommand, QueryRequest, ReceiveRequest, Request, SendRequest, SyncInfo,
     SyncReceiveRequest, SyncSendRequest, WireCompression, WireFormat,
 };
 use crate::protocol::{caps, FrameReader, FrameWriter, Limits, Message};
@@ -66,6 +67,15 @@ pub struct ServeOptions {
     /// Set once a sync's DST here may change (its journal is made): what
     /// a failure leaves DST as.
     pub changing: Arc<AtomicBool>,
+    /// `--restrict DIR`: every path the client names must lie inside DIR
+    /// (resolved by descriptor, checked again after opening).
+    pub restrict: Option<PathBuf>,
+    /// `--read-only`: requests that write (push, sync push, rollback) are
+    /// refused.
+    pub read_only: bool,
+    /// `--bwlimit`: this end's own cap on what it writes; the client's
+    /// (in INFO) applies too, the smaller wins.
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for ServeOptions {
@@ -75,6 +85,9 @@ impl Default for ServeOptions {
             cancel: Arc::default(),
             workers: crate::engine::pipeline::default_workers(),
             changing: Arc::default(),
+            restrict: None,
+            read_only: false,
+            bwlimit: None,
         }
     }
 }
@@ -121,8 +134,45 @@ pub(super) fn serve<R: Read + Send, W: Write + Send + 'static>(
 ) -> Result<()> {
     let mut fr = FrameReader::new(reader, Limits::DEFAULT.max_frame);
     let mut fw = FrameWriter::new(writer);
+    // DIR first: a serve that cannot open it refuses everything.
+    let jail = match &opts.restrict {
+        Some(dir) => Some(Jail {
+            dir: Confined::open(dir).map_err(|e| Error::at(dir.display(), e))?,
+            shown: dir.clone(),
+        }),
+        None => None,
+    };
     let negotiated = handshake(&mut fr, &mut fw).map_err(|e| Error::at("serve", e))?;
     let (limits, caps) = (negotiated.limits, negotiated.caps);
+    let mut flags = 0;
+    if std::env::var_os("SSH_ORIGINAL_COMMAND").is_some() {
+        // sshd sets it only when a forced command runs in place of the
+        // client's: its --remote-imgsync went unused.
+        flags |= Info::FORCED;
+    }
+    if opts.restrict.is_some() {
+        flags |= Info::RESTRICTED;
+    }
+    if opts.read_only {
+        flags |= Info::READ_ONLY;
+    }
+    let ours = Info {
+        // Test-only: another version to report, as an older or newer
+        // imgsync in a forced command would.
+        version: std::env::var("IMGSYNC_TEST_SERVE_VERSION")
+            .unwrap_or_else(|_| super::VERSION.to_string()),
+        flags,
+        bwlimit: 0,
+    };
+    let peer = super::exchange_info(&mut fr, &mut fw, &limits, caps, ours)
+        .map_err(|e| Error::at("serve", e))?;
+    // The wire rate: the client's --bwlimit and this serve's own.
+    let rate = [peer.map(|p| p.bwlimit), opts.bwlimit]
+        .into_iter()
+        .flatten()
+        .filter(|&r| r > 0)
+        .min();
+    fw.set_rate_limit(rate, Some(opts.cancel.clone()));
     if caps & caps::KEEPALIVE == 0 {
         // An older client says nothing while it is busy: its silence is
         // not death.
@@ -151,6 +201,7 @@ pub(super) fn serve<R: Read + Send, W: Write + Send + 'static>(
         caps,
         opts,
         hooks,
+        jail,
     };
     let result = match req {
         Request::Receive(r) => end.receive(r),
@@ -165,6 +216,74 @@ pub(super) fn serve<R: Read + Send, W: Write + Send + 'static>(
         let _ = end.fw.flush();
     }
     result
+}
+
+/// `--restrict DIR`: the directory, and DIR as the admin wrote it (for
+/// messages).
+struct Jail {
+    dir: Confined,
+    shown: PathBuf,
+}
+
+/// What a request does with a path, for `--restrict` and `--read-only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Read,
+    /// Writes an existing file or creates it.
+    Write,
+}
+
+impl Jail {
+    /// The wire path as the client named it, for messages.
+    fn shown(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    /// The canonical path inside DIR that `bytes` names (relative to DIR,
+    /// or absolute under it); anything else is refused naming the path.
+    fn resolve(&self, bytes: &[u8], access: Access) -> Result<PathBuf> {
+        let p = Path::new(OsStr::from_bytes(bytes));
+        let r = self.dir.resolve(p, access == Access::Write);
+        // Test-only: a pause between the check and the open, for a test
+        // that swaps a symlink in meanwhile.
+        if let Some(ms) = std::env::var("IMGSYNC_TEST_RESTRICT_STALL_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        match r {
+            Ok(path) => Ok(path),
+            Err(ConfineError::Outside) => Err(self.outside(&Self::shown(bytes))),
+            Err(ConfineError::Io(e)) => Err(Error::at(Self::shown(bytes), e)),
+        }
+    }
+
+    fn outside(&self, shown: &str) -> Error {
+        Error::said(format!(
+            "{shown}: refused: outside {} (this key runs imgsync serve --restrict {})",
+            self.shown.display(),
+            self.shown.display()
+        ))
+    }
+
+    /// After opening: the file behind `fd` must still lie inside DIR (a
+    /// symlink swapped in after [`Jail::resolve`] leads elsewhere).
+    fn check_open(&self, fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
+        match self.dir.holds(fd) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.outside(&path.display().to_string())),
+            Err(e) => Err(Error::at(path.display(), e)),
+        }
+    }
+
+    /// Every file of an opened source (the image and its chain).
+    fn check_source(&self, source: &Source) -> Result<()> {
+        for (path, file) in source.watch.files() {
+            self.check_open(file.as_fd(), path)?;
+        }
+        Ok(())
+    }
 }
 
 /// A path from the wire: `~/x` is under $HOME (as scp's shell would do);
@@ -205,12 +324,36 @@ struct End<'a, R: Read, W: Write> {
     caps: u64,
     opts: &'a ServeOptions,
     hooks: &'a dyn Hooks,
+    jail: Option<Jail>,
 }
 
 impl<R: Read + Send, W: Write> End<'_, R, W> {
+    /// The path a request names, as this serve allows it: refused when it
+    /// writes and the serve is read-only, or (with `--restrict`) when it
+    /// is not inside DIR.
+    fn path(&self, bytes: &[u8], access: Access) -> Result<PathBuf> {
+        if access == Access::Write && self.opts.read_only {
+            return Err(Error::said(format!(
+                "{}: refused: this key is read-only (imgsync serve --read-only)",
+                Jail::shown(bytes)
+            )));
+        }
+        match &self.jail {
+            Some(j) => j.resolve(bytes, access),
+            None => Ok(path_of(bytes)),
+        }
+    }
+
+    fn check_open(&self, fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
+        match &self.jail {
+            Some(j) => j.check_open(fd, path),
+            None => Ok(()),
+        }
+    }
+
     /// push: a new image at the path, appearing only when complete.
     fn receive(&mut self, r: ReceiveRequest) -> Result<()> {
-        let dst = path_of(&r.path);
+        let dst = self.path(&r.path, Access::Write)?;
         let (limits, caps) = (self.limits, self.caps);
         let info = match recv_msg(&mut self.fr, &limits, kind::IMAGE) {
             Ok(Message::Image(i)) => i,
@@ -238,6 +381,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         convert::check_size_options(info.virtual_size, &opts)
             .map_err(|e| named(e, Path::new("-"), &dst, None))?;
         let out = Output::create(&dst).map_err(|e| Error::at(dst.display(), e))?;
+        self.check_open(out.file().as_fd(), &dst)?;
         if let Some(m) = &meta {
             out.adopt(&remote::io_meta(m))
                 .map_err(|e| Error::at(dst.display(), e))?;
@@ -314,13 +458,17 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
             },
         )
         .map_err(Error::other)?;
+        // Each file read (a backing file too) must lie inside DIR.
+        if let Some(j) = &self.jail {
+            j.check_source(&source)?;
+        }
         self.hooks.warn_in_use(&source.in_use, "the copy");
         Ok(source)
     }
 
     /// pull (and a remote compare): SRC sent as a stream.
     fn send(&mut self, r: SendRequest) -> Result<()> {
-        let src = path_of(&r.path);
+        let src = self.path(&r.path, Access::Read)?;
         let named = |e: engine::Error| named(e, &src, Path::new("-"), None);
         let source = self.open_src(&src, r.format, r.force_share)?;
         let image = &source.image;
@@ -367,7 +515,11 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
     /// Runs info, map, check or rollback and sends what it prints as
     /// OUTPUT frames, then its exit status.
     fn query(&mut self, q: QueryRequest) -> Result<()> {
-        let path = path_of(&q.path);
+        let access = match q.command {
+            QueryCommand::Rollback => Access::Write,
+            _ => Access::Read,
+        };
+        let path = self.path(&q.path, access)?;
         let format = q.format.map(format_of);
         let mut out = FrameOut {
             fw: &mut self.fw,
@@ -398,7 +550,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
 
     /// sync push: DST is here.
     fn sync_receive(&mut self, r: SyncReceiveRequest) -> Result<()> {
-        let dst = path_of(&r.path);
+        let dst = self.path(&r.path, Access::Write)?;
         let meta = remote::recv_meta(&mut self.fr, &self.limits, self.caps)
             .map_err(|e| Error::at("serve", e))?;
         // 0: left to this end (a client with caps::BLOCK_CHOICE).
@@ -406,6 +558,24 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
             check_block_size(r.params.block_size, &dst)?;
         }
         let target = super::open_target(&dst, r.dst_format.map(format_of))?;
+        match &target {
+            Target::New(out) => self.check_open(out.file().as_fd(), &dst)?,
+            Target::Existing { file, .. } => self.check_open(file.as_fd(), &dst)?,
+            Target::Qcow2 { file, image, .. } => {
+                self.check_open(file.as_fd(), &dst)?;
+                // Its backing chain would be read (hashed) too: under
+                // --restrict a qcow2 DST stands alone.
+                let backed = image
+                    .qcow2()
+                    .is_some_and(|q| q.header().backing_file.is_some());
+                if backed && self.jail.is_some() {
+                    return Err(Error::said(format!(
+                        "{}: refused: a qcow2 DST with a backing file is not synced under --restrict",
+                        dst.display()
+                    )));
+                }
+            }
+        }
         if let Some(m) = &meta {
             target
                 .adopt(&remote::io_meta(m))
@@ -484,7 +654,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
 
     /// sync pull: SRC is here.
     fn sync_send(&mut self, r: SyncSendRequest) -> Result<()> {
-        let src = path_of(&r.path);
+        let src = self.path(&r.path, Access::Read)?;
         check_block_size(r.block_size, &src)?;
         let named = |e: engine::Error| named(e, &src, Path::new("-"), None);
         let source = self.open_src(&src, r.format, r.force_share)?;

@@ -190,16 +190,11 @@ pub fn receive_stream<R: Read + Send>(
             )))
         }
     };
-    Ok(TransferReport {
-        format: output_format,
-        virtual_size: info.virtual_size,
-        bytes_read: report.bytes_read,
-        zero_bytes: report.zero_bytes,
-        data_sent: report.bytes_read - report.zero_bytes,
-        wire_bytes: fr.bytes,
-        bytes_written: report.bytes_written,
-        clusters_compressed: report.clusters_compressed,
-        level: None,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(TransferReport::received(
+        output_format,
+        &info,
+        &report,
+        fr.bytes,
+        started,
+    ))
 }

@@ -21,12 +21,22 @@ const WRITE_BUFFER: usize = 256 * 1024;
 
 /// Starts `rsh` for `host` running `opts.remote_command()`.
 pub fn connect(rsh: &str, host: &Host, opts: &SshOptions) -> Result<Connection, Error> {
-    let name = host.to_string();
     let words = split_words(rsh).map_err(|what| Error::Connect {
-        host: name.clone(),
+        host: host.to_string(),
         what: format!("bad --rsh command {rsh:?}: {what}"),
         source: None,
     })?;
+    connect_words(words, host, opts)
+}
+
+/// Starts the program and arguments `words` for `host` running
+/// `opts.remote_command()`.
+pub fn connect_words(
+    words: Vec<String>,
+    host: &Host,
+    opts: &SshOptions,
+) -> Result<Connection, Error> {
+    let name = host.to_string();
     let Some((program, args)) = words.split_first() else {
         return Err(Error::Connect {
             host: name,

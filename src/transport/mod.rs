@@ -50,7 +50,9 @@ pub struct SshOptions {
     pub accept_new_host_key: bool,
     /// `-i FILE` identity files, tried before the defaults. Built-in only.
     pub identities: Vec<PathBuf>,
-    /// `--ssh-config FILE` (default `~/.ssh/config`). Built-in only.
+    /// `--ssh-config FILE` (default `~/.ssh/config`, then
+    /// `/etc/ssh/ssh_config`); like `ssh -F`, a file given replaces both,
+    /// and `none` reads nothing. Built-in only.
     pub config: Option<PathBuf>,
     /// Limits of every wait on the peer once connected: `--timeout` and
     /// the interrupt flag.
@@ -59,6 +61,9 @@ pub struct SshOptions {
     /// built-in client also reads `ConnectTimeout` from ssh_config; `-e
     /// ssh` gets `-o ConnectTimeout=`).
     pub connect_timeout: Option<std::time::Duration>,
+    /// No notice on stderr (`-q`): the built-in client handing a host to
+    /// OpenSSH says so otherwise.
+    pub quiet: bool,
 }
 
 impl SshOptions {

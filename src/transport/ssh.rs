@@ -79,6 +79,9 @@ pub struct LocalEnv {
     pub agent: bool,
     /// Prompt for passphrases and passwords on `/dev/tty`.
     pub interactive: bool,
+    /// The system's ssh directory (`/etc/ssh`): `ssh_config`, read after
+    /// the user's, and the global known hosts files. `None`: neither.
+    pub etc: Option<PathBuf>,
 }
 
 impl LocalEnv {
@@ -96,6 +99,7 @@ impl LocalEnv {
                 .or_else(|| passwd.map(|p| p.0)),
             agent: var("SSH_AUTH_SOCK").is_some(),
             interactive: io::IsTerminal::is_terminal(&io::stdin()),
+            etc: Some(PathBuf::from("/etc/ssh")),
         }
     }
 }
@@ -117,11 +121,32 @@ pub fn connect(host: &Host, opts: &SshOptions) -> Result<Connection, Error> {
 }
 
 /// Connects with the built-in client; `env` says where `~` is and what
-/// may be asked.
+/// may be asked. A host whose ssh_config asks for what this client cannot
+/// do and that changes routing or security (`ProxyJump`, ...) is handed to
+/// OpenSSH's `ssh` instead ([`hand_over`]).
 pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Connection, Error> {
     let name = host.to_string();
     let ssh_dir = env.home.as_ref().map(|h| h.join(".ssh"));
-    let cfg = load_config(&name, host, opts, ssh_dir.as_deref())?;
+    let files = config_files(opts, env);
+    let cfg = load_config(&name, host, env, &files)?;
+
+    // StrictHostKeyChecking: `no` is never done; `accept-new` as the flag.
+    let strict = cfg.strict();
+    if let (Some((config::Strict::No, at)), false) = (strict, opts.accept_new_host_key) {
+        return Err(Error::HostKey {
+            host: name,
+            what: format!(
+                "{at}: StrictHostKeyChecking no is refused: imgsync always checks host keys (use accept-new, or --accept-new-host-key, to add unknown ones)"
+            ),
+        });
+    }
+    let accept_new =
+        opts.accept_new_host_key || matches!(strict, Some((config::Strict::AcceptNew, _)));
+
+    if let Some(why) = cfg.hand_over() {
+        return hand_over(host, opts, env, &files, &cfg, &why);
+    }
+
     let host_name = cfg.host_name.clone().unwrap_or_else(|| host.host.clone());
     let port = host.port.or(cfg.port).unwrap_or(22);
     let user = host
@@ -133,14 +158,21 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
             host: name.clone(),
             what: "cannot tell which user to log in as; give user@host".into(),
         })?;
-    let known_hosts = opts
-        .known_hosts
-        .clone()
-        .or_else(|| ssh_dir.as_ref().map(|d| d.join("known_hosts")))
-        .ok_or_else(|| Error::HostKey {
+    let tokens = Tokens {
+        home: env.home.as_deref(),
+        local_user: env.user.as_deref().unwrap_or(""),
+        host: &host_name,
+        user: &user,
+        port,
+    };
+    let (user_files, global_files) = known_hosts_files(opts, env, &cfg, &tokens);
+    let Some(known_hosts) = user_files.first().cloned() else {
+        return Err(Error::HostKey {
             host: name.clone(),
             what: "no home directory for known_hosts; pass --known-hosts".into(),
-        })?;
+        });
+    };
+    let _ = ssh_dir;
 
     // --connect-timeout, else ssh_config's ConnectTimeout, bounds the TCP
     // connect and each call of the SSH handshake and login.
@@ -150,6 +182,7 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
         &host_name,
         port,
         connect_timeout.unwrap_or(CONNECT_TIMEOUT),
+        cfg.ipv4_only(),
     )?;
     let ssh_err = |what: &str, e: ssh2::Error| Error::Connect {
         host: name.clone(),
@@ -177,20 +210,26 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
     } else {
         format!("[{host_name}]:{port}")
     };
-    let known = known_keys(&session, &known_hosts, &target).map_err(|e| Error::HostKey {
-        host: name.clone(),
-        what: format!("cannot read {}: {e}", known_hosts.display()),
-    })?;
+    let mut known = Vec::new();
+    for file in user_files.iter().chain(&global_files) {
+        known.extend(
+            known_keys(&session, file, &target).map_err(|e| Error::HostKey {
+                host: name.clone(),
+                what: format!("cannot read {}: {e}", file.display()),
+            })?,
+        );
+    }
     if let Some(pref) = host_key_pref(&session, &known) {
         let _ = session.method_pref(MethodType::HostKey, &pref);
     }
     session
         .handshake()
         .map_err(|e| ssh_err("ssh handshake failed", e))?;
-    check_host_key(&name, &session, &known_hosts, &target, &known, opts)?;
+    check_host_key(&name, &session, &known_hosts, &target, &known, accept_new)?;
 
     let identities = identity_files(opts, &cfg, env, &host_name, &user, port);
-    authenticate(&name, &session, &user, env, &identities)?;
+    let auth = AuthPolicy::of(&cfg, env);
+    authenticate(&name, &session, &user, &auth, &identities)?;
 
     session.set_timeout(0);
     let mut channel = session
@@ -199,6 +238,17 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
     channel
         .exec(&opts.remote_command())
         .map_err(|e| ssh_err("cannot start the remote command", e))?;
+
+    // ServerAliveInterval: keepalive requests keep NAT and firewalls
+    // from dropping a quiet connection, and the peer's silence is bounded
+    // by interval × ServerAliveCountMax (or --timeout, the smaller).
+    let alive = cfg.server_alive();
+    if let Some((interval, count)) = alive {
+        session.set_keepalive(true, interval.as_secs().clamp(1, u32::MAX.into()) as u32);
+        let limit = interval.saturating_mul(count.max(1));
+        let t = opts.watch.timeout().map_or(limit, |t| t.min(limit));
+        opts.watch.set_timeout(Some(t));
+    }
 
     // Blocking calls wake up every IO_POLL_MS: a write waiting for window
     // space to a remote command that has exited (sshd then stops adjusting
@@ -210,6 +260,7 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
         bytes: VecDeque::new(),
         heard: Instant::now(),
     }));
+    let keepalive = alive.map(|_| session.clone());
     Ok(Connection {
         reader: Box::new(BufReader::with_capacity(
             STREAM_BUFFER,
@@ -217,6 +268,7 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
                 stream: channel.stream(0),
                 pending: pending.clone(),
                 watch: opts.watch.clone(),
+                keepalive: keepalive.clone(),
             },
         )),
         writer: Box::new(BufWriter::with_capacity(
@@ -227,6 +279,7 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
                 eof_sent: eof_sent.clone(),
                 pending,
                 watch: opts.watch.clone(),
+                keepalive,
             },
         )),
         waiter: Box::new(SshWaiter {
@@ -240,22 +293,55 @@ pub fn connect_with(host: &Host, opts: &SshOptions, env: &LocalEnv) -> Result<Co
     })
 }
 
+/// The configuration files, in the order they are read: `--ssh-config
+/// FILE` alone (as `ssh -F`; `none` reads nothing), else `~/.ssh/config`
+/// and the system's `ssh_config`.
+fn config_files(opts: &SshOptions, env: &LocalEnv) -> Vec<config::File> {
+    let ssh_dir = env.home.as_ref().map(|h| h.join(".ssh"));
+    let user_file = |path: PathBuf, required: bool| config::File {
+        include_dir: ssh_dir
+            .clone()
+            .or_else(|| path.parent().map(Path::to_path_buf))
+            .unwrap_or_default(),
+        home: env.home.clone(),
+        path,
+        required,
+    };
+    match &opts.config {
+        Some(p) if p.as_os_str() == "none" => Vec::new(),
+        Some(p) => vec![user_file(p.clone(), true)],
+        None => {
+            let mut v = Vec::new();
+            if let Some(d) = &ssh_dir {
+                v.push(user_file(d.join("config"), false));
+            }
+            if let Some(etc) = &env.etc {
+                v.push(config::File {
+                    path: etc.join("ssh_config"),
+                    include_dir: etc.clone(),
+                    home: env.home.clone(),
+                    required: false,
+                });
+            }
+            v
+        }
+    }
+}
+
 fn load_config(
     name: &str,
     host: &Host,
-    opts: &SshOptions,
-    ssh_dir: Option<&Path>,
+    env: &LocalEnv,
+    files: &[config::File],
 ) -> Result<HostConfig, Error> {
-    let path = match (&opts.config, ssh_dir) {
-        (Some(p), _) => p.clone(),
-        (None, Some(d)) if d.join("config").exists() => d.join("config"),
-        _ => return Ok(HostConfig::default()),
+    // An explicit --ssh-config that does not exist is an error (as `ssh
+    // -F`); the default files are optional.
+    let target = config::Target {
+        host: &host.host,
+        user: host.user.as_deref(),
+        local_user: env.user.as_deref().unwrap_or(""),
     };
-    let include_dir = ssh_dir
-        .map(Path::to_path_buf)
-        .or_else(|| path.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    config::load(&path, &host.host, &include_dir).map_err(|e| Error::Connect {
+    config::load_files(files, &target).map_err(|e| Error::Connect {
         host: name.to_string(),
         what: format!(
             "{}{}: {}",
@@ -267,11 +353,213 @@ fn load_config(
     })
 }
 
+/// The known hosts files: the user's (`--known-hosts`, else
+/// `UserKnownHostsFile`, else `~/.ssh/known_hosts` and `known_hosts2`;
+/// a new key goes to the first) and the global ones
+/// (`GlobalKnownHostsFile`, else `/etc/ssh/ssh_known_hosts` and
+/// `ssh_known_hosts2`), all consulted.
+fn known_hosts_files(
+    opts: &SshOptions,
+    env: &LocalEnv,
+    cfg: &HostConfig,
+    tokens: &Tokens<'_>,
+) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let expand = |v: Vec<String>| -> Vec<PathBuf> {
+        v.iter().map(|s| config::expand_path(s, tokens)).collect()
+    };
+    let user = match (&opts.known_hosts, cfg.files("userknownhostsfile")) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(v)) => expand(v),
+        (None, None) => env
+            .home
+            .iter()
+            .flat_map(|h| {
+                ["known_hosts", "known_hosts2"]
+                    .into_iter()
+                    .map(move |n| h.join(".ssh").join(n))
+            })
+            .collect(),
+    };
+    let global = match cfg.files("globalknownhostsfile") {
+        Some(v) => expand(v),
+        None => env
+            .etc
+            .iter()
+            .flat_map(|e| {
+                ["ssh_known_hosts", "ssh_known_hosts2"]
+                    .into_iter()
+                    .map(move |n| e.join(n))
+            })
+            .collect(),
+    };
+    (user, global)
+}
+
+/// Hands the connection to OpenSSH's `ssh`, as if `-e ssh` was given: it
+/// reads the same configuration files (through a private `-F` file that
+/// includes them in order) and gets the command line's `-i`,
+/// `--known-hosts` and `--accept-new-host-key`. Says so in one line on
+/// stderr unless quiet; refused, naming the setting, when no `ssh` is
+/// installed.
+fn hand_over(
+    host: &Host,
+    opts: &SshOptions,
+    env: &LocalEnv,
+    files: &[config::File],
+    cfg: &HostConfig,
+    why: &config::HandOver,
+) -> Result<Connection, Error> {
+    let name = host.to_string();
+    let Some(program) = find_program("ssh") else {
+        return Err(Error::Connect {
+            host: name,
+            what: format!(
+                "{}: {} {} needs OpenSSH's ssh, which is not installed (no ssh on PATH); install it (openssh-client) or remove the setting",
+                why.at,
+                config::spelling(&why.keyword),
+                why.value
+            ),
+            source: None,
+        });
+    };
+    if !opts.quiet {
+        let _ = writeln!(
+            io::stderr(),
+            "imgsync: {name}: {} {} ({}) is not something the built-in ssh client does; connecting through OpenSSH's ssh",
+            config::spelling(&why.keyword),
+            why.value,
+            why.at
+        );
+    }
+    let temp = write_include_file(files).map_err(|e| Error::Connect {
+        host: name.clone(),
+        what: "cannot write a config file for ssh".into(),
+        source: Some(e),
+    })?;
+    let mut words = vec![
+        program.display().to_string(),
+        "-F".into(),
+        temp.display().to_string(),
+    ];
+    for i in &opts.identities {
+        words.push("-i".into());
+        words.push(i.display().to_string());
+    }
+    // The user's known hosts as the built-in client would take them
+    // (OpenSSH's own default is under the passwd entry's home, not $HOME).
+    let host_name = cfg.host_name.clone().unwrap_or_else(|| host.host.clone());
+    let user = host
+        .user
+        .clone()
+        .or_else(|| cfg.user.clone())
+        .or_else(|| env.user.clone())
+        .unwrap_or_default();
+    let tokens = Tokens {
+        home: env.home.as_deref(),
+        local_user: env.user.as_deref().unwrap_or(""),
+        host: &host_name,
+        user: &user,
+        port: host.port.or(cfg.port).unwrap_or(22),
+    };
+    let (user_files, _) = known_hosts_files(opts, env, cfg, &tokens);
+    if !user_files.is_empty() {
+        let list: Vec<String> = user_files
+            .iter()
+            .map(|p| format!("\"{}\"", p.display()))
+            .collect();
+        words.push("-o".into());
+        words.push(format!("UserKnownHostsFile={}", list.join(" ")));
+    }
+    if opts.accept_new_host_key {
+        words.push("-o".into());
+        words.push("StrictHostKeyChecking=accept-new".into());
+    }
+    if !env.interactive {
+        // As the built-in client: no prompt without a terminal.
+        words.push("-o".into());
+        words.push("BatchMode=yes".into());
+    }
+    match super::external::connect_words(words, host, opts) {
+        Ok(mut conn) => {
+            conn.waiter = Box::new(RemoveAfter {
+                inner: Some(conn.waiter),
+                path: temp,
+            });
+            Ok(conn)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// `program` on `$PATH`, if it is there and executable.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+}
+
+/// A private config file for `ssh -F` that includes `files` in order, so
+/// OpenSSH reads exactly what the built-in client read.
+fn write_include_file(files: &[config::File]) -> io::Result<PathBuf> {
+    let mut text = String::from("# imgsync: the ssh_config files it read, in order\n");
+    for f in files.iter().filter(|f| f.path.exists()) {
+        let p = std::path::absolute(&f.path)?;
+        text.push_str(&format!("Include \"{}\"\n", p.display()));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let path = std::env::temp_dir().join(format!(
+        "imgsync-ssh_config.{}.{nanos:08x}",
+        std::process::id()
+    ));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(path)
+}
+
+/// A waiter that removes a file once the connection is over.
+struct RemoveAfter {
+    inner: Option<Box<dyn Waiter>>,
+    path: PathBuf,
+}
+
+impl Waiter for RemoveAfter {
+    fn wait(mut self: Box<Self>) -> Result<Exit, Error> {
+        match self.inner.take() {
+            Some(w) => w.wait(),
+            None => Ok(Exit::default()),
+        }
+    }
+
+    fn abort(mut self: Box<Self>) {
+        if let Some(w) = self.inner.take() {
+            w.abort();
+        }
+    }
+}
+
+impl Drop for RemoveAfter {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 fn tcp_connect(
     name: &str,
     host_name: &str,
     port: u16,
     timeout: Duration,
+    ipv4_only: Option<bool>,
 ) -> Result<TcpStream, Error> {
     let addrs = (host_name, port)
         .to_socket_addrs()
@@ -281,7 +569,11 @@ fn tcp_connect(
             source: Some(e),
         })?;
     let mut last = None;
-    for addr in addrs {
+    // AddressFamily inet / inet6.
+    for addr in addrs.filter(|a| match ipv4_only {
+        Some(v4) => a.is_ipv4() == v4,
+        None => true,
+    }) {
         match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
@@ -300,6 +592,8 @@ fn tcp_connect(
 /// A known_hosts line that names the host.
 #[derive(Debug)]
 struct KnownKey {
+    /// The known_hosts file it is in.
+    file: PathBuf,
     /// `@revoked` or `@cert-authority`.
     marker: Option<String>,
     key_type: String,
@@ -343,6 +637,7 @@ fn known_keys(session: &Session, file: &Path, target: &str) -> io::Result<Vec<Kn
         };
         if matches {
             out.push(KnownKey {
+                file: file.to_path_buf(),
                 marker,
                 key_type: key_type.to_string(),
                 key: key.to_string(),
@@ -412,13 +707,16 @@ fn host_key_pref(session: &Session, known: &[KnownKey]) -> Option<String> {
     Some(pref.join(","))
 }
 
+/// Checks the server's key against every known hosts file's lines for
+/// the host; an unknown key is added to `file` (the first user file) only
+/// with `accept_new`.
 fn check_host_key(
     name: &str,
     session: &Session,
     file: &Path,
     target: &str,
     known: &[KnownKey],
-    opts: &SshOptions,
+    accept_new: bool,
 ) -> Result<(), Error> {
     let err = |what: String| Error::HostKey {
         host: name.to_string(),
@@ -443,7 +741,8 @@ fn check_host_key(
         .find(|k| k.marker.as_deref() == Some("@revoked") && k.key == key)
     {
         return Err(err(format!(
-            "host key ({fp}) is marked revoked in {f} line {}",
+            "host key ({fp}) is marked revoked in {} line {}",
+            k.file.display(),
             k.line
         )));
     }
@@ -454,11 +753,12 @@ fn check_host_key(
     if let Some(old) = plain().find(|k| k.key_type == key_type) {
         return Err(err(format!(
             "host key has CHANGED ({fp}), which may be an attack (someone intercepting the \
-             connection); if the host was reinstalled, remove the old key from {f} line {}",
+             connection); if the host was reinstalled, remove the old key from {} line {}",
+            old.file.display(),
             old.line
         )));
     }
-    if !opts.accept_new_host_key {
+    if !accept_new {
         return Err(err(format!(
             "host key not known ({fp}); add it to {f} or pass --accept-new-host-key"
         )));
@@ -569,7 +869,11 @@ fn identity_files(
         .identity_files
         .iter()
         .map(|s| (config::expand_path(s, &tokens), false));
-    let defaults = env.home.iter().flat_map(|h| {
+    // IdentitiesOnly with identities named: only those (OpenSSH adds its
+    // defaults only when none is named at all).
+    let named = !opts.identities.is_empty() || !cfg.identity_files.is_empty();
+    let only = named && cfg.flag("identitiesonly") == Some(true);
+    let defaults = env.home.iter().filter(|_| !only).flat_map(|h| {
         ["id_ed25519", "id_ecdsa", "id_rsa"]
             .into_iter()
             .map(move |n| (h.join(".ssh").join(n), false))
@@ -582,11 +886,65 @@ fn identity_files(
     out
 }
 
+/// What ssh_config lets the login try, on top of what the machine
+/// offers (an agent, a terminal).
+struct AuthPolicy {
+    agent: bool,
+    /// Prompts on the terminal (`BatchMode yes` forbids them).
+    interactive: bool,
+    pubkey: bool,
+    password: bool,
+    kbd_interactive: bool,
+    /// `IdentitiesOnly yes`: agent keys only when they are one of the
+    /// identity files.
+    identities_only: bool,
+    /// `PreferredAuthentications`: only these methods.
+    preferred: Option<Vec<String>>,
+}
+
+impl AuthPolicy {
+    fn of(cfg: &HostConfig, env: &LocalEnv) -> AuthPolicy {
+        let batch = cfg.flag("batchmode") == Some(true);
+        AuthPolicy {
+            agent: env.agent && !cfg.agent_disabled(),
+            interactive: env.interactive && !batch,
+            pubkey: cfg.flag("pubkeyauthentication") != Some(false),
+            password: cfg.flag("passwordauthentication") != Some(false),
+            kbd_interactive: cfg.flag("kbdinteractiveauthentication") != Some(false),
+            identities_only: cfg.flag("identitiesonly") == Some(true),
+            preferred: cfg.preferred_authentications(),
+        }
+    }
+
+    fn allows(&self, method: &str) -> bool {
+        let on = match method {
+            "publickey" => self.pubkey,
+            "password" => self.password,
+            "keyboard-interactive" => self.kbd_interactive,
+            _ => true,
+        };
+        on && self.preferred.as_ref().is_none_or_contains(method)
+    }
+}
+
+trait PreferredList {
+    fn is_none_or_contains(&self, m: &str) -> bool;
+}
+
+impl PreferredList for Option<&Vec<String>> {
+    fn is_none_or_contains(&self, m: &str) -> bool {
+        match self {
+            Some(v) => v.iter().any(|x| x == m),
+            None => true,
+        }
+    }
+}
+
 fn authenticate(
     name: &str,
     session: &Session,
     user: &str,
-    env: &LocalEnv,
+    auth: &AuthPolicy,
     identities: &[(PathBuf, bool)],
 ) -> Result<(), Error> {
     let fail = |what: String| Error::Auth {
@@ -604,23 +962,24 @@ fn authenticate(
             )))
         }
     };
-    let offers = |m: &str| offered.split(',').any(|o| o == m);
+    let offers = |m: &str| offered.split(',').any(|o| o == m) && auth.allows(m);
     let mut tried: Vec<String> = Vec::new();
 
     if offers("publickey") {
-        if env.agent && try_agent(session, user) {
+        let only = auth.identities_only.then(|| public_blobs(identities));
+        if auth.agent && try_agent(session, user, only.as_deref()) {
             return Ok(());
         }
-        if env.agent {
+        if auth.agent {
             tried.push("agent".into());
         }
         for (path, explicit) in identities {
-            if try_key_file(session, user, env, path, *explicit, &mut tried) {
+            if try_key_file(session, user, auth.interactive, path, *explicit, &mut tried) {
                 return Ok(());
             }
         }
     }
-    if env.interactive && offers("keyboard-interactive") {
+    if auth.interactive && offers("keyboard-interactive") {
         session.set_timeout(0);
         for _ in 0..PROMPT_ATTEMPTS {
             let mut p = TtyPrompter { gave_up: false };
@@ -634,7 +993,7 @@ fn authenticate(
             }
         }
         tried.push("keyboard-interactive".into());
-    } else if env.interactive && offers("password") {
+    } else if auth.interactive && offers("password") {
         session.set_timeout(0);
         for _ in 0..PROMPT_ATTEMPTS {
             let Some(pw) = prompt_tty(&format!("{user}@{name}'s password: "), false) else {
@@ -647,7 +1006,7 @@ fn authenticate(
         tried.push("password".into());
     }
     if tried.is_empty() {
-        let why = if env.interactive {
+        let why = if auth.interactive {
             ""
         } else {
             "; not on a terminal, so no password prompt"
@@ -662,8 +1021,22 @@ fn authenticate(
     )))
 }
 
-/// Each identity the agent holds, in turn.
-fn try_agent(session: &Session, user: &str) -> bool {
+/// The base64 key blobs of the identity files' `.pub` files.
+fn public_blobs(identities: &[(PathBuf, bool)]) -> Vec<String> {
+    identities
+        .iter()
+        .filter_map(|(p, _)| {
+            let mut pub_path = p.as_os_str().to_owned();
+            pub_path.push(".pub");
+            let text = std::fs::read_to_string(PathBuf::from(pub_path)).ok()?;
+            text.split_whitespace().nth(1).map(str::to_string)
+        })
+        .collect()
+}
+
+/// Each identity the agent holds, in turn (only those in `only`, when
+/// given: `IdentitiesOnly`).
+fn try_agent(session: &Session, user: &str, only: Option<&[String]>) -> bool {
     let Ok(mut agent) = session.agent() else {
         return false;
     };
@@ -674,9 +1047,23 @@ fn try_agent(session: &Session, user: &str) -> bool {
         .identities()
         .unwrap_or_default()
         .iter()
+        .filter(|id| only.is_none_or_in(&base64(id.blob(), true)))
         .any(|id| agent.userauth(user, id).is_ok());
     let _ = agent.disconnect();
     ok
+}
+
+trait OnlyList {
+    fn is_none_or_in(&self, blob: &str) -> bool;
+}
+
+impl OnlyList for Option<&[String]> {
+    fn is_none_or_in(&self, blob: &str) -> bool {
+        match self {
+            Some(v) => v.iter().any(|x| x == blob),
+            None => true,
+        }
+    }
 }
 
 /// One identity file; records what was tried. A key with a passphrase is
@@ -684,7 +1071,7 @@ fn try_agent(session: &Session, user: &str) -> bool {
 fn try_key_file(
     session: &Session,
     user: &str,
-    env: &LocalEnv,
+    interactive: bool,
     path: &Path,
     explicit: bool,
     tried: &mut Vec<String>,
@@ -714,7 +1101,7 @@ fn try_key_file(
             .userauth_pubkey_file(user, public.as_deref(), path, None)
             .is_ok();
     }
-    if !env.interactive {
+    if !interactive {
         tried.push(format!("{shown} (needs a passphrase)"));
         return false;
     }
@@ -837,6 +1224,7 @@ struct ChannelWriter {
     eof_sent: Arc<AtomicBool>,
     pending: Arc<Mutex<Pending>>,
     watch: Watch,
+    keepalive: Option<Session>,
 }
 
 /// What the writer took off the channel while it waited for window space
@@ -872,6 +1260,9 @@ struct ChannelReader {
     stream: Stream,
     pending: Arc<Mutex<Pending>>,
     watch: Watch,
+    /// With ServerAliveInterval: the session, to send keepalives while
+    /// waiting.
+    keepalive: Option<Session>,
 }
 
 impl Read for ChannelReader {
@@ -897,6 +1288,10 @@ impl Read for ChannelReader {
                     }
                     r => return r,
                 }
+            }
+            if let Some(s) = &self.keepalive {
+                // Sends one only when the interval has passed.
+                let _ = s.keepalive_send();
             }
             self.watch.check(since, Dir::Read)?;
         }
@@ -942,6 +1337,9 @@ impl Write for ChannelWriter {
                             io::ErrorKind::BrokenPipe,
                             "the remote command closed the connection",
                         ));
+                    }
+                    if let Some(s) = &self.keepalive {
+                        let _ = s.keepalive_send();
                     }
                     self.watch.check(since.max(heard), Dir::Write)?;
                 }

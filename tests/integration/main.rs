@@ -13,13 +13,19 @@
 //!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
 //!   sync_qcow2: sync into existing qcow2 DSTs, in place (kinds x patterns,
 //!            crashes at every barrier, refusals, over sshd);
-//!   example: examples/sync_to_host.rs, the library API, against the sshd.
+//!   example: examples/sync_to_host.rs, the library API, against the sshd;
+//!   admin:   ssh_config handed to OpenSSH (a jump host), a forced
+//!            `serve --restrict DIR [--read-only]`, --bwlimit.
+//!   cli:     --progress=json streams, SIGUSR1, man pages and completions,
+//!            one-line usage errors, option checks, SIGINT's status.
 //!
 //! Without qemu-img every test prints SKIP and passes, unless
 //! IMGSYNC_REQUIRE_QEMU=1.
 
 #[macro_use]
 mod common;
+mod admin;
+mod cli;
 mod convert;
 mod example;
 mod formats;

@@ -879,9 +879,14 @@ fn check_of_a_remote_image_exits_as_qemu_img_check() {
                     assert_eq!(remote_err, "", "{what}");
                 } else {
                     assert!(local_err.contains("check found"), "{what}: {local_err}");
+                    // The image named as the command line spelled it.
                     assert_eq!(
                         remote_err,
-                        local_err.replacen("imgsync: ", &format!("imgsync: {host}: "), 1),
+                        local_err.replacen(
+                            &format!("imgsync: {}", p.display()),
+                            &format!("imgsync: {}", url(&sshd, &p)),
+                            1
+                        ),
                         "{what}"
                     );
                 }

@@ -44,6 +44,12 @@ impl Sshd {
     /// Starts a server, or returns `None` (after a visible SKIP line) when
     /// sshd is not installed, unless `IMGSYNC_REQUIRE_SSHD=1`.
     pub fn start() -> Option<Sshd> {
+        Sshd::start_with("")
+    }
+
+    /// [`Sshd::start`] with `extra` sshd_config lines first (sshd takes
+    /// the first value of a keyword: `LogLevel VERBOSE` wins).
+    pub fn start_with(extra: &str) -> Option<Sshd> {
         let test = std::thread::current().name().unwrap_or("test").to_string();
         let have_keygen = Command::new("ssh-keygen")
             .arg("-?")
@@ -82,7 +88,7 @@ impl Sshd {
             fs::write(
                 &config,
                 format!(
-                    "ListenAddress 127.0.0.1\n\
+                    "{extra}ListenAddress 127.0.0.1\n\
                      Port {port}\n\
                      HostKey {d}/host_key\n\
                      AuthorizedKeysFile {d}/authorized_keys\n\
@@ -235,7 +241,26 @@ impl Sshd {
             user: Some(self.user.clone()),
             agent: false,
             interactive: false,
+            etc: None,
         }
+    }
+
+    /// Makes sshd run `command` whatever the client asks, as an
+    /// authorized_keys line `command="...",restrict KEY` does on a backup
+    /// host (sshd reads the file at each login).
+    pub fn force_command(&self, command: &str) {
+        let key = fs::read_to_string(self.path("client_key.pub")).expect("client key");
+        let quoted = command.replace('\\', "\\\\").replace('"', "\\\"");
+        fs::write(
+            self.path("authorized_keys"),
+            format!("command=\"{quoted}\",restrict {key}"),
+        )
+        .expect("authorized_keys");
+    }
+
+    /// `[127.0.0.1]:PORT KEYTYPE KEY`, the known_hosts line of this server.
+    pub fn known_hosts_line(&self) -> String {
+        fs::read_to_string(self.known_hosts()).expect("known_hosts")
     }
 
     /// Makes `cmd` (imgsync, ssh) blind to the real `~/.ssh` and agent.

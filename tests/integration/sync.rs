@@ -13,7 +13,8 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 use crate::common::{
-    assert_one_line_error, data_regions, random_bytes, Env, Qcow2, Tmpfs, KIB, MIB,
+    assert_one_line_error, assert_one_line_error_code, data_regions, random_bytes, Env, Qcow2,
+    Tmpfs, KIB, MIB,
 };
 use crate::remote::{
     entries, json, ok, pid_script, run, same, spawn, ssh_args, url, wait_for_pid, wait_until,
@@ -477,7 +478,8 @@ fn interrupted_local_sync_says_how_to_go_on() {
         .status()
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let line = assert_one_line_error(&out, "SIGINT");
+    // Ctrl-C's status (128 + 2), after the line.
+    let line = assert_one_line_error_code(&out, "SIGINT", 130);
     assert!(
         line.starts_with("imgsync: dst.raw: interrupted; dst.raw is mid-sync")
             && line.contains("--rollback dst.raw"),

@@ -425,3 +425,148 @@ fn cipher_throughput() {
         report(which, t, cpu);
     }
 }
+
+/// Writes `text` to `path`, making its directory.
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn user_config_then_system_config_and_global_known_hosts() {
+    let sshd = sshd!();
+    let etc = sshd.path("etc");
+    // The user's file names the host; the system's the port and key (the
+    // user's HostName came first and wins); the host key is only in the
+    // global known hosts file.
+    write(
+        &sshd.home().join(".ssh/config"),
+        "Host alias\n  HostName 127.0.0.1\n",
+    );
+    write(
+        &etc.join("ssh_config"),
+        &format!(
+            "Host *\n  HostName wrong.invalid\n  Port {}\n  IdentityFile {}\n",
+            sshd.port(),
+            sshd.client_key().display()
+        ),
+    );
+    write(&etc.join("ssh_known_hosts"), &sshd.known_hosts_line());
+    let empty = sshd.path("empty_known_hosts");
+    write(&empty, "");
+    let opts = SshOptions {
+        config: None,
+        identities: Vec::new(),
+        known_hosts: Some(empty),
+        ..with_script(&sshd, "exec cat")
+    };
+    let env = ssh::LocalEnv {
+        etc: Some(etc),
+        ..sshd.local_env()
+    };
+    let host = imgsync::transport::Host {
+        user: None,
+        host: "alias".into(),
+        port: None,
+    };
+    let conn = ssh::connect_with(&host, &opts, &env).expect("connect through both files");
+    let (back, _) = echo(conn, b"both files", false);
+    assert_eq!(back, b"both files");
+
+    // --ssh-config FILE is read instead of both, as `ssh -F`: no port, no
+    // key from the system file now.
+    let opts = SshOptions {
+        config: Some(sshd.home().join(".ssh/config")),
+        connect_timeout: Some(std::time::Duration::from_secs(5)),
+        ..opts
+    };
+    assert!(ssh::connect_with(&host, &opts, &env).is_err());
+}
+
+#[test]
+fn strict_host_key_checking_no_is_refused() {
+    let sshd = sshd!();
+    let config = sshd.path("no_check_config");
+    write(&config, "Host *\n  StrictHostKeyChecking no\n");
+    let empty = sshd.path("empty_known_hosts");
+    write(&empty, "");
+    let opts = SshOptions {
+        config: Some(config.clone()),
+        known_hosts: Some(empty.clone()),
+        ..with_script(&sshd, "exec cat")
+    };
+    let err = builtin(&sshd, &opts).err().expect("refused");
+    assert!(matches!(err, Error::HostKey { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "127.0.0.1:{}: {} line 2: StrictHostKeyChecking no is refused: imgsync always checks host keys (use accept-new, or --accept-new-host-key, to add unknown ones)",
+            sshd.port(),
+            config.display()
+        )
+    );
+    assert_eq!(std::fs::read_to_string(&empty).unwrap(), "");
+    // The command line comes first, as in OpenSSH: --accept-new-host-key
+    // checks (and adds) the key.
+    let opts = SshOptions {
+        accept_new_host_key: true,
+        ..opts
+    };
+    let (back, _) = echo(builtin(&sshd, &opts).expect("accept-new"), b"x", false);
+    assert_eq!(back, b"x");
+    assert_eq!(
+        std::fs::read_to_string(&empty).unwrap(),
+        sshd.known_hosts_line()
+    );
+}
+
+#[test]
+fn accept_new_and_a_hashed_user_known_hosts_file_from_the_config() {
+    let sshd = sshd!();
+    let hashed = sshd.path("hashed_known_hosts");
+    std::fs::copy(sshd.known_hosts(), &hashed).unwrap();
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-H", "-f"])
+        .arg(&hashed)
+        .output()
+        .expect("ssh-keygen -H");
+    assert!(st.status.success());
+    assert!(std::fs::read_to_string(&hashed).unwrap().starts_with("|1|"));
+    let config = sshd.path("kh_config");
+    write(
+        &config,
+        &format!(
+            "Host *\n  UserKnownHostsFile {} {}\n  StrictHostKeyChecking yes\n",
+            sshd.path("missing_known_hosts").display(),
+            hashed.display()
+        ),
+    );
+    let opts = SshOptions {
+        config: Some(config),
+        known_hosts: None,
+        ..with_script(&sshd, "exec cat")
+    };
+    let (back, _) = echo(builtin(&sshd, &opts).expect("hashed entry"), b"h", false);
+    assert_eq!(back, b"h");
+
+    // accept-new from the config adds an unknown key to the first file.
+    let fresh = sshd.path("fresh/known_hosts");
+    let config = sshd.path("new_config");
+    write(
+        &config,
+        &format!(
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking accept-new\n",
+            fresh.display()
+        ),
+    );
+    let opts = SshOptions {
+        config: Some(config),
+        ..opts
+    };
+    let (back, _) = echo(builtin(&sshd, &opts).expect("accept-new"), b"n", false);
+    assert_eq!(back, b"n");
+    assert_eq!(
+        std::fs::read_to_string(&fresh).unwrap(),
+        sshd.known_hosts_line()
+    );
+}

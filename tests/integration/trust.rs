@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{assert_one_line_error, random_bytes, Env, Qcow2, Raw, MIB};
+use crate::common::{
+    assert_one_line_error, assert_one_line_error_code, random_bytes, Env, Qcow2, Raw, MIB,
+};
 use crate::remote::{ssh_args, url, Via, BOTH};
 use crate::sshd::Sshd;
 
@@ -299,7 +301,7 @@ fn ctrl_c_ends_a_wait_on_the_peer_within_a_second() {
                 "{via:?} {cmd}: {:?}",
                 t.elapsed()
             );
-            let line = assert_one_line_error(&out, &format!("{via:?} {cmd}"));
+            let line = assert_one_line_error_code(&out, &format!("{via:?} {cmd}"), 130);
             assert!(line.contains("interrupted"), "{via:?} {cmd}: {line}");
         }
     }
@@ -407,7 +409,7 @@ fn interrupt_when(env: &Env, args: &[&str], ready: impl Fn(u32) -> bool, what: &
         "{what}: {:?}",
         t.elapsed()
     );
-    assert_one_line_error(&out, what)
+    assert_one_line_error_code(&out, what, 130)
 }
 
 #[test]
@@ -685,7 +687,7 @@ fn ctrl_c_ends_a_connect_that_hangs() {
     kill(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    let line = assert_one_line_error(&out, "interrupted connect");
+    let line = assert_one_line_error_code(&out, "interrupted connect", 130);
     assert_eq!(
         line,
         format!("imgsync: 127.0.0.1:{port}: interrupted while connecting")

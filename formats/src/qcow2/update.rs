@@ -444,6 +444,10 @@ impl Updater {
         if self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 || self.header.version < 3 {
             return Ok(());
         }
+        // The clusters the bitmaps hold, found (and validated) before
+        // anything is written.
+        let mut plan = Plan::default();
+        self.plan_bitmap_release(&*f, &mut plan)?;
         let v = self.header.autoclear_features & !AUTOCLEAR_BITMAPS;
         let r = self
             .put_meta(f, &v.to_be_bytes(), HDR_AUTOCLEAR)
@@ -453,6 +457,76 @@ impl Updater {
         }
         r?;
         self.header.autoclear_features = v;
+        // With the bit clear, qemu reads the bitmaps extension as absent:
+        // its directory, tables and data are no one's, and are freed (else
+        // `qemu-img check` finds them leaked). A crash before this leaves
+        // leaks only.
+        let r = self.execute(f, plan);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Step-4 decrements for every cluster of the persistent bitmaps: the
+    /// directory, each bitmap table and each data cluster a table names
+    /// (spec: "Bitmaps extension", "Bitmap directory", "Bitmap table").
+    fn plan_bitmap_release(&mut self, f: &dyn UpdateFile, plan: &mut Plan) -> Result<()> {
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        let cs = self.cs;
+        let in_file = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= self.file_len);
+        let dir_len = ext.bitmap_directory_size;
+        let dir_off = ext.bitmap_directory_offset;
+        if dir_len == 0 || dir_off % cs != 0 || dir_off == 0 || !in_file(dir_off, dir_len) {
+            return Err(Error::invalid(format!(
+                "bitmap directory at {dir_off:#x} ({dir_len} bytes) does not fit the file"
+            )));
+        }
+        let mut dir = vec![0u8; dir_len as usize];
+        read(f, &mut dir, dir_off)?;
+        let mut clusters: Vec<u64> = (dir_off / cs..(dir_off + dir_len).div_ceil(cs)).collect();
+        let mut at = 0usize;
+        for _ in 0..ext.nb_bitmaps {
+            let field = |a: usize, n: usize| dir.get(at + a..at + a + n);
+            let (Some(t), Some(sz), Some(ns), Some(xs)) =
+                (field(0, 8), field(8, 4), field(18, 2), field(20, 4))
+            else {
+                return Err(Error::invalid("bitmap directory entry cut short"));
+            };
+            let table_off = u64::from_be_bytes(t.try_into().unwrap_or_default()) & L1E_OFFSET_MASK;
+            let entries = u64::from(u32::from_be_bytes(sz.try_into().unwrap_or_default()));
+            let name = usize::from(u16::from_be_bytes(ns.try_into().unwrap_or_default()));
+            let extra = u32::from_be_bytes(xs.try_into().unwrap_or_default()) as usize;
+            let table_len = entries * 8;
+            if table_off % cs != 0 || table_off == 0 || !in_file(table_off, table_len) {
+                return Err(Error::invalid(format!(
+                    "bitmap table at {table_off:#x} does not fit the file"
+                )));
+            }
+            let mut table = vec![0u8; table_len as usize];
+            read(f, &mut table, table_off)?;
+            clusters.extend(
+                table_off / cs..(table_off + table_len).div_ceil(cs).max(table_off / cs + 1),
+            );
+            for w in words_from(&table) {
+                let data = w & L1E_OFFSET_MASK;
+                if data != 0 {
+                    if data % cs != 0 || !in_file(data, cs) {
+                        return Err(Error::invalid(format!(
+                            "bitmap data cluster at {data:#x} does not fit the file"
+                        )));
+                    }
+                    clusters.push(data / cs);
+                }
+            }
+            // The entry: 24 bytes, extra data, the name, padded to 8.
+            at = (at + 24 + extra + name).next_multiple_of(8);
+        }
+        for c in clusters {
+            self.plan_dec(f, plan, c)?;
+        }
         Ok(())
     }
 
