@@ -1151,49 +1151,13 @@ mod tests {
     use super::*;
     use crate::qcow2::test_bytes::{get64, put16, put64};
     use crate::qcow2::OpenOptions;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Command, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 
-    struct TempDir(PathBuf);
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::qcow2::test_qemu::{require_qemu, TempDir};
     fn temp_dir() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "imgsync-check-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn have_qemu() -> bool {
-        let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-            Command::new(t)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-        if !ok && std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
-            panic!("qemu-img/qemu-io not found and IMGSYNC_REQUIRE_QEMU=1");
-        }
-        ok
-    }
-    macro_rules! require_qemu {
-        () => {
-            if !have_qemu() {
-                eprintln!("skipping: qemu-img/qemu-io not found");
-                return;
-            }
-        };
+        crate::qcow2::test_qemu::temp_dir("check")
     }
 
     fn run(dir: &Path, tool: &str, args: &[&str]) {

@@ -10,6 +10,8 @@ pub mod snapshot;
 #[cfg(test)]
 mod test_bytes;
 #[cfg(test)]
+pub(crate) mod test_qemu;
+#[cfg(test)]
 mod tests;
 pub mod update;
 pub mod writer;
