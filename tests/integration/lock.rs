@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use crate::common::{assert_one_line_error, random_bytes, Env, Qcow2, Raw, MIB};
+use crate::common::{assert_one_line_error, random_bytes, Env, Op, Qcow2, Raw, MIB};
 use crate::convert::Loop;
 use crate::remote::{ok, run, same, ssh_args, url, wait_until, BOTH};
 use crate::sshd::Sshd;
@@ -243,6 +243,31 @@ fn a_destination_a_running_qemu_uses_is_refused_untouched_and_locked_while_writt
     });
     ok(&out, "convert onto the device");
     same(&env, &env.path("src.raw"), Path::new(&dev.0));
+}
+
+#[test]
+fn a_qcow2_destination_a_running_qemu_uses_is_refused_untouched() {
+    let env = qemu_env!();
+    env.create("dst.qcow2", Qcow2::new(32 * MIB))
+        .write(&[Op::Data(0, MIB), Op::Data(9 * MIB, MIB)]);
+    env.qemu_img(&["convert", "-O", "raw", "dst.qcow2", "src.raw"]);
+    scribble(&env.path("src.raw"), 4 * MIB);
+    let before = fs::read(env.path("dst.qcow2")).unwrap();
+    let holder = Holder::start(&env, "qcow2", "dst.qcow2", false);
+    let line = assert_one_line_error(&env.imgsync(&["sync", "src.raw", "dst.qcow2"]), "sync");
+    assert_eq!(
+        line,
+        "imgsync: dst.qcow2: is in use by another process (a running VM?); stop it before writing to it"
+    );
+    drop(holder);
+    assert!(
+        fs::read(env.path("dst.qcow2")).unwrap() == before,
+        "DST changed"
+    );
+    assert!(!env.path(".dst.qcow2.imgsync-journal").exists());
+    // With the VM gone, the same sync updates it in place.
+    ok(&env.imgsync(&["sync", "src.raw", "dst.qcow2"]), "sync");
+    same(&env, &env.path("src.raw"), &env.path("dst.qcow2"));
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::common::{assert_one_line_error, random_bytes, Env, Op, Qcow2, KIB, MIB};
+use crate::common::{assert_one_line_error, random_bytes, Env, Op, Qcow2, Tmpfs, KIB, MIB};
 use crate::remote::{ok, run, ssh_args, url, BOTH};
 use crate::sshd::Sshd;
 
@@ -527,4 +527,41 @@ fn qcow2_dsts_over_ssh_push_and_pull() {
             same(&env, "src.raw", "dst.qcow2", &what);
         }
     }
+}
+
+#[test]
+fn a_qcow2_dst_far_larger_than_its_file_system_syncs_when_the_change_fits() {
+    let env = qemu_env!();
+    let Some(_fs) = Tmpfs::mount(env.path("small"), "48M") else {
+        return;
+    };
+    // 4 GiB virtual, 8 MiB of data, on 48 MiB.
+    let dst = "small/dst.qcow2";
+    env.create(dst, Qcow2::new(4096 * MIB))
+        .write(&[Op::Data(0, 4 * MIB), Op::Data(3000 * MIB, 4 * MIB)]);
+    env.qemu_img(&["convert", "-O", "raw", dst, "src.raw"]);
+    // A change that fits: 8 MiB more, far apart.
+    write_at(
+        &env.path("src.raw"),
+        1000 * MIB,
+        &random_bytes(8 * MIB as usize, 3, false),
+    );
+    ok(&env.imgsync(&["sync", "-q", "src.raw", dst]), "fits");
+    check_clean(&env, dst, "fits");
+    same(&env, "src.raw", dst, "fits");
+    // One that cannot: refused before anything changes.
+    write_at(
+        &env.path("src.raw"),
+        2000 * MIB,
+        &random_bytes(64 * MIB as usize, 4, false),
+    );
+    let before = bytes(&env, dst);
+    let out = env.imgsync(&["sync", "src.raw", dst]);
+    let line = assert_one_line_error(&out, "no room");
+    assert!(
+        line.contains("dst.qcow2") && line.contains("free"),
+        "{line}"
+    );
+    assert!(bytes(&env, dst) == before, "DST changed");
+    assert!(!env.path("small/.dst.qcow2.imgsync-journal").exists());
 }
