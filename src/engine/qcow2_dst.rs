@@ -202,6 +202,11 @@ pub struct Qcow2Applier<'a> {
     pub written: u64,
     pub punched: u64,
     staged: u64,
+    /// The blocks changed (runs), and the sum of their new hashes: after
+    /// the update DST is read back through a fresh reader and must give
+    /// the same sum (`verify`).
+    changed: Vec<(u64, u64)>,
+    changed_sum: SumDigest,
 }
 
 /// The updater flushes (its barriers) after this much staged data.
@@ -231,6 +236,8 @@ impl<'a> Qcow2Applier<'a> {
             written: 0,
             punched: 0,
             staged: 0,
+            changed: Vec::new(),
+            changed_sum: SumDigest::default(),
         }
     }
 
@@ -266,8 +273,10 @@ impl<'a> Qcow2Applier<'a> {
             self.retire(b)?;
             if let Some(h) = block_hash(&self.key, b, block) {
                 self.digest.add(&h);
+                self.changed_sum.add(&h);
             }
         }
+        self.note_changed(first, n);
         // Whole clusters for the updater: the tail past SRC's size reads
         // as zeros.
         let mut data = data;
@@ -286,6 +295,7 @@ impl<'a> Qcow2Applier<'a> {
         for b in first..first + count {
             self.retire(b)?;
         }
+        self.note_changed(first, count);
         let from = first * self.bs;
         let end = ((first + count) * self.bs).min(self.src_size.next_multiple_of(self.cluster));
         if end > from {
@@ -294,6 +304,56 @@ impl<'a> Qcow2Applier<'a> {
         self.punched += count;
         self.staged += (count * self.bs).min(APPLY_BATCH);
         self.maybe_flush()
+    }
+
+    fn note_changed(&mut self, first: u64, count: u64) {
+        match self.changed.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => self.changed.push((first, count)),
+        }
+    }
+
+    /// Reads every changed block back through a fresh reader of DST's
+    /// file (its header, L1 and L2 tables as now on disk) and checks the
+    /// sum of their hashes against what was meant: the metadata really
+    /// maps the new content (an update's own bookkeeping is not taken for
+    /// it). A written block never leaves a cluster unallocated where a
+    /// backing file could show through, so the top layer alone is read.
+    pub fn verify(&self, file: &File) -> Result<()> {
+        use imgsync_formats::qcow2::Qcow2;
+        let local = crate::io::LocalFile::from_file(file.try_clone().map_err(Error::Dest)?)
+            .map_err(Error::Dest)?;
+        let q = Qcow2::open(std::sync::Arc::new(local)).map_err(Self::dst_err)?;
+        let backed = q.header().backing_file.is_some();
+        let mut sum = SumDigest::default();
+        let mut buf = Vec::new();
+        for &(first, count) in &self.changed {
+            for b in first..first + count {
+                let from = b * self.bs;
+                let len = self.src_size.saturating_sub(from).min(self.bs) as usize;
+                buf.clear();
+                buf.resize(len, 0);
+                q.read_at(&mut buf, from, &mut |out: &mut [u8], pos: u64| {
+                    if backed {
+                        return Err(imgsync_formats::Error::Invalid(format!(
+                            "guest offset {pos:#x} was written but is not allocated"
+                        )));
+                    }
+                    out.fill(0);
+                    Ok(())
+                })
+                .map_err(Self::dst_err)?;
+                if let Some(h) = block_hash(&self.key, b, &buf) {
+                    sum.add(&h);
+                }
+            }
+        }
+        if sum.bytes() != self.changed_sum.bytes() {
+            return Err(Error::Dest(io::Error::other(
+                "the updated qcow2 does not read back as written (the journal is kept: roll it back with `imgsync sync --rollback`)",
+            )));
+        }
+        Ok(())
     }
 
     fn maybe_flush(&mut self) -> Result<()> {
@@ -331,5 +391,74 @@ impl<'a> Qcow2Applier<'a> {
         }
         self.file.barrier().map_err(Error::Dest)?;
         Ok(self.updater.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgsync_formats::qcow2::{ClusterKind, Qcow2};
+
+    fn qemu_img(args: &[&str]) -> bool {
+        let ok = std::process::Command::new("qemu-img")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok && std::env::var("IMGSYNC_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("qemu-img {args:?} failed and IMGSYNC_REQUIRE_QEMU=1");
+        }
+        ok
+    }
+
+    /// The read-back check is the image's own word, not the update's
+    /// bookkeeping: content changed under the metadata after an update is
+    /// caught.
+    #[test]
+    fn verify_reads_the_update_back_through_a_fresh_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        if !qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]) {
+            eprintln!("SKIP: no qemu-img");
+            return;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let image = crate::io::open_image(
+            &path,
+            crate::io::OpenOptions {
+                format: Some(imgsync_formats::Format::Qcow2),
+                allow_corrupt: false,
+                locking: crate::io::Locking::None,
+            },
+        )
+        .unwrap();
+        let jf = JournaledFile::new(&file, None, 65536).unwrap();
+        let updater = Updater::open(&jf).unwrap();
+        let mut a = Qcow2Applier::new(
+            updater,
+            jf,
+            &image,
+            65536,
+            1 << 20,
+            [3; 32],
+            SumDigest::default(),
+        );
+        a.put_blocks(1, vec![7u8; 65536]).unwrap();
+        a.finish().unwrap();
+        a.verify(&file).expect("what was written reads back");
+        // The data cluster's bytes changed behind the metadata's back.
+        let q = Qcow2::open(std::sync::Arc::new(
+            crate::io::LocalFile::from_file(file.try_clone().unwrap()).unwrap(),
+        ))
+        .unwrap();
+        let ClusterKind::Data { host_offset } = q.lookup(65536, 65536).unwrap().kind else {
+            panic!("block 1 is not a data cluster");
+        };
+        file.write_all_at(&[0xee; 512], host_offset + 512).unwrap();
+        let e = a.verify(&file).expect_err("a changed cluster is caught");
+        assert!(e.to_string().contains("does not read back"), "{e}");
     }
 }

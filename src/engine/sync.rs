@@ -1137,6 +1137,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         let ((src_digest, src_read), data) =
             recv_changes(fr, limits, params, src_blocks, cancel, &mut applier)?;
         let stats = applier.finish()?;
+        applier.verify(file)?;
         if applier.digest.bytes() != src_digest {
             return Err(Error::Dest(std::io::Error::other(
                 "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
