@@ -71,6 +71,12 @@
 #   CAP=600       per-run time limit, s (a timed-out run is a FAIL)
 #   PERF=0        1: perf record (PERF_ARGS, default "-F 999 -g") of the
 #                 imgsync client and server into OUT_DIR/logs/ROW.{client,server}.perf
+#   QCOW2=0       1: the images as qcow2 (issue 13): SRC = disk-changed.raw
+#                 converted by qemu-img, DST seeded with disk.raw converted by
+#                 qemu-img (a plain file copy of it, cp --sparse=always), so
+#                 imgsync updates a qcow2 DST in place and rsync syncs the
+#                 qcow2 files' bytes; compare as qcow2. The changed-data goal
+#                 is still computed on the raw images (the guest content).
 #   IMG_DIR=/tmp/bench-data/images   OUT_DIR=/tmp/bench-data/sync-out
 #   VERBOSE=0     1: print every command line too
 set -uo pipefail
@@ -134,6 +140,19 @@ if [ ! -f "$IMG_DIR/disk.raw" ] || [ ! -f "$IMG_DIR/disk-changed.raw" ]; then
 fi
 RAW=$IMG_DIR/disk.raw CHANGED=$IMG_DIR/disk-changed.raw
 SRC_DATA=$(du -B1 "$CHANGED" | cut -f1)
+QCOW2=${QCOW2:-0}
+EXT=raw FMT=raw
+if [ "$QCOW2" != 0 ]; then
+    for n in disk disk-changed; do
+        q=$IMG_DIR/$n.bench.qcow2
+        if [ ! -f "$q" ] || [ "$q" -ot "$IMG_DIR/$n.raw" ]; then
+            say "== $q (qemu-img convert -O qcow2)"
+            qemu-img convert -f raw -O qcow2 "$IMG_DIR/$n.raw" "$q.tmp" && mv "$q.tmp" "$q" ||
+                die "qemu-img convert of $n.raw failed"
+        fi
+    done
+    EXT=qcow2 FMT=qcow2
+fi
 
 # The changed data: the BS blocks whose content differs between disk.raw and
 # disk-changed.raw (reading only the allocated extents of either), their SRC
@@ -239,8 +258,12 @@ cpu() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", a + b}'; }
 run_row() {
     local name=$1 kind=$2 srck=$3 where=$4 cmd=$5 seed=${6:-copy}
     local dstdir=$OUT_DIR/dst/$name run log ctime rc t0 t1 a0 b0 a1 b1 wall wire ok out left
-    export DST=$dstdir/disk.raw JSON=$OUT_DIR/logs/$name.json
+    export DST=$dstdir/disk.$EXT JSON=$OUT_DIR/logs/$name.json
     if [ "$srck" = changed ]; then export SRC=$CHANGED; else export SRC=$RAW; fi
+    if [ "$QCOW2" != 0 ]; then
+        if [ "$srck" = changed ]; then SRC=$IMG_DIR/disk-changed.bench.qcow2; else SRC=$IMG_DIR/disk.bench.qcow2; fi
+        export SRC
+    fi
     ORDER+=("$name") KIND[$name]=$kind SRCOF[$name]=$srck OKS[$name]=FAIL NOTE[$name]=
     echo "$name" >"$CUR"
     if [ "$PERF" != 0 ] && [ "$kind" != peer ] && [ "$kind" != ref ]; then
@@ -251,8 +274,13 @@ run_row() {
         log=$OUT_DIR/logs/$name-run$run.log ctime=$OUT_DIR/client.time
         rm -rf "$dstdir"; mkdir -p "$dstdir"
         rm -f "$JSON" "$SRV_TIME" "$ctime"
-        if [ "$where" != ref ] && [ "$seed" = imgsync ]; then
+        if [ "$where" != ref ] && [ "$seed" = imgsync ] && [ "$QCOW2" != 0 ]; then
+            cp --sparse=always "$IMG_DIR/disk.bench.qcow2" "$DST" || die "seeding $DST failed"
+        elif [ "$where" != ref ] && [ "$seed" = imgsync ]; then
             "$BIN" sync -q "$RAW" "$DST" || die "seeding $DST (imgsync sync) failed"
+        elif [ "$where" != ref ] && [ "$QCOW2" != 0 ]; then
+            cp --sparse=always "$IMG_DIR/disk.bench.qcow2" "$DST" &&
+                touch -r "$IMG_DIR/disk.bench.qcow2" "$DST" || die "seeding $DST failed"
         elif [ "$where" != ref ]; then
             python3 "$SHARED/mkimage.py" copy "$RAW" "$DST" && touch -r "$RAW" "$DST" ||
                 die "seeding $DST failed"
@@ -285,11 +313,11 @@ run_row() {
         fi
         ok=ok
         if [ "$where" != ref ]; then
-            if ! out=$(qemu-img compare -f raw -F raw "$SRC" "$DST" 2>&1); then
+            if ! out=$(qemu-img compare -f "$FMT" -F "$FMT" "$SRC" "$DST" 2>&1); then
                 ok=FAIL FAILED=1
                 NOTE[$name]="qemu-img compare: $(echo "$out" | head -n 1)"
             fi
-            left=$(cd "$dstdir" && ls -A | grep -vx -e disk.raw -e .disk.raw.imgsync-hashes | tr '\n' ' ')
+            left=$(cd "$dstdir" && ls -A | grep -vx -e "disk.$EXT" -e ".disk.$EXT.imgsync-hashes" | tr '\n' ' ')
         else
             left=
             NOTE[$name]=$(tail -n 1 "$log")
