@@ -97,6 +97,37 @@ impl TransferReport {
     }
 }
 
+/// The report of a sync that made DST as a whole-image transfer: every
+/// block with data was sent, none compared. `bs`: the sync's block size.
+fn created_report(
+    src_size: u64,
+    bytes_read: u64,
+    data_sent: u64,
+    bs: u64,
+    elapsed: std::time::Duration,
+) -> SyncReport {
+    let blocks = data_sent.div_ceil(bs.max(u64::from(crate::engine::sync::MIN_BLOCK)));
+    SyncReport {
+        src_size,
+        dst_existed: false,
+        resumed: false,
+        dst_cached: false,
+        bytes_read,
+        blocks_compared: 0,
+        blocks_sent: blocks,
+        blocks_punched: 0,
+        data_sent,
+        done: crate::protocol::msg::SyncDone {
+            blocks_compared: 0,
+            blocks_written: blocks,
+            blocks_punched: 0,
+            journal_bytes: 0,
+            qcow2: None,
+        },
+        elapsed,
+    }
+}
+
 /// What a compare with a remote image found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompareReport {
@@ -474,6 +505,25 @@ impl Client {
         Ok((info, meta))
     }
 
+    /// SRC's data as CHUNK frames up to END (a push's, after READY).
+    fn send_image(
+        &mut self,
+        source: &Source,
+        send: &remote::SendOptions,
+        progress: &dyn Progress,
+    ) -> engine::Result<remote::SendStats> {
+        let limits = self.limits;
+        remote::send_chunks(
+            &source.image,
+            &mut self.fw,
+            &limits,
+            send,
+            &source.watch,
+            progress,
+            &self.cancel,
+        )
+    }
+
     /// Ends a completed exchange: EOF to the peer, then its exit.
     fn finish(self) {
         let Client { fr, fw, waiter, .. } = self;
@@ -535,18 +585,7 @@ impl Client {
             return Err(self.fail(e));
         }
         progress.start(info.data_bytes);
-        let sopts = opts.send_options(&copts);
-        let limits = self.limits;
-        let cancel = self.cancel.clone();
-        let sent = remote::send_chunks(
-            image,
-            &mut self.fw,
-            &limits,
-            &sopts,
-            &source.watch,
-            progress,
-            &cancel,
-        );
+        let sent = self.send_image(source, &opts.send_options(&copts), progress);
         let sent = match sent {
             Ok(s) => s,
             Err(
@@ -1017,39 +1056,15 @@ impl Client {
             adaptive: sopts.adaptive,
             workers: sopts.workers,
         };
-        let limits = self.limits;
-        let cancel = self.cancel.clone();
-        let sent = remote::send_chunks(
-            image,
-            &mut self.fw,
-            &limits,
-            &send,
-            &source.watch,
-            progress,
-            &cancel,
-        )?;
+        let sent = self.send_image(source, &send, progress)?;
         recv_msg(&mut self.fr, &self.limits, kind::DONE)?;
-        let bs = u64::from(params.block_size).max(u64::from(crate::engine::sync::MIN_BLOCK));
-        let blocks = sent.data_sent.div_ceil(bs);
-        Ok(SyncReport {
-            src_size: params.src_size,
-            dst_existed: false,
-            resumed: false,
-            dst_cached: false,
-            bytes_read: sent.bytes_read,
-            blocks_compared: 0,
-            blocks_sent: blocks,
-            blocks_punched: 0,
-            data_sent: sent.data_sent,
-            done: crate::protocol::msg::SyncDone {
-                blocks_compared: 0,
-                blocks_written: blocks,
-                blocks_punched: 0,
-                journal_bytes: 0,
-                qcow2: None,
-            },
-            elapsed: started.elapsed(),
-        })
+        Ok(created_report(
+            params.src_size,
+            sent.bytes_read,
+            sent.data_sent,
+            u64::from(params.block_size),
+            started.elapsed(),
+        ))
     }
 
     /// sync with SRC at `path` there (pull): this end is the receiver,
@@ -1113,30 +1128,16 @@ impl Client {
         ) {
             warn(&w);
         }
-        let bs = u64::from(
-            opts.block_size
-                .unwrap_or(crate::engine::sync::DEFAULT_BLOCK),
+        let report = created_report(
+            r.virtual_size,
+            r.bytes_read,
+            r.data_sent,
+            u64::from(
+                opts.block_size
+                    .unwrap_or(crate::engine::sync::DEFAULT_BLOCK),
+            ),
+            std::time::Duration::from_secs_f64(r.seconds),
         );
-        let blocks = r.data_sent.div_ceil(bs);
-        let report = SyncReport {
-            src_size: r.virtual_size,
-            dst_existed: false,
-            resumed: false,
-            dst_cached: false,
-            bytes_read: r.bytes_read,
-            blocks_compared: 0,
-            blocks_sent: blocks,
-            blocks_punched: 0,
-            data_sent: r.data_sent,
-            done: crate::protocol::msg::SyncDone {
-                blocks_compared: 0,
-                blocks_written: blocks,
-                blocks_punched: 0,
-                journal_bytes: 0,
-                qcow2: None,
-            },
-            elapsed: std::time::Duration::from_secs_f64(r.seconds),
-        };
         Ok((report, r.wire_bytes))
     }
 
