@@ -85,6 +85,19 @@ pub enum WireCompression {
     Zstd = 2,
 }
 
+/// A new image's cluster size from the peer, as log2: qcow2's range
+/// (512 B to 2 MiB, the spec's limits), whatever the output format. The
+/// receiver shifts by it (`1 << bits`), so nothing else may pass.
+const CLUSTER_BITS: std::ops::RangeInclusive<u8> = 9..=21;
+
+fn cluster_bits(b: u8, what: &'static str) -> Result<u8> {
+    if CLUSTER_BITS.contains(&b) {
+        Ok(b)
+    } else {
+        Err(malformed(what, format!("cluster bits {b}")))
+    }
+}
+
 impl WireCompression {
     fn decode(b: u8, what: &'static str) -> Result<WireCompression> {
         Ok(match b {
@@ -688,7 +701,7 @@ impl Message {
                     let format = WireFormat::decode(d.u8()?, what)?
                         .ok_or_else(|| malformed(what, "no output format".to_string()))?;
                     let compression = WireCompression::decode(d.u8()?, what)?;
-                    let cluster_bits = d.u8()?;
+                    let cluster_bits = cluster_bits(d.u8()?, what)?;
                     let flags = d.u8()?;
                     Message::Request(Request::Receive(ReceiveRequest {
                         path,
@@ -742,7 +755,7 @@ impl Message {
                         let format = WireFormat::decode(d.u8()?, what)?
                             .ok_or_else(|| malformed(what, "no format to create".to_string()))?;
                         let compression = WireCompression::decode(d.u8()?, what)?;
-                        let cluster_bits = d.u8()?;
+                        let cluster_bits = cluster_bits(d.u8()?, what)?;
                         Some(CreateParams {
                             format,
                             compression,
@@ -1434,6 +1447,57 @@ mod tests {
             Message::decode(kind::META, &v, &Limits::DEFAULT),
             Err(Error::Malformed { .. })
         ));
+    }
+
+    /// A peer's cluster size outside qcow2's range is refused where it is
+    /// decoded (the receiver shifts by it), in both requests that carry one.
+    #[test]
+    fn cluster_bits_out_of_range_are_refused() {
+        for bits in [0u8, 8, 22, 64, 255] {
+            let mut v = Vec::new();
+            Message::Request(Request::Receive(ReceiveRequest {
+                path: b"/d".to_vec(),
+                format: WireFormat::Raw,
+                compression: WireCompression::None,
+                cluster_bits: bits,
+                target_is_zero: false,
+                check_space: true,
+            }))
+            .encode(&mut v);
+            assert!(
+                matches!(
+                    Message::decode(kind::REQUEST, &v, &Limits::DEFAULT),
+                    Err(Error::Malformed { .. })
+                ),
+                "receive, {bits}"
+            );
+            let mut v = Vec::new();
+            Message::Request(Request::SyncReceive(SyncReceiveRequest {
+                path: b"/d".to_vec(),
+                params: SyncParams {
+                    block_size: 65536,
+                    key: [0; 32],
+                    src_size: 1,
+                    journal: true,
+                    check_space: true,
+                    reread: false,
+                },
+                dst_format: None,
+                create: Some(CreateParams {
+                    format: WireFormat::Qcow2,
+                    compression: WireCompression::None,
+                    cluster_bits: bits,
+                }),
+            }))
+            .encode(&mut v);
+            assert!(
+                matches!(
+                    Message::decode(kind::REQUEST, &v, &Limits::DEFAULT),
+                    Err(Error::Malformed { .. })
+                ),
+                "sync-receive create, {bits}"
+            );
+        }
     }
 
     #[test]
