@@ -235,22 +235,7 @@ fn sigusr1_prints_one_progress_line() {
 fn sigint_ends_with_status_130_after_its_line() {
     let env = qemu_env!();
     crate::convert::slow_source(&env);
-    let child = Command::new(BIN)
-        .args([
-            "convert",
-            "-O",
-            "qcow2",
-            "-c",
-            "--threads",
-            "1",
-            "big.raw",
-            "out.qcow2",
-        ])
-        .current_dir(env.root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = crate::convert::slow_convert(&env, "out.qcow2");
     let pid = child.id().to_string();
     crate::remote::wait_until(|| crate::remote::rchar(&pid) > 16 * MIB, "convert reads");
     let t = Instant::now();

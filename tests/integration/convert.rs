@@ -388,12 +388,10 @@ pub(crate) fn slow_source(env: &Env) -> PathBuf {
     path
 }
 
-fn interrupt_midway(signal: &str) {
-    let env = qemu_env!();
-    slow_source(&env);
-    let out_dir = env.path("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsync"))
+/// A compressing convert of `slow_source`'s big.raw to `dst` on one
+/// thread, slow enough to be signalled midway; stderr captured.
+pub(crate) fn slow_convert(env: &Env, dst: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_imgsync"))
         .args([
             "convert",
             "-O",
@@ -402,13 +400,21 @@ fn interrupt_midway(signal: &str) {
             "--threads",
             "1",
             "big.raw",
-            "out/dst.qcow2",
+            dst,
         ])
         .current_dir(env.root())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn interrupt_midway(signal: &str) {
+    let env = qemu_env!();
+    slow_source(&env);
+    let out_dir = env.path("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut child = slow_convert(&env, "out/dst.qcow2");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         child.try_wait().unwrap().is_none(),
