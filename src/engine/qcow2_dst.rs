@@ -207,6 +207,10 @@ pub struct Qcow2Applier<'a> {
     /// the same sum (`verify`).
     changed: Vec<(u64, u64)>,
     changed_sum: SumDigest,
+    /// For the new hash cache (`io::hashcache`): each block written, its
+    /// new hash (none when zero), and the runs made zero.
+    pub changed_spool: Option<crate::io::hashcache::Spool>,
+    pub punched_runs: Vec<(u64, u64)>,
 }
 
 /// The updater flushes (its barriers) after this much staged data.
@@ -238,6 +242,8 @@ impl<'a> Qcow2Applier<'a> {
             staged: 0,
             changed: Vec::new(),
             changed_sum: SumDigest::default(),
+            changed_spool: None,
+            punched_runs: Vec::new(),
         }
     }
 
@@ -271,9 +277,13 @@ impl<'a> Qcow2Applier<'a> {
         for (i, block) in data.chunks(self.bs as usize).enumerate() {
             let b = first + i as u64;
             self.retire(b)?;
-            if let Some(h) = block_hash(&self.key, b, block) {
-                self.digest.add(&h);
-                self.changed_sum.add(&h);
+            let h = block_hash(&self.key, b, block);
+            if let Some(h) = &h {
+                self.digest.add(h);
+                self.changed_sum.add(h);
+            }
+            if let Some(s) = &mut self.changed_spool {
+                s.push(b, h.as_ref());
             }
         }
         self.note_changed(first, n);
@@ -296,6 +306,12 @@ impl<'a> Qcow2Applier<'a> {
             self.retire(b)?;
         }
         self.note_changed(first, count);
+        if self.changed_spool.is_some() {
+            match self.punched_runs.last_mut() {
+                Some((f, c)) if *f + *c == first => *c += count,
+                _ => self.punched_runs.push((first, count)),
+            }
+        }
         let from = first * self.bs;
         let end = ((first + count) * self.bs).min(self.src_size.next_multiple_of(self.cluster));
         if end > from {

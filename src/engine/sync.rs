@@ -132,6 +132,14 @@ impl Encoder for BlockHasher {
     type Output = (Vec<(u64, [u8; 32])>, u64);
 
     fn encode(&mut self, chunk: Chunk) -> Result<(Vec<(u64, [u8; 32])>, u64)> {
+        Ok(self.hashes(&chunk))
+    }
+}
+
+impl BlockHasher {
+    /// The hashes of `chunk`'s non-zero blocks, and how many blocks with
+    /// data it holds.
+    fn hashes(&mut self, chunk: &Chunk) -> (Vec<(u64, [u8; 32])>, u64) {
         let mut out = Vec::new();
         let bs = self.bs;
         let first = chunk.start / bs;
@@ -164,7 +172,7 @@ impl Encoder for BlockHasher {
                 out.push((b, h));
             }
         }
-        Ok((out, blocks))
+        (out, blocks)
     }
 }
 
@@ -467,6 +475,9 @@ pub fn sync_send_after<R: Read, W: Write>(
         key: info.key,
         ..*params
     };
+    if !info.exists {
+        return send_new(image, info, fr, fw, limits, params, opts, progress, cancel);
+    }
     let summary = plan::summarize(image, 1)?;
     progress.start(summary.data_bytes);
     progress.phase(super::Phase::Compare);
@@ -584,6 +595,182 @@ pub fn sync_send_after<R: Read, W: Write>(
     })
 }
 
+/// A sync whose DST does not exist: nothing to compare, so SRC is read
+/// once, each block hashed (for the digest) and sent as it is read. The
+/// plan counts the blocks SRC's map says hold data (without reading
+/// them): an upper bound of what is sent, for the receiver's space check.
+#[allow(clippy::too_many_arguments)]
+fn send_new<R: Read, W: Write>(
+    image: &Image,
+    info: SyncInfo,
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    params: &SyncParams,
+    opts: &SyncSendOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<SyncReport> {
+    let started = Instant::now();
+    let bs = u64::from(params.block_size);
+    let summary = plan::summarize(image, bs)?;
+    let blocks = summary.data_units.min(blocks_of(params.src_size, bs));
+    let plan = Plan {
+        send_blocks: blocks,
+        punch_blocks: 0,
+        journal_blocks: 0,
+        new_blocks: blocks,
+    };
+    send_msg(fw, &Message::Plan(plan))?;
+    fw.flush()?;
+    recv_msg(fr, limits, kind::READY)?;
+    opts.state.ready.store(true, Ordering::Relaxed);
+    progress.start(summary.data_bytes);
+    progress.phase(super::Phase::Send);
+    let level = Arc::new(AtomicI32::new(opts.level));
+    let mut sink = NewBlocksSink {
+        inner: BlocksSink {
+            fw,
+            progress,
+            sent: 0,
+            data: 0,
+            tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
+            last: None,
+        },
+        digest: SumDigest::default(),
+        compared: 0,
+    };
+    let stats = pipeline::run(
+        &ImageSource {
+            image,
+            min_sparse: 0,
+        },
+        plan::jobs(image, grid(bs)),
+        || {
+            Ok(NewBlocksEncoder {
+                hasher: BlockHasher {
+                    key: params.key,
+                    bs,
+                    size: params.src_size,
+                    scratch: Vec::new(),
+                },
+                frames: BlocksEncoder::new(Arc::clone(&level), bs)?,
+            })
+        },
+        &mut sink,
+        PipelineOptions {
+            workers: opts.workers,
+        },
+        progress,
+        cancel,
+    )?;
+    let NewBlocksSink {
+        inner,
+        digest,
+        compared,
+        ..
+    } = sink;
+    let (fw, blocks_sent, data_sent) = (inner.fw, inner.sent, inner.data);
+    send_msg(
+        fw,
+        &Message::SyncEnd {
+            digest: digest.bytes(),
+            blocks: blocks_sent,
+            bytes_read: stats.bytes_read,
+        },
+    )?;
+    fw.flush()?;
+    progress.phase(super::Phase::Verify);
+    let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
+        Message::SyncDone(d) => d,
+        m => return Err(unexpected("SYNC_DONE", &m)),
+    };
+    progress.finish();
+    Ok(SyncReport {
+        src_size: params.src_size,
+        dst_existed: false,
+        resumed: info.resumed,
+        dst_cached: false,
+        bytes_read: stats.bytes_read,
+        blocks_compared: compared,
+        blocks_sent,
+        blocks_punched: 0,
+        data_sent,
+        done,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Worker side of [`send_new`]: a cell's non-zero blocks hashed, and
+/// framed as BLOCKS (a frame per run of them).
+struct NewBlocksEncoder {
+    hasher: BlockHasher,
+    frames: BlocksEncoder,
+}
+
+/// The frames of a cell, the hashes of its blocks, and the blocks with
+/// data that were looked at.
+type NewBlocks = (Vec<EncodedBlocks>, Vec<[u8; 32]>, u64);
+
+impl Encoder for NewBlocksEncoder {
+    type Output = NewBlocks;
+    fn encode(&mut self, chunk: Chunk) -> Result<NewBlocks> {
+        let start = chunk.start;
+        let size = self.hasher.size;
+        let bs = self.hasher.bs;
+        let (hashed, looked) = self.hasher.hashes(&chunk);
+        // A block past the cell's end (never: cells are whole blocks up
+        // to the image's end) reads as zeros there.
+        let need = chunk.end().min(size).next_multiple_of(bs).min(size);
+        let padded;
+        let buf: &[u8] = if need > chunk.end() {
+            let mut v = chunk.buf.to_vec();
+            v.resize((need - start) as usize, 0);
+            padded = v;
+            &padded
+        } else {
+            &chunk.buf
+        };
+        let mut frames = Vec::new();
+        let mut hashes = Vec::with_capacity(hashed.len());
+        let mut i = 0;
+        while i < hashed.len() {
+            let first = hashed[i].0;
+            let mut n = 1;
+            while i + n < hashed.len() && hashed[i + n].0 == first + n as u64 {
+                n += 1;
+            }
+            let from = first * bs;
+            let to = ((first + n as u64) * bs).min(size);
+            let raw = &buf[(from - start) as usize..(to - start) as usize];
+            frames.push(self.frames.frame(first, n as u64, raw)?);
+            hashes.extend(hashed[i..i + n].iter().map(|x| x.1));
+            i += n;
+        }
+        Ok((frames, hashes, looked))
+    }
+}
+
+struct NewBlocksSink<'a, W: Write> {
+    inner: BlocksSink<'a, W>,
+    digest: SumDigest,
+    compared: u64,
+}
+
+impl<W: Write> Sink for NewBlocksSink<'_, W> {
+    type Item = NewBlocks;
+    fn put(&mut self, (frames, hashes, looked): NewBlocks) -> Result<()> {
+        for f in frames {
+            self.inner.send(f)?;
+        }
+        for h in &hashes {
+            self.digest.add(h);
+        }
+        self.compared += looked;
+        Ok(())
+    }
+}
+
 struct RunJob {
     seq: u64,
     first: u64,
@@ -662,6 +849,14 @@ impl Encoder for BlocksEncoder {
         let raw: &[u8] = &chunk.buf;
         let first = chunk.start / self.bs;
         let count = (raw.len() as u64).div_ceil(self.bs);
+        self.frame(first, count, raw)
+    }
+}
+
+impl BlocksEncoder {
+    /// The BLOCKS frame of `count` blocks from `first` (`raw`, the last
+    /// block cut at SRC's size), compressed when that makes it smaller.
+    fn frame(&mut self, first: u64, count: u64, raw: &[u8]) -> Result<EncodedBlocks> {
         let level = self.level.load(Ordering::Relaxed);
         let mut zstd = false;
         if level > 0 {
@@ -701,7 +896,17 @@ struct BlocksSink<'a, W: Write> {
 
 impl<W: Write> Sink for BlocksSink<'_, W> {
     type Item = EncodedBlocks;
-    fn put(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
+    fn put(&mut self, frame: EncodedBlocks) -> Result<()> {
+        let raw = frame.2;
+        self.send(frame)?;
+        self.progress.advance(raw);
+        Ok(())
+    }
+}
+
+impl<W: Write> BlocksSink<'_, W> {
+    /// Writes one frame (progress: wire and sent, not done).
+    fn send(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
         let arrived = Instant::now();
         self.fw.write_built(&f)?;
         self.progress.wire(f.len() as u64);
@@ -716,7 +921,6 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
         self.sent += count;
         self.data += raw;
         self.progress.sent(raw);
-        self.progress.advance(raw);
         Ok(())
     }
 }
@@ -898,15 +1102,31 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     // DST's hash cache, if it still describes DST (not after an
     // interruption: DST changed since). A cache not used is removed
     // before DST changes; a new one is written at the end.
+    // A qcow2 DST has one when it has no backing file (whose changes would
+    // change DST's guest view without touching DST's file) and is a file.
     let cache_path = match &target {
         Target::Existing {
             is_device: true, ..
+        } => None,
+        Target::Qcow2 { file, image, .. } => {
+            let backed = image
+                .qcow2()
+                .is_none_or(|q| q.header().backing_file.is_some());
+            let is_file = file.metadata().is_ok_and(|m| m.is_file());
+            if backed || !is_file {
+                None
+            } else {
+                opts.cache.as_deref().map(hashcache::path_for)
+            }
         }
-        | Target::Qcow2 { .. } => None,
         _ => opts.cache.as_deref().map(hashcache::path_for),
     };
     let mut cache = None;
-    if let (Some(cp), Target::Existing { file, .. }) = (&cache_path, &target) {
+    let dst_file = match &target {
+        Target::Existing { file, .. } | Target::Qcow2 { file, .. } => Some(file),
+        Target::New(_) => None,
+    };
+    if let (Some(cp), Some(file)) = (&cache_path, dst_file) {
         // Another user's cache (or a symlink) is neither used nor removed.
         hashcache::check_owned(cp).map_err(|u| {
             Error::Dest(std::io::Error::other(format!(
@@ -1116,6 +1336,11 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             params.key,
             digest,
         );
+        // For the new hash cache: what changed.
+        applier.changed_spool = match (&old_hashes, spool_dir) {
+            (Some(_), Some(d)) => hashcache::Spool::new_in(d).ok(),
+            _ => None,
+        };
         opts.changing.store(true, Ordering::Relaxed);
         send_msg(fw, &Message::Ready)?;
         fw.flush()?;
@@ -1147,10 +1372,28 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         if let Some(j) = applier.file.take_journal() {
             j.remove().map_err(jerr)?;
         }
+        let punched_runs = std::mem::take(&mut applier.punched_runs);
+        let changed = applier.changed_spool.take();
+        let (written, punched) = (applier.written, applier.punched);
+        drop(applier);
+        // The new hash cache (an optimisation: a failure only means the
+        // next sync reads DST).
+        if let (Some(cp), Some(mut old), Some(mut changed)) = (&cache_path, old_hashes, changed) {
+            let _ = hashcache::write(
+                cp,
+                file,
+                params.block_size,
+                params.key,
+                params.src_size,
+                &mut old,
+                &mut changed,
+                &punched_runs,
+            );
+        }
         let done = SyncDone {
             blocks_compared: compared,
-            blocks_written: applier.written,
-            blocks_punched: applier.punched,
+            blocks_written: written,
+            blocks_punched: punched,
             journal_bytes,
             qcow2: (opts.peer_caps & protocol::caps::BLOCK_CHOICE != 0).then_some(
                 crate::protocol::msg::Qcow2Done {
@@ -1166,7 +1409,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             done,
             existed: true,
             resumed,
-            cached: false,
+            cached: cache.is_some(),
             src_bytes_read: src_read,
             data,
             warnings,
@@ -1267,7 +1510,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
             f,
             params.block_size,
             params.key,
-            src_blocks,
+            params.src_size,
             &mut old,
             &mut changed,
             &punched_runs,

@@ -1,15 +1,18 @@
 //! The hash cache of a sync destination: `.NAME.imgsync-hashes` beside a
-//! raw file DST, written after a successful sync. It holds the keyed hash
-//! of every non-zero block of DST as the sync left it, with the key, the
-//! block size and DST's identity (device, inode, size, mtime, ctime). The
+//! raw file or qcow2 DST, written after a successful sync. It holds the
+//! keyed hash of every non-zero block of DST's content as the sync left it,
+//! with the key, the block size, the content's size (a qcow2's guest view is
+//! not its file's length) and DST's file identity (device, inode, size,
+//! mtime, ctime). The
 //! next sync into DST uses it instead of reading DST when the identity is
 //! unchanged (any write to the file changes its ctime, which no user can
 //! set), so a sync that finds little changed reads only SRC. `--checksum`
 //! skips it; block devices never have one (writes to a device do not
 //! change its node's times).
 //!
-//! Layout (big-endian): a 128-byte header (magic, version, block size,
-//! key, size, identity, entry count, crc32 of the header), `count` entries
+//! Layout (big-endian): a 136-byte header (magic, version, block size,
+//! key, file size, identity, entry count, content size, crc32 of the
+//! header), `count` entries
 //! of 40 bytes (block index, 32-byte hash) in increasing index order, and
 //! a crc32 of the entries. The file is written unnamed, fsynced and linked
 //! into place (`io::Output`); a file that fails any check is not used (DST
@@ -31,8 +34,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: [u8; 16] = *b"imgsync-hashes\0\0";
-const VERSION: u32 = 1;
-const HEADER_LEN: usize = 128;
+/// 2: the content size apart from the file's (version 1 caches, of raw
+/// files only, are not used: the next sync reads DST and writes anew).
+const VERSION: u32 = 2;
+const HEADER_LEN: usize = 136;
 /// Index (8) + hash (32).
 pub const ENTRY_LEN: usize = 40;
 
@@ -90,6 +95,8 @@ struct Header {
     key: [u8; 32],
     id: Identity,
     count: u64,
+    /// The size of the content hashed (blocks are cut at it).
+    content: u64,
 }
 
 fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
@@ -108,6 +115,7 @@ fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
         h.id.ctime.0 as u64,
         h.id.ctime.1 as u64,
         h.count,
+        h.content,
     ] {
         b[at..at + 8].copy_from_slice(&v.to_be_bytes());
         at += 8;
@@ -118,10 +126,10 @@ fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
 }
 
 fn decode_header(b: &[u8; HEADER_LEN]) -> Option<Header> {
-    if b[0..16] != MAGIC || b[16..20] != VERSION.to_be_bytes() || b[124..] != [0; 4] {
+    let at = 56 + 9 * 8;
+    if b[0..16] != MAGIC || b[16..20] != VERSION.to_be_bytes() || b[at + 4..] != [0; 4] {
         return None;
     }
-    let at = 56 + 8 * 8;
     let crc = u32::from_be_bytes(b[at..at + 4].try_into().ok()?);
     if crc != crc32fast::hash(&b[..at]) {
         return None;
@@ -138,6 +146,7 @@ fn decode_header(b: &[u8; HEADER_LEN]) -> Option<Header> {
             ctime: (u(5) as i64, u(6) as i64),
         },
         count: u(7),
+        content: u(8),
     })
 }
 
@@ -150,7 +159,8 @@ pub struct Cache {
 
 impl Cache {
     /// The cache at `path` if it describes `dst` as it is now, for this
-    /// block size and size; `None` if it is missing, damaged or stale.
+    /// block size and content size (a raw file's length, a qcow2's
+    /// virtual size); `None` if it is missing, damaged or stale.
     pub fn open(path: &Path, dst: &File, block_size: u32, size: u64) -> Option<Cache> {
         Self::load(path, Some(dst), block_size, size)
     }
@@ -179,7 +189,7 @@ impl Cache {
         let mut reader = BufReader::with_capacity(1 << 20, file);
         reader.read_exact(&mut b).ok()?;
         let h = decode_header(&b)?;
-        if h.block_size != block_size || h.id.size != size || block_size == 0 {
+        if h.block_size != block_size || h.content != size || block_size == 0 {
             return None;
         }
         if let Some(dst) = dst {
@@ -328,14 +338,15 @@ impl Spool {
 /// Writes the cache of `dst` (whose content is fsynced): the merge of
 /// `old` (DST's hashes before the sync, in order), `changed` (the blocks
 /// written, in order: their new hash, or none when zero) and `punched`
-/// (runs of blocks made holes, in order), for blocks below `blocks`.
+/// (runs of blocks made holes, in order), for the blocks of `content`
+/// bytes (the size the hashes were cut at).
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     path: &Path,
     dst: &File,
     block_size: u32,
     key: [u8; 32],
-    blocks: u64,
+    content: u64,
     old: &mut Spool,
     changed: &mut Spool,
     punched: &[(u64, u64)],
@@ -343,6 +354,10 @@ pub fn write(
     if old.failed || changed.failed {
         return Err(io::Error::other("a hash spool could not be written"));
     }
+    if block_size == 0 {
+        return Err(io::Error::other("block size 0"));
+    }
+    let blocks = content.div_ceil(u64::from(block_size));
     let before = Identity::of(dst)?;
     // Let the clock move past DST's ctime (see the module comment).
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -427,6 +442,7 @@ pub fn write(
                 key,
                 id,
                 count,
+                content,
             }),
             0,
         )?;
@@ -459,35 +475,37 @@ mod tests {
         changed.push(3, Some(&h(103))); // rewritten
         changed.push(5, None); // now zeros
         changed.push(8, Some(&h(108)));
-        // Block 7 punched; block 9 is past the new end (9 blocks).
+        // Block 7 punched; block 9 is past the new end (9 blocks: the
+        // content is shorter than the file, as a qcow2's guest view is
+        // not its file's length).
         write(
             &cache,
             &dst,
             4096,
             [9; 32],
-            9,
+            9 * 4096,
             &mut old,
             &mut changed,
             &[(6, 2)],
         )
         .unwrap();
-        // The size must match: 10 blocks of 4 KiB were written above.
-        assert!(Cache::open(&cache, &dst, 4096, 9 * 4096).is_none());
-        let mut c = Cache::open(&cache, &dst, 4096, 10 * 4096).expect("valid cache");
+        // The content size must match, whatever the file's.
+        assert!(Cache::open(&cache, &dst, 4096, 10 * 4096).is_none());
+        let mut c = Cache::open(&cache, &dst, 4096, 9 * 4096).expect("valid cache");
         assert_eq!(c.key(), [9; 32]);
         let mut v = Vec::new();
         c.read_batch(&mut v, 100).unwrap();
         let got: Vec<(u64, u8)> = v.iter().map(|(i, x)| (*i, x[0])).collect();
         assert_eq!(got, vec![(0, 0), (1, 101), (2, 2), (3, 103), (8, 108)]);
         // Another block size: not used.
-        assert!(Cache::open(&cache, &dst, 8192, 10 * 4096).is_none());
+        assert!(Cache::open(&cache, &dst, 8192, 9 * 4096).is_none());
         // A damaged entry: not used.
         let mut bytes = std::fs::read(&cache).unwrap();
         bytes[HEADER_LEN + 20] ^= 1;
         let damaged = dir.path().join("damaged");
         std::fs::write(&damaged, &bytes).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(Cache::open(&damaged, &dst, 4096, 10 * 4096).is_none());
+        assert!(Cache::open(&damaged, &dst, 4096, 9 * 4096).is_none());
         // DST written after the cache: its ctime moves, the cache is stale.
         std::fs::OpenOptions::new()
             .write(true)
@@ -495,7 +513,7 @@ mod tests {
             .unwrap()
             .write_all(b"x")
             .unwrap();
-        assert!(Cache::open(&cache, &dst, 4096, 10 * 4096).is_none());
+        assert!(Cache::open(&cache, &dst, 4096, 9 * 4096).is_none());
     }
 
     #[test]
@@ -508,10 +526,20 @@ mod tests {
         let mut old = Spool::new_in(dir.path()).unwrap();
         old.push(0, Some(&h(1)));
         let mut changed = Spool::new_in(dir.path()).unwrap();
-        write(&cache, &dst, 4096, [1; 32], 1, &mut old, &mut changed, &[]).unwrap();
+        write(
+            &cache,
+            &dst,
+            4096,
+            [1; 32],
+            4096,
+            &mut old,
+            &mut changed,
+            &[],
+        )
+        .unwrap();
         assert!(Cache::open(&cache, &dst, 4096, 4096).is_some());
         let good = std::fs::read(&cache).unwrap();
-        for at in [0, 17, 30, 60, 120, 124, good.len() - 1] {
+        for at in [0, 17, 30, 60, 120, 124, 128, 132, good.len() - 1] {
             let mut b = good.clone();
             b[at] ^= 0x40;
             std::fs::write(&cache, &b).unwrap();
@@ -524,7 +552,17 @@ mod tests {
         old.read_next().unwrap();
         old.push(1, Some(&h(2)));
         let mut changed = Spool::new_in(dir.path()).unwrap();
-        assert!(write(&cache, &dst, 4096, [1; 32], 1, &mut old, &mut changed, &[]).is_err());
+        assert!(write(
+            &cache,
+            &dst,
+            4096,
+            [1; 32],
+            4096,
+            &mut old,
+            &mut changed,
+            &[]
+        )
+        .is_err());
         assert!(!cache.exists());
         // Truncated, or with an entry count that overflows.
         std::fs::write(&cache, &good[..good.len() - 2]).unwrap();

@@ -221,10 +221,59 @@ fn a_new_dst_is_made_in_srcs_format_reading_src_once() {
         &env.path("new.qcow2"),
         "identical",
     );
-    // -O raw makes a raw copy of a qcow2 SRC.
-    let out = env.imgsync(&["sync", "-q", "-O", "raw", "disk.qcow2", "flat.raw"]);
-    ok(&out, "-O raw");
+    // -O raw makes a raw copy of a qcow2 SRC, SRC read once there too
+    // (each block hashed for the digest and the hash cache as it is sent).
+    let out = env.imgsync(&[
+        "sync",
+        "-q",
+        "--output",
+        "json",
+        "-O",
+        "raw",
+        "disk.qcow2",
+        "flat.raw",
+    ]);
+    let r = json(&out, "-O raw");
     made_as(&env, "disk.qcow2", &env.path("flat.raw"), "raw", "-O raw");
+    let read = r["bytes-read"].as_u64().unwrap();
+    assert!(
+        read <= data,
+        "-O raw: SRC read more than once: {read} of {data}: {r}"
+    );
+    // ... and the next sync takes DST's hashes from its cache.
+    let out = env.imgsync(&[
+        "sync",
+        "-q",
+        "--output",
+        "json",
+        "-O",
+        "raw",
+        "disk.qcow2",
+        "flat.raw",
+    ]);
+    let r = json(&out, "-O raw again");
+    assert_eq!(r["destination-hashes"], "cache", "{r}");
+    assert_eq!(r["blocks-sent"], 0, "{r}");
+    // A raw SRC into an absent raw DST: read once, its zeros not sent.
+    let out = env.imgsync(&["sync", "-q", "--output", "json", "flat.raw", "flat2.raw"]);
+    let r = json(&out, "raw to raw");
+    made_as(
+        &env,
+        "disk.qcow2",
+        &env.path("flat2.raw"),
+        "raw",
+        "raw to raw",
+    );
+    let read = r["bytes-read"].as_u64().unwrap();
+    let src_data = crate::common::data_regions(&env.path("flat.raw"));
+    assert!(
+        read <= src_data,
+        "raw to raw: SRC read more than once: {read} of {src_data}: {r}"
+    );
+    assert!(
+        crate::common::data_regions(&env.path("flat2.raw")) <= src_data,
+        "raw to raw: DST less sparse than SRC"
+    );
     // -c asks for a qcow2: refused with a raw DST.
     let out = env.imgsync(&["sync", "-c", "-O", "raw", "disk.qcow2", "no.raw"]);
     assert_one_line_error(&out, "-c -O raw");
@@ -320,6 +369,39 @@ fn a_new_qcow2_dst_over_ssh_push_and_pull() {
             "qcow2",
             &format!("pull {via:?}"),
         );
+        // A new raw DST pushed and pulled: SRC read once by the sender.
+        let data = 3 * MIB + 256 * 1024;
+        for (what, from, to) in [
+            (
+                "raw push",
+                "disk.qcow2".to_string(),
+                url(&sshd, &env.path(&format!("r-{via:?}.raw"))),
+            ),
+            (
+                "raw pull",
+                url(&sshd, &env.path("disk.qcow2")),
+                format!("l-{via:?}.raw"),
+            ),
+        ] {
+            let mut a = vec![
+                "sync".to_string(),
+                "-q".into(),
+                "--output".into(),
+                "json".into(),
+            ];
+            a.extend(ssh_args(&sshd, via, BIN));
+            a.extend(["-O".into(), "raw".into(), from, to]);
+            let r = json(&run(&env, &sshd, &a, &[]), what);
+            let read = r["bytes-read"].as_u64().unwrap();
+            assert!(
+                read <= data,
+                "{what} {via:?}: SRC read more than once: {read}: {r}"
+            );
+            assert_eq!(r["destination-existed"], false, "{what}: {r}");
+        }
+        for name in [format!("r-{via:?}.raw"), format!("l-{via:?}.raw")] {
+            made_as(&env, "disk.qcow2", &env.path(&name), "raw", &name);
+        }
         // The second push finds a qcow2 there and updates it in place.
         qcow2(&env, "disk2.qcow2", 0x52);
         let mut a = vec!["sync".to_string(), "-q".into()];

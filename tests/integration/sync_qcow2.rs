@@ -565,3 +565,100 @@ fn a_qcow2_dst_far_larger_than_its_file_system_syncs_when_the_change_fits() {
     assert!(bytes(&env, dst) == before, "DST changed");
     assert!(!env.path("small/.dst.qcow2.imgsync-journal").exists());
 }
+
+/// A qcow2 DST's hash cache (`.NAME.imgsync-hashes`): written after a
+/// sync, used by the next one while DST's file is unchanged (its guest
+/// view then is too), so DST is not read; not used once anything wrote
+/// DST (qemu-io here), and never kept for a DST with a backing file,
+/// whose guest view a change of the backing file would change.
+#[test]
+fn a_qcow2_dsts_hash_cache_is_used_only_while_its_file_is_unchanged() {
+    let env = qemu_env!();
+    let hashes = |r: &Value| r["destination-hashes"].as_str().unwrap().to_string();
+    env.create("dst.qcow2", Qcow2::new(SIZE))
+        .write(&base_ops(false, 64 * KIB));
+    env.qemu_img(&["convert", "-O", "raw", "dst.qcow2", "src.raw"]);
+    write_at(
+        &env.path("src.raw"),
+        3 * MIB,
+        &random_bytes(100 * KIB as usize, 9, false),
+    );
+    let cache = env.path(".dst.qcow2.imgsync-hashes");
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "first");
+    assert_eq!(hashes(&r), "read", "{r}");
+    assert!(cache.exists(), "no cache after the first sync");
+    same(&env, "src.raw", "dst.qcow2", "first");
+    // Unchanged: hashes from the cache, nothing sent, DST's file as it was.
+    let before = fs::read(env.path("dst.qcow2")).unwrap();
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "no change");
+    assert_eq!(hashes(&r), "cache", "{r}");
+    assert_eq!(r["blocks-sent"], 0, "{r}");
+    assert!(
+        fs::read(env.path("dst.qcow2")).unwrap() == before,
+        "DST's file changed"
+    );
+    // SRC changed (written, punched, zeros over data): the cache stands
+    // for DST's old content, the new one follows what was written.
+    write_at(
+        &env.path("src.raw"),
+        41 * MIB,
+        &random_bytes(4 * KIB as usize, 10, false),
+    );
+    punch(&env.path("src.raw"), 8 * MIB, MIB);
+    write_at(&env.path("src.raw"), 20 * MIB, &vec![0; 256 * KIB as usize]);
+    for what in ["changed", "changed again"] {
+        let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), what);
+        assert_eq!(hashes(&r), "cache", "{what}: {r}");
+        check_clean(&env, "dst.qcow2", what);
+        same(&env, "src.raw", "dst.qcow2", what);
+        write_at(
+            &env.path("src.raw"),
+            50 * MIB,
+            &random_bytes(KIB as usize, 11, false),
+        );
+    }
+    // DST written behind imgsync's back (same guest size): not used, and
+    // the change is undone.
+    env.qemu_io(
+        "qcow2",
+        "dst.qcow2",
+        &[Op::Pattern(0x33, 12 * MIB, 64 * KIB)],
+    );
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "poked");
+    assert_eq!(hashes(&r), "read", "{r}");
+    // A hole in SRC: the poked cluster is made zero again.
+    assert_eq!(r["blocks-sent"], 0, "{r}");
+    assert_eq!(r["holes-punched"], 1, "{r}");
+    same(&env, "src.raw", "dst.qcow2", "poked");
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "after poked");
+    assert_eq!(hashes(&r), "cache", "{r}");
+    assert_eq!(r["blocks-sent"], 0, "{r}");
+    // --checksum reads DST.
+    let r = json(
+        &sync(&env, &["--checksum", "src.raw", "dst.qcow2"]),
+        "checksum",
+    );
+    assert_eq!(hashes(&r), "read", "{r}");
+    // SRC grown: another size, DST read.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(env.path("src.raw"))
+        .unwrap()
+        .set_len(SIZE + 8 * MIB)
+        .unwrap();
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "grown");
+    assert_eq!(hashes(&r), "read", "{r}");
+    same(&env, "src.raw", "dst.qcow2", "grown");
+    let r = json(&sync(&env, &["src.raw", "dst.qcow2"]), "after grown");
+    assert_eq!(hashes(&r), "cache", "{r}");
+    // A DST with a backing file: no cache.
+    env.create("base.qcow2", Qcow2::new(SIZE + 8 * MIB))
+        .write(&[Op::Data(0, 4 * MIB)]);
+    env.create("top.qcow2", Qcow2::overlay("base.qcow2", "qcow2"));
+    for what in ["backed", "backed again"] {
+        let r = json(&sync(&env, &["src.raw", "top.qcow2"]), what);
+        assert_eq!(hashes(&r), "read", "{what}: {r}");
+        same(&env, "src.raw", "top.qcow2", what);
+    }
+    assert!(!env.path(".top.qcow2.imgsync-hashes").exists());
+}
