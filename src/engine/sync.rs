@@ -1111,7 +1111,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         Target::Qcow2 { file, image, .. } => {
             let backed = image
                 .qcow2()
-                .is_none_or(|q| q.header().backing_file.is_some());
+                .map_or(true, |q| q.header().backing_file.is_some());
             let is_file = file.metadata().is_ok_and(|m| m.is_file());
             if backed || !is_file {
                 None
