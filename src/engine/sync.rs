@@ -1012,6 +1012,10 @@ pub struct Received {
     pub warnings: Vec<String>,
 }
 
+/// `progress` (a pull's, where this end is the client): comparing is
+/// hashing DST's data, then writing what arrives; each BLOCKS frame read
+/// counts on the wire.
+#[allow(clippy::too_many_arguments)]
 pub fn sync_receive<R: Read + Send, W: Write>(
     target: Target,
     fr: &mut FrameReader<R>,
@@ -1019,6 +1023,43 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     limits: &Limits,
     params: &SyncParams,
     opts: &SyncReceiveOptions,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Received> {
+    let r = receive(target, fr, fw, limits, params, opts, progress, cancel);
+    if r.is_ok() {
+        progress.finish();
+    }
+    r
+}
+
+/// Counts the frames read and written since the last call on the wire.
+struct WireTick {
+    last: u64,
+}
+
+impl WireTick {
+    fn tick<R: Read, W: Write>(
+        &mut self,
+        fr: &FrameReader<R>,
+        fw: &FrameWriter<W>,
+        progress: &dyn Progress,
+    ) {
+        let now = fr.bytes + fw.bytes;
+        progress.wire(now.saturating_sub(self.last));
+        self.last = now;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive<R: Read + Send, W: Write>(
+    target: Target,
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    params: &SyncParams,
+    opts: &SyncReceiveOptions,
+    progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Received> {
     // A qcow2 DST: its updater (refusing what it cannot update before
@@ -1184,6 +1225,20 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     };
     let mut digest = SumDigest::default();
     let mut compared = 0;
+    let mut wire = WireTick {
+        last: fr.bytes + fw.bytes,
+    };
+    // Comparing: DST's data hashed (nothing read with its hash cache).
+    let hashed_total = match &target {
+        Target::Existing { image, .. } | Target::Qcow2 { image, .. } if cache.is_none() => {
+            plan::summarize(image, 1)?.data_bytes
+        }
+        _ => 0,
+    };
+    progress.start(hashed_total);
+    if exists {
+        progress.phase(super::Phase::Compare);
+    }
     if let Target::Existing { image, .. } | Target::Qcow2 { image, .. } = &target {
         let mut sink = HashSink {
             fw: &mut *fw,
@@ -1207,14 +1262,7 @@ pub fn sync_receive<R: Read + Send, W: Write>(
                 sink.put((std::mem::take(&mut v), 0))?;
             }
         } else {
-            hash_pipeline(
-                image,
-                params,
-                &mut sink,
-                opts.workers,
-                &super::NoProgress,
-                cancel,
-            )?;
+            hash_pipeline(image, params, &mut sink, opts.workers, progress, cancel)?;
         }
         sink.flush()?;
         digest = sink.digest;
@@ -1225,6 +1273,18 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     let plan = match recv_msg(fr, limits, kind::PLAN)? {
         Message::Plan(p) => p,
         m => return Err(unexpected("PLAN", &m)),
+    };
+    wire.tick(fr, fw, progress);
+    // Writing: what the plan says comes (at most; the last block may be
+    // short, and a new DST's count is what SRC's map says holds data).
+    let coming = plan.send_blocks.saturating_mul(bs).min(params.src_size);
+    progress.grow(coming);
+    progress.phase(super::Phase::Write);
+    let mut receiving = Receiving {
+        progress,
+        wire: &mut wire,
+        coming,
+        received: 0,
     };
     // Room for the journal and the new allocation, before anything changes.
     let journal_need = if params.journal && exists {
@@ -1359,8 +1419,17 @@ pub fn sync_receive<R: Read + Send, W: Write>(
         if changes {
             applier.grow()?;
         }
-        let ((src_digest, src_read), data) =
-            recv_changes(fr, limits, params, src_blocks, cancel, &mut applier)?;
+        let ((src_digest, src_read), data) = recv_changes(
+            fr,
+            fw,
+            limits,
+            params,
+            src_blocks,
+            cancel,
+            &mut applier,
+            &mut receiving,
+        )?;
+        receiving.end();
         let stats = applier.finish()?;
         applier.verify(file)?;
         if applier.digest.bytes() != src_digest {
@@ -1475,7 +1544,17 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     send_msg(fw, &Message::Ready)?;
     fw.flush()?;
 
-    let (end, data_bytes) = recv_changes(fr, limits, params, src_blocks, cancel, &mut applier)?;
+    let (end, data_bytes) = recv_changes(
+        fr,
+        fw,
+        limits,
+        params,
+        src_blocks,
+        cancel,
+        &mut applier,
+        &mut receiving,
+    )?;
+    receiving.end();
     applier.flush()?;
     applier.finish_size()?;
     let (src_digest, src_read) = end;
@@ -1560,16 +1639,47 @@ impl Apply for super::qcow2_dst::Qcow2Applier<'_> {
     }
 }
 
+/// The receiver's progress while changes arrive.
+struct Receiving<'a> {
+    progress: &'a dyn Progress,
+    wire: &'a mut WireTick,
+    /// What the plan announced (bytes).
+    coming: u64,
+    received: u64,
+}
+
+impl Receiving<'_> {
+    fn got<R: Read, W: Write>(&mut self, bytes: u64, fr: &FrameReader<R>, fw: &FrameWriter<W>) {
+        let counted = bytes.min(self.coming.saturating_sub(self.received));
+        self.received += counted;
+        self.progress.advance(counted);
+        self.wire.tick(fr, fw, self.progress);
+    }
+
+    /// Everything arrived: the part of the announced total that did not
+    /// come (zero blocks of a new DST, a short last block) is done too,
+    /// and what is left is checking and making it durable.
+    fn end(&mut self) {
+        self.progress
+            .advance(self.coming.saturating_sub(self.received));
+        self.received = self.coming;
+        self.progress.phase(super::Phase::Verify);
+    }
+}
+
 /// The sender's PUNCH and BLOCKS frames up to SYNC_END, checked against
 /// SRC's size and handed to `applier`. Returns SYNC_END's digest and bytes
 /// read, and the block bytes received.
-fn recv_changes<R: Read>(
+#[allow(clippy::too_many_arguments)]
+fn recv_changes<R: Read, W: Write>(
     fr: &mut FrameReader<R>,
+    fw: &FrameWriter<W>,
     limits: &Limits,
     params: &SyncParams,
     src_blocks: u64,
     cancel: &AtomicBool,
     applier: &mut dyn Apply,
+    receiving: &mut Receiving,
 ) -> Result<(([u8; 32], u64), u64)> {
     let bs = u64::from(params.block_size);
     let mut zstd_buf = Vec::new();
@@ -1615,6 +1725,7 @@ fn recv_changes<R: Read>(
                     b.payload
                 };
                 data_bytes += data.len() as u64;
+                receiving.got(data.len() as u64, fr, fw);
                 applier.put_blocks(b.first, data)?;
             }
             Message::Punch { first, count } => {

@@ -1227,6 +1227,7 @@ impl Client {
                 changing,
                 peer_caps: self.caps,
             },
+            progress,
             &cancel,
         );
         let src_name = location_name(&self.host, path);

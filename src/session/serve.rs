@@ -640,6 +640,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
                 changing: self.opts.changing.clone(),
                 peer_caps: self.caps,
             },
+            &crate::engine::NoProgress,
             &self.opts.cancel,
         )
         // Everything the receiver reads or writes is DST (its old content

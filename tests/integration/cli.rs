@@ -172,6 +172,48 @@ fn progress_json_of_a_push_and_a_sync_over_ssh() {
     }
 }
 
+/// The receiving end reports too: a pull sync (this end hashes DST,
+/// then writes what arrives), into an absent DST and after a change.
+#[test]
+fn progress_json_of_a_sync_pull() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    source(&env, "src.raw");
+    for round in 0..3 {
+        if round > 0 {
+            env.qemu_io("raw", "src.raw", &[Op::Data(20 * MIB + round * MIB, MIB)]);
+        }
+        let mut args = vec!["sync".to_string(), "--progress=json".into()];
+        if round == 2 {
+            args.push("--checksum".into());
+        }
+        args.extend(ssh_args(&sshd, Via::Builtin, BIN));
+        args.push(url(&sshd, &env.path("src.raw")));
+        args.push("pulled.raw".into());
+        let out = crate::remote::run(&env, &sshd, &args, &[]);
+        let what = format!("pull {round}");
+        ok(&out, &what);
+        let lines = progress_lines(&String::from_utf8_lossy(&out.stderr), &what);
+        let phases = check_stream(&lines, &what);
+        let last = lines.last().unwrap();
+        let wire = last["wire"].as_u64().unwrap();
+        if round == 0 {
+            assert_eq!(phases, ["write", "verify", "done"], "{what}");
+            // SRC's 24 MiB written; random data crosses nearly whole.
+            assert_eq!(last["total"], 24 * MIB, "{what}: {last}");
+            assert!(wire > 20 * MIB && wire < 26 * MIB, "{what}: wire {last}");
+        } else {
+            assert_eq!(phases, ["compare", "write", "verify", "done"], "{what}");
+            // The changed MiB written, after DST's hashes: from its hash
+            // cache, or (--checksum) DST's 24 MiB read and hashed.
+            let hashed = if round == 2 { 24 * MIB } else { 0 };
+            assert_eq!(last["total"], hashed + MIB, "{what}: {last}");
+            assert!(wire > MIB && wire < 3 * MIB, "{what}: wire {last}");
+        }
+        crate::remote::same(&env, &env.path("src.raw"), &env.path("pulled.raw"));
+    }
+}
+
 #[test]
 fn progress_json_goes_to_progress_fd() {
     let env = qemu_env!();
