@@ -540,14 +540,7 @@ pub fn sync_send_after<R: Read, W: Write>(
             Ok(j)
         });
     let level = Arc::new(AtomicI32::new(opts.level));
-    let mut sink = BlocksSink {
-        fw,
-        progress,
-        sent: 0,
-        data: 0,
-        tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
-        last: None,
-    };
+    let mut sink = BlocksSink::new(fw, progress, opts, &level);
     let source = RunSource {
         image,
         bs,
@@ -565,21 +558,15 @@ pub fn sync_send_after<R: Read, W: Write>(
         cancel,
     )?;
     let (blocks_sent, data_sent) = (sink.sent, sink.data);
-    send_msg(
+    let done = end_send(
+        fr,
         fw,
-        &Message::SyncEnd {
-            digest: digest.bytes(),
-            blocks: blocks_sent,
-            bytes_read: stats.bytes_read + sent_stats.bytes_read,
-        },
+        limits,
+        progress,
+        &digest,
+        blocks_sent,
+        stats.bytes_read + sent_stats.bytes_read,
     )?;
-    fw.flush()?;
-    progress.phase(super::Phase::Verify);
-    let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
-        Message::SyncDone(d) => d,
-        m => return Err(unexpected("SYNC_DONE", &m)),
-    };
-    progress.finish();
     Ok(SyncReport {
         src_size: params.src_size,
         dst_existed: info.exists,
@@ -593,6 +580,36 @@ pub fn sync_send_after<R: Read, W: Write>(
         done,
         elapsed: started.elapsed(),
     })
+}
+
+/// The sender's last word (SYNC_END: SRC's digest, blocks sent, bytes
+/// read) and the receiver's verdict.
+#[allow(clippy::too_many_arguments)]
+fn end_send<R: Read, W: Write>(
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    limits: &Limits,
+    progress: &dyn Progress,
+    digest: &SumDigest,
+    blocks: u64,
+    bytes_read: u64,
+) -> Result<SyncDone> {
+    send_msg(
+        fw,
+        &Message::SyncEnd {
+            digest: digest.bytes(),
+            blocks,
+            bytes_read,
+        },
+    )?;
+    fw.flush()?;
+    progress.phase(super::Phase::Verify);
+    let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
+        Message::SyncDone(d) => d,
+        m => return Err(unexpected("SYNC_DONE", &m)),
+    };
+    progress.finish();
+    Ok(done)
 }
 
 /// A sync whose DST does not exist: nothing to compare, so SRC is read
@@ -629,14 +646,7 @@ fn send_new<R: Read, W: Write>(
     progress.phase(super::Phase::Send);
     let level = Arc::new(AtomicI32::new(opts.level));
     let mut sink = NewBlocksSink {
-        inner: BlocksSink {
-            fw,
-            progress,
-            sent: 0,
-            data: 0,
-            tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(&level))),
-            last: None,
-        },
+        inner: BlocksSink::new(fw, progress, opts, &level),
         digest: SumDigest::default(),
         compared: 0,
     };
@@ -671,21 +681,15 @@ fn send_new<R: Read, W: Write>(
         ..
     } = sink;
     let (fw, blocks_sent, data_sent) = (inner.fw, inner.sent, inner.data);
-    send_msg(
+    let done = end_send(
+        fr,
         fw,
-        &Message::SyncEnd {
-            digest: digest.bytes(),
-            blocks: blocks_sent,
-            bytes_read: stats.bytes_read,
-        },
+        limits,
+        progress,
+        &digest,
+        blocks_sent,
+        stats.bytes_read,
     )?;
-    fw.flush()?;
-    progress.phase(super::Phase::Verify);
-    let done = match recv_msg(fr, limits, kind::SYNC_DONE)? {
-        Message::SyncDone(d) => d,
-        m => return Err(unexpected("SYNC_DONE", &m)),
-    };
-    progress.finish();
     Ok(SyncReport {
         src_size: params.src_size,
         dst_existed: false,
@@ -904,7 +908,23 @@ impl<W: Write> Sink for BlocksSink<'_, W> {
     }
 }
 
-impl<W: Write> BlocksSink<'_, W> {
+impl<'a, W: Write> BlocksSink<'a, W> {
+    fn new(
+        fw: &'a mut FrameWriter<W>,
+        progress: &'a dyn Progress,
+        opts: &SyncSendOptions,
+        level: &Arc<AtomicI32>,
+    ) -> Self {
+        BlocksSink {
+            fw,
+            progress,
+            sent: 0,
+            data: 0,
+            tuner: (opts.adaptive && opts.level > 0).then(|| LevelTuner::new(Arc::clone(level))),
+            last: None,
+        }
+    }
+
     /// Writes one frame (progress: wire and sent, not done).
     fn send(&mut self, (f, count, raw): EncodedBlocks) -> Result<()> {
         let arrived = Instant::now();

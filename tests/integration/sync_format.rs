@@ -223,17 +223,19 @@ fn a_new_dst_is_made_in_srcs_format_reading_src_once() {
     );
     // -O raw makes a raw copy of a qcow2 SRC, SRC read once there too
     // (each block hashed for the digest and the hash cache as it is sent).
-    let out = env.imgsync(&[
-        "sync",
-        "-q",
-        "--output",
-        "json",
-        "-O",
-        "raw",
-        "disk.qcow2",
-        "flat.raw",
-    ]);
-    let r = json(&out, "-O raw");
+    let to_raw = || {
+        env.imgsync(&[
+            "sync",
+            "-q",
+            "--output",
+            "json",
+            "-O",
+            "raw",
+            "disk.qcow2",
+            "flat.raw",
+        ])
+    };
+    let r = json(&to_raw(), "-O raw");
     made_as(&env, "disk.qcow2", &env.path("flat.raw"), "raw", "-O raw");
     let read = r["bytes-read"].as_u64().unwrap();
     assert!(
@@ -241,17 +243,7 @@ fn a_new_dst_is_made_in_srcs_format_reading_src_once() {
         "-O raw: SRC read more than once: {read} of {data}: {r}"
     );
     // ... and the next sync takes DST's hashes from its cache.
-    let out = env.imgsync(&[
-        "sync",
-        "-q",
-        "--output",
-        "json",
-        "-O",
-        "raw",
-        "disk.qcow2",
-        "flat.raw",
-    ]);
-    let r = json(&out, "-O raw again");
+    let r = json(&to_raw(), "-O raw again");
     assert_eq!(r["destination-hashes"], "cache", "{r}");
     assert_eq!(r["blocks-sent"], 0, "{r}");
     // A raw SRC into an absent raw DST: read once, its zeros not sent.
