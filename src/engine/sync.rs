@@ -984,6 +984,10 @@ pub enum Target {
         /// An interrupted sync's journal was rolled back first: this sync
         /// starts afresh from the image before it (a qcow2 DST resumes so).
         rolled_back: bool,
+        /// Every file `image` reads (DST and its backing chain), by the
+        /// descriptors it reads them through (`serve --restrict` checks
+        /// that each lies inside its directory).
+        chain: crate::io::watch::SourceWatch,
     },
 }
 

@@ -279,7 +279,12 @@ impl Jail {
 
     /// Every file of an opened source (the image and its chain).
     fn check_source(&self, source: &Source) -> Result<()> {
-        for (path, file) in source.watch.files() {
+        self.check_files(&source.watch)
+    }
+
+    /// Every file of an image's chain, by its descriptor.
+    fn check_files(&self, chain: &crate::io::watch::SourceWatch) -> Result<()> {
+        for (path, file) in chain.files() {
             self.check_open(file.as_fd(), path)?;
         }
         Ok(())
@@ -561,18 +566,12 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
         match &target {
             Target::New(out) => self.check_open(out.file().as_fd(), &dst)?,
             Target::Existing { file, .. } => self.check_open(file.as_fd(), &dst)?,
-            Target::Qcow2 { file, image, .. } => {
+            Target::Qcow2 { file, chain, .. } => {
                 self.check_open(file.as_fd(), &dst)?;
-                // Its backing chain would be read (hashed) too: under
-                // --restrict a qcow2 DST stands alone.
-                let backed = image
-                    .qcow2()
-                    .is_some_and(|q| q.header().backing_file.is_some());
-                if backed && self.jail.is_some() {
-                    return Err(Error::said(format!(
-                        "{}: refused: a qcow2 DST with a backing file is not synced under --restrict",
-                        dst.display()
-                    )));
+                // Its backing chain is read (hashed) too: each file must
+                // lie inside DIR, as a source's.
+                if let Some(j) = &self.jail {
+                    j.check_files(chain)?;
                 }
             }
         }

@@ -10,7 +10,7 @@ use imgsync_formats::{Format, Storage};
 
 use super::{Error, Result};
 use crate::engine::sync::{SendState, Target};
-use crate::io::{journal, lock, open_image, LocalFile, Locking, OpenOptions, Output};
+use crate::io::{journal, lock, open_image, open_source, LocalFile, Locking, OpenOptions, Output};
 
 /// DST as the receiver sees it: an existing raw file or block device, or
 /// a new output when absent. `format` is an existing DST's format as the
@@ -125,7 +125,7 @@ fn open_qcow2(dst: &Path, file: std::fs::File, meta: &std::fs::Metadata) -> Resu
     };
     // DST's guest view, its backing chain included (read-only, through a
     // second descriptor: `file`'s locks cover it).
-    let image = open_image(
+    let view = open_source(
         dst,
         OpenOptions {
             format: Some(Format::Qcow2),
@@ -135,12 +135,13 @@ fn open_qcow2(dst: &Path, file: std::fs::File, meta: &std::fs::Metadata) -> Resu
     )
     .map_err(Error::other)?;
     Ok(Target::Qcow2 {
-        size: image.virtual_size(),
+        size: view.image.virtual_size(),
         file,
-        image,
+        image: view.image,
         id,
         journal_path,
         rolled_back,
+        chain: view.watch,
     })
 }
 

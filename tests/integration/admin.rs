@@ -328,6 +328,47 @@ fn forced_restrict_keeps_every_path_inside_dir() {
         line.contains(&format!("{}: refused: outside", base.display())),
         "{line}"
     );
+    // The same overlay as a sync DST: its guest view would be read
+    // (hashed) through the backing file outside DIR, so refused by that
+    // file's name, and left as it was.
+    let before = fs::read(&overlay).unwrap();
+    let out = forced(
+        &env,
+        &sshd,
+        &["sync", &s, &at(&sshd, &overlay.display().to_string())],
+        &[],
+    );
+    let line = assert_one_line_error(&out, "qcow2 DST backed outside DIR");
+    assert!(
+        line.contains(&format!("{}: refused: outside", base.display())),
+        "{line}"
+    );
+    assert!(fs::read(&overlay).unwrap() == before, "the overlay changed");
+    // A qcow2 DST whose backing file lies inside DIR is synced in place.
+    let inner_base = b.dir.join("base.raw");
+    fs::write(&inner_base, random_bytes(2 * MIB as usize, 5, false)).unwrap();
+    let inner = b.dir.join("inner.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&inner_base)
+        .arg(&inner)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = forced(
+        &env,
+        &sshd,
+        &["sync", &s, &at(&sshd, &inner.display().to_string())],
+        &[],
+    );
+    ok(&out, "sync into a qcow2 DST backed inside DIR");
+    let cmp = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&src)
+        .arg(&inner)
+        .status()
+        .unwrap();
+    assert!(cmp.success(), "the backed qcow2 DST is not SRC");
 }
 
 #[test]
