@@ -124,7 +124,20 @@ pub fn handshake<R: Read, W: Write + Send + 'static>(
     fr: &mut FrameReader<R>,
     fw: &mut FrameWriter<W>,
 ) -> Result<Negotiated> {
-    let ours = protocol::msg::Hello::ours();
+    handshake_offering(fr, fw, protocol::caps::ALL)
+}
+
+/// [`handshake`] offering only the capabilities `caps` in HELLO (a serve
+/// made to act as an older one, for tests).
+pub fn handshake_offering<R: Read, W: Write + Send + 'static>(
+    fr: &mut FrameReader<R>,
+    fw: &mut FrameWriter<W>,
+    caps: u64,
+) -> Result<Negotiated> {
+    let ours = protocol::msg::Hello {
+        caps,
+        ..protocol::msg::Hello::ours()
+    };
     send_msg(fw, &Message::Hello(ours))?;
     fw.flush()?;
     match recv_hello(fr, &ours.limits)? {

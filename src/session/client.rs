@@ -1081,7 +1081,9 @@ impl Client {
     ) -> Result<(SyncReport, u64)> {
         let changing = Arc::new(AtomicBool::new(false));
         let cancel = self.cancel.clone();
-        let existed = Some(matches!(target, Target::Existing { .. }));
+        // Any DST but a new one existed: a qcow2 DST counted as absent had
+        // its failure line say nothing of its journal.
+        let existed = Some(!matches!(target, Target::New(_)));
         if matches!(target, Target::New(_)) && opts.new_format == Some(Format::Qcow2) {
             // DST absent, to be made a qcow2: a pull of the whole image,
             // SRC read once.

@@ -20,7 +20,7 @@ use imgsync_formats::Format;
 use super::error::named;
 use super::{format_of, Error, Query, Result, AUTO_LEVEL};
 use crate::engine::convert::{self, ConvertOptions};
-use crate::engine::remote::{self, handshake, recv_msg, send_msg, SendOptions};
+use crate::engine::remote::{self, handshake_offering, recv_msg, send_msg, SendOptions};
 use crate::engine::sync::Target;
 use crate::engine::{self, NoProgress};
 use crate::io::confine::{ConfineError, Confined};
@@ -142,7 +142,15 @@ pub(super) fn serve<R: Read + Send, W: Write + Send + 'static>(
         }),
         None => None,
     };
-    let negotiated = handshake(&mut fr, &mut fw).map_err(|e| Error::at("serve", e))?;
+    // Test-only: capability bits this serve does not offer in HELLO, as an
+    // older imgsync in a forced command would not (SYNC_CREATE is 32).
+    let offered = caps::ALL
+        & !std::env::var("IMGSYNC_TEST_SERVE_CAPS_MASK")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    let negotiated =
+        handshake_offering(&mut fr, &mut fw, offered).map_err(|e| Error::at("serve", e))?;
     let (limits, caps) = (negotiated.limits, negotiated.caps);
     let mut flags = 0;
     if std::env::var_os("SSH_ORIGINAL_COMMAND").is_some() {

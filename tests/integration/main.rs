@@ -13,6 +13,10 @@
 //!   sync_format: sync -f/-O name DST's format (qcow2 files synced as bytes);
 //!   sync_qcow2: sync into existing qcow2 DSTs, in place (kinds x patterns,
 //!            crashes at every barrier, refusals, over sshd);
+//!   sync_qcow2_faults: a qcow2 DST's faults: SIGKILL at ten points (local,
+//!            remote receiver, remote sender), a dropped connection, a full
+//!            file system, then rerun or --rollback; an encrypted DST, a
+//!            backing-chain SRC, a serve without SYNC_CREATE;
 //!   example: examples/sync_to_host.rs, the library API, against the sshd;
 //!   admin:   ssh_config handed to OpenSSH (a jump host), a forced
 //!            `serve --restrict DIR [--read-only]`, --bwlimit.
@@ -37,5 +41,6 @@ mod sshd;
 mod sync;
 mod sync_format;
 mod sync_qcow2;
+mod sync_qcow2_faults;
 mod transport;
 mod trust;
