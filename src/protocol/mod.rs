@@ -106,6 +106,10 @@ pub enum Error {
     Write(#[source] std::io::Error),
     #[error("the peer closed the connection")]
     Eof,
+    /// The stream ended after part of a frame: the peer (or the link)
+    /// went away mid-message.
+    #[error("the peer closed the connection in the middle of a frame")]
+    Truncated,
     #[error("frame of {len} bytes exceeds the limit of {limit}")]
     TooLong { len: u64, limit: u64 },
     #[error("frame checksum mismatch (type {kind}, {len} bytes): corrupted in transit")]

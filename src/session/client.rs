@@ -394,7 +394,10 @@ impl Client {
         let broken = matches!(
             e,
             engine::Error::Protocol(
-                protocol::Error::Write(_) | protocol::Error::Read(_) | protocol::Error::Eof
+                protocol::Error::Write(_)
+                    | protocol::Error::Read(_)
+                    | protocol::Error::Eof
+                    | protocol::Error::Truncated
             )
         );
         let mut said = None;
@@ -419,7 +422,11 @@ impl Client {
                             break;
                         }
                     },
-                    Err(protocol::Error::Eof | protocol::Error::Read(_)) => break,
+                    Err(
+                        protocol::Error::Eof
+                        | protocol::Error::Truncated
+                        | protocol::Error::Read(_),
+                    ) => break,
                     Err(pe) => {
                         e = pe.into();
                         break;
@@ -935,6 +942,12 @@ impl Client {
             Err(e @ (engine::Error::Source(_) | engine::Error::Internal(_))) => {
                 drop(self);
                 Err(named(e, src, Path::new(&dst_name), None))
+            }
+            // This end's verdict on DST (a qcow2 DST an older serve
+            // cannot make): named by DST's location.
+            Err(engine::Error::Dest(e)) => {
+                drop(self);
+                Err(Error::said(format!("{dst_name}: {e}")))
             }
             Err(engine::Error::Interrupted) => {
                 self.waiter.abort();
