@@ -36,8 +36,13 @@ pub const OFLAG_ZERO: u64 = 1;
 pub const SUBCLUSTERS: u32 = 32;
 
 /// Bytes of L2 tables the cache keeps, and a bound on their number (512-byte
-/// clusters would otherwise mean 64k tiny tables).
-const L2_CACHE_BYTES: u64 = 32 << 20;
+/// clusters would otherwise mean 64k tiny tables). Every reader walks the
+/// guest in order (a few tables in use at a time, one per worker), so a
+/// small cache serves it: 8 MiB is 128 tables of 64 KiB clusters, the map
+/// of 64 GiB. It is memory per open image, and a sync holds two
+/// (`bench/sync-big-qcow2.sh`: 32 MiB here took a 1 TiB local update
+/// near 256 MiB of RSS).
+const L2_CACHE_BYTES: u64 = 8 << 20;
 const L2_CACHE_MAX_TABLES: usize = 4096;
 
 /// Where a run of guest bytes lives in this one image file (no backing).
