@@ -1036,9 +1036,9 @@ pub struct Received {
     pub warnings: Vec<String>,
 }
 
-/// `progress` (a pull's, where this end is the client): comparing is
-/// hashing DST's data, then writing what arrives; each BLOCKS frame read
-/// counts on the wire.
+/// `progress` (a pull's, where this end is the client; none at a serve):
+/// comparing is hashing DST's data, then writing what arrives; each BLOCKS
+/// frame read counts on the wire.
 #[allow(clippy::too_many_arguments)]
 pub fn sync_receive<R: Read + Send, W: Write>(
     target: Target,
@@ -1047,14 +1047,27 @@ pub fn sync_receive<R: Read + Send, W: Write>(
     limits: &Limits,
     params: &SyncParams,
     opts: &SyncReceiveOptions,
-    progress: &dyn Progress,
+    progress: Option<&dyn Progress>,
     cancel: &AtomicBool,
 ) -> Result<Received> {
-    let r = receive(target, fr, fw, limits, params, opts, progress, cancel);
+    let shown = progress.is_some();
+    let progress = progress.unwrap_or(&super::NoProgress);
+    let r = receive(
+        target, fr, fw, limits, params, opts, progress, shown, cancel,
+    );
     if r.is_ok() {
         progress.finish();
     }
     r
+}
+
+/// A failure to read DST's image (hashing it here goes through the
+/// reader SRC's hashing uses, whose errors are SRC's): DST's.
+fn dst_read(e: Error) -> Error {
+    match e {
+        Error::Source(f) => Error::DestFormat(f),
+        e => e,
+    }
 }
 
 /// Counts the frames read and written since the last call on the wire.
@@ -1075,6 +1088,8 @@ impl WireTick {
     }
 }
 
+/// `shown`: someone watches `progress` (its total is worth a walk of
+/// DST's map).
 #[allow(clippy::too_many_arguments)]
 fn receive<R: Read + Send, W: Write>(
     target: Target,
@@ -1084,6 +1099,7 @@ fn receive<R: Read + Send, W: Write>(
     params: &SyncParams,
     opts: &SyncReceiveOptions,
     progress: &dyn Progress,
+    shown: bool,
     cancel: &AtomicBool,
 ) -> Result<Received> {
     // A qcow2 DST: its updater (refusing what it cannot update before
@@ -1254,8 +1270,10 @@ fn receive<R: Read + Send, W: Write>(
     };
     // Comparing: DST's data hashed (nothing read with its hash cache).
     let hashed_total = match &target {
-        Target::Existing { image, .. } | Target::Qcow2 { image, .. } if cache.is_none() => {
-            plan::summarize(image, 1)?.data_bytes
+        Target::Existing { image, .. } | Target::Qcow2 { image, .. }
+            if cache.is_none() && shown =>
+        {
+            plan::summarize(image, 1).map_err(dst_read)?.data_bytes
         }
         _ => 0,
     };
@@ -1286,7 +1304,8 @@ fn receive<R: Read + Send, W: Write>(
                 sink.put((std::mem::take(&mut v), 0))?;
             }
         } else {
-            hash_pipeline(image, params, &mut sink, opts.workers, progress, cancel)?;
+            hash_pipeline(image, params, &mut sink, opts.workers, progress, cancel)
+                .map_err(dst_read)?;
         }
         sink.flush()?;
         digest = sink.digest;

@@ -1242,7 +1242,7 @@ impl Client {
                 changing,
                 peer_caps: self.caps,
             },
-            progress,
+            Some(progress),
             &cancel,
         );
         let src_name = location_name(&self.host, path);

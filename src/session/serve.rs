@@ -647,7 +647,7 @@ impl<R: Read + Send, W: Write> End<'_, R, W> {
                 changing: self.opts.changing.clone(),
                 peer_caps: self.caps,
             },
-            &crate::engine::NoProgress,
+            None,
             &self.opts.cancel,
         )
         // Everything the receiver reads or writes is DST (its old content

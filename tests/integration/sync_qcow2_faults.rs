@@ -839,3 +839,45 @@ fn a_push_that_would_create_a_qcow2_dst_needs_sync_create() {
         }
     }
 }
+
+/// DST that cannot be read while it is hashed (a qcow2 whose last data
+/// cluster lies past its file's end): a pull names DST here, not the
+/// remote SRC it was reading from; a push names DST there.
+#[test]
+fn an_unreadable_qcow2_dst_is_named_as_dst() {
+    let env = qemu_env!();
+    let Some(sshd) = Sshd::start() else { return };
+    env.create("d.qcow2", Qcow2::new(16 * MIB)).write(&[
+        crate::common::Op::Data(0, MIB),
+        crate::common::Op::Data(15 * MIB, MIB),
+    ]);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(env.path("d.qcow2"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 64 * KIB).unwrap();
+    drop(f);
+    fs::write(env.path("s.raw"), random_bytes(16 * MIB as usize, 4, false)).unwrap();
+    let before = sha256(&env.path("d.qcow2"));
+    for via in BOTH {
+        for pull in [true, false] {
+            let what = format!("{via:?} pull {pull}");
+            let mut a: Vec<String> = vec!["sync".into(), "-q".into()];
+            a.extend(ssh_args(&sshd, via, BIN));
+            let (src, dst) = if pull {
+                (url(&sshd, &env.path("s.raw")), "d.qcow2".to_string())
+            } else {
+                ("s.raw".to_string(), url(&sshd, &env.path("d.qcow2")))
+            };
+            a.extend([src, dst]);
+            let line = assert_one_line_error(&run(&env, &sshd, &a, &[]), &what);
+            assert!(
+                line.contains("d.qcow2: data cluster") && line.contains("beyond the end"),
+                "{what}: {line}"
+            );
+            assert!(!line.contains("s.raw"), "{what}: SRC blamed: {line}");
+            assert_eq!(sha256(&env.path("d.qcow2")), before, "{what}: DST changed");
+        }
+    }
+}
