@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::os::unix::fs::symlink;
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -304,15 +305,19 @@ fn forced_restrict_keeps_every_path_inside_dir() {
     assert_eq!(listing, ["secret.raw"], "nothing written outside DIR");
 
     // A qcow2 inside DIR whose backing file lies outside: not read.
+    // A qcow2 overlay at `top` over the raw image `base` (absolute).
+    let overlay_of = |base: &Path, top: &Path| {
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(top)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img create {}", top.display());
+    };
     let base = b.outside.join("secret.raw");
     let overlay = b.dir.join("overlay.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(&overlay)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    overlay_of(&base, &overlay);
     let out = forced(
         &env,
         &sshd,
@@ -348,13 +353,7 @@ fn forced_restrict_keeps_every_path_inside_dir() {
     let inner_base = b.dir.join("base.raw");
     fs::write(&inner_base, random_bytes(2 * MIB as usize, 5, false)).unwrap();
     let inner = b.dir.join("inner.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&inner_base)
-        .arg(&inner)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    overlay_of(&inner_base, &inner);
     let out = forced(
         &env,
         &sshd,
