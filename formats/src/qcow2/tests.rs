@@ -10,30 +10,11 @@ use std::sync::Arc;
 use super::header::{
     EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_EXTL2, MAGIC,
 };
+use super::test_bytes::*;
 use super::test_bytes::{put16, put32, put64};
 use super::*;
 use crate::{ErrorKind, Extent, ExtentKind, Image, Layer};
 
-// Header field offsets (spec, "Header").
-const H_MAGIC: u64 = 0;
-const H_VERSION: u64 = 4;
-const H_BACKING_FILE_OFFSET: u64 = 8;
-const H_BACKING_FILE_SIZE: u64 = 16;
-const H_CLUSTER_BITS: u64 = 20;
-const H_SIZE: u64 = 24;
-const H_CRYPT_METHOD: u64 = 32;
-const H_L1_SIZE: u64 = 36;
-const H_L1_TABLE_OFFSET: u64 = 40;
-const H_REFCOUNT_TABLE_OFFSET: u64 = 48;
-const H_REFCOUNT_TABLE_CLUSTERS: u64 = 56;
-const H_NB_SNAPSHOTS: u64 = 60;
-const H_SNAPSHOTS_OFFSET: u64 = 64;
-const H_INCOMPATIBLE_FEATURES: u64 = 72;
-const H_COMPATIBLE_FEATURES: u64 = 80;
-const H_AUTOCLEAR_FEATURES: u64 = 88;
-const H_REFCOUNT_ORDER: u64 = 96;
-const H_HEADER_LENGTH: u64 = 100;
-const H_COMPRESSION_TYPE: u64 = 104;
 /// The header with `compression_type` padded to 8 bytes, as qemu writes it;
 /// the extension area starts here.
 const HEADER_LENGTH: u32 = 112;

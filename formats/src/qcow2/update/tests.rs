@@ -13,7 +13,7 @@ use crate::qcow2::check::check;
 use crate::qcow2::header::{
     INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC,
 };
-use crate::qcow2::test_bytes::{get64, put32, put64};
+use crate::qcow2::test_bytes::*;
 use crate::qcow2::{CompressionType, OpenOptions, Qcow2};
 use crate::ErrorKind;
 
@@ -55,19 +55,6 @@ impl Default for Blank {
     }
 }
 
-// Header field offsets (spec, "Header").
-const H_BACKING_FILE_OFFSET: u64 = 8;
-const H_BACKING_FILE_SIZE: u64 = 16;
-const H_CLUSTER_BITS: u64 = 20;
-const H_SIZE: u64 = 24;
-const H_CRYPT_METHOD: u64 = 32;
-const H_L1_SIZE: u64 = 36;
-const H_L1_TABLE_OFFSET: u64 = 40;
-const H_REFCOUNT_TABLE_OFFSET: u64 = 48;
-const H_REFCOUNT_TABLE_CLUSTERS: u64 = 56;
-const H_INCOMPATIBLE_FEATURES: u64 = 72;
-const H_REFCOUNT_ORDER: u64 = 96;
-const H_HEADER_LENGTH: u64 = 100;
 const BACKING_NAME: &[u8] = b"base.img";
 
 /// An empty image: header (cluster 0), refcount table (1), one refcount
