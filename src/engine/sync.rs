@@ -1475,11 +1475,7 @@ fn receive<R: Read + Send, W: Write>(
         receiving.end();
         let stats = applier.finish()?;
         applier.verify(file)?;
-        if applier.digest.bytes() != src_digest {
-            return Err(Error::Dest(std::io::Error::other(
-                "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
-            )));
-        }
+        same_digest(&applier.digest, &src_digest)?;
         let journal_bytes = applier.file.journal_bytes();
         if let Some(j) = applier.file.take_journal() {
             j.remove().map_err(jerr)?;
@@ -1488,20 +1484,14 @@ fn receive<R: Read + Send, W: Write>(
         let changed = applier.changed_spool.take();
         let (written, punched) = (applier.written, applier.punched);
         drop(applier);
-        // The new hash cache (an optimisation: a failure only means the
-        // next sync reads DST).
-        if let (Some(cp), Some(mut old), Some(mut changed)) = (&cache_path, old_hashes, changed) {
-            let _ = hashcache::write(
-                cp,
-                file,
-                params.block_size,
-                params.key,
-                params.src_size,
-                &mut old,
-                &mut changed,
-                &punched_runs,
-            );
-        }
+        write_cache(
+            cache_path.as_deref(),
+            Some(file),
+            params,
+            old_hashes,
+            changed,
+            &punched_runs,
+        );
         let done = SyncDone {
             blocks_compared: compared,
             blocks_written: written,
@@ -1601,11 +1591,7 @@ fn receive<R: Read + Send, W: Write>(
     applier.flush()?;
     applier.finish_size()?;
     let (src_digest, src_read) = end;
-    if applier.digest.bytes() != src_digest {
-        return Err(Error::Dest(std::io::Error::other(
-            "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
-        )));
-    }
+    same_digest(&applier.digest, &src_digest)?;
     let journal_bytes = applier.journal.as_ref().map_or(0, |j| j.bytes());
     let (written, punched, data) = (applier.written, applier.punched, data_bytes);
     if let Some(j) = applier.journal.take() {
@@ -1622,22 +1608,14 @@ fn receive<R: Read + Send, W: Write>(
         Target::Existing { file, .. } => Some(file),
         Target::Qcow2 { .. } => unreachable!("a qcow2 DST is received apart"),
     };
-    // The new hash cache: an optimisation, so a failure only means the
-    // next sync reads DST.
-    if let (Some(cp), Some(f), Some(mut old), Some(mut changed)) =
-        (&cache_path, &dst_file, old_hashes, changed)
-    {
-        let _ = hashcache::write(
-            cp,
-            f,
-            params.block_size,
-            params.key,
-            params.src_size,
-            &mut old,
-            &mut changed,
-            &punched_runs,
-        );
-    }
+    write_cache(
+        cache_path.as_deref(),
+        dst_file.as_ref(),
+        params,
+        old_hashes,
+        changed,
+        &punched_runs,
+    );
     let done = SyncDone {
         blocks_compared: compared,
         blocks_written: written,
@@ -1656,6 +1634,42 @@ fn receive<R: Read + Send, W: Write>(
         data,
         warnings: Vec::new(),
     })
+}
+
+/// The receiver's last check: DST's digest, as updated block by block,
+/// is SRC's.
+fn same_digest(ours: &SumDigest, src: &[u8; 32]) -> Result<()> {
+    if ours.bytes() != *src {
+        return Err(Error::Dest(std::io::Error::other(
+            "content digest mismatch after the sync: the destination does not read back as the source (the journal is kept: rerun the sync or roll it back)",
+        )));
+    }
+    Ok(())
+}
+
+/// DST's new hash cache: its hashes before the sync (`old`) merged with
+/// what changed. An optimisation: a failure only means the next sync
+/// reads DST.
+fn write_cache(
+    path: Option<&Path>,
+    dst: Option<&File>,
+    params: &SyncParams,
+    old: Option<hashcache::Spool>,
+    changed: Option<hashcache::Spool>,
+    punched: &[(u64, u64)],
+) {
+    if let (Some(path), Some(dst), Some(mut old), Some(mut changed)) = (path, dst, old, changed) {
+        let _ = hashcache::write(
+            path,
+            dst,
+            params.block_size,
+            params.key,
+            params.src_size,
+            &mut old,
+            &mut changed,
+            punched,
+        );
+    }
 }
 
 /// Where the receiver puts the changes as they arrive.

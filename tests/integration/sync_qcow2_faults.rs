@@ -467,21 +467,10 @@ fn killed_local_qcow2_sync_reruns_or_rolls_back() {
 /// transports in turn.
 #[test]
 fn killed_remote_receiver_of_a_qcow2_push_reruns_or_rolls_back() {
-    let env = qemu_env!();
-    let Some(sshd) = Sshd::start() else { return };
-    let before = big_change(&env);
-    let places = [
+    remote_matrix([
         Place::PushReceiver(Via::Builtin),
         Place::PushReceiver(Via::External),
-    ];
-    let total = measure_writes(&env, Some(&sshd), places[0]);
-    matrix(
-        &env,
-        Some(&sshd),
-        &places,
-        &points(total, REMOTE_POINTS),
-        &before,
-    );
+    ]);
 }
 
 /// The remote sender of a pull (serve) SIGKILLed while the local receiver
@@ -489,13 +478,18 @@ fn killed_remote_receiver_of_a_qcow2_push_reruns_or_rolls_back() {
 /// mid-sync.
 #[test]
 fn killed_remote_sender_of_a_qcow2_pull_reruns_or_rolls_back() {
+    remote_matrix([
+        Place::PullSender(Via::External),
+        Place::PullSender(Via::Builtin),
+    ]);
+}
+
+/// The matrix over sshd at [`REMOTE_POINTS`] kill points, measured on the
+/// first place.
+fn remote_matrix(places: [Place; 2]) {
     let env = qemu_env!();
     let Some(sshd) = Sshd::start() else { return };
     let before = big_change(&env);
-    let places = [
-        Place::PullSender(Via::External),
-        Place::PullSender(Via::Builtin),
-    ];
     let total = measure_writes(&env, Some(&sshd), places[0]);
     matrix(
         &env,
